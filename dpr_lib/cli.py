@@ -1,0 +1,49 @@
+"""Shared command-line plumbing of the thin jobs: ``--conf`` + ``--set`` overrides, logging, and
+turning DprError into a message and an exit code instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from dpr_lib.config import Config, load_config
+from dpr_lib.errors import DprError
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--conf", default="conf/local.yaml", help="YAML config file (default: conf/local.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set corpus.words=50 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("py4j", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_job(description: str, body: Callable[[Config, argparse.Namespace], dict],
+            extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+            argv: list[str] | None = None) -> int:
+    """Parse args, load config (failing before Spark on bad keys), run ``body``, print its result."""
+    parser = base_parser(description)
+    if extra_args:
+        extra_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        cfg = load_config(args.conf, args.overrides)
+        result = body(cfg, args)
+    except DprError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if result is not None:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0

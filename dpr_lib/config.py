@@ -1,0 +1,322 @@
+"""One typed, validated configuration model for every stage.
+
+Loaded from a YAML file plus ``--set a.b=value`` overrides. Unknown keys, wrong types and
+invalid values raise :class:`ConfigError` naming the key path before Spark starts.
+Paths accept fsspec URLs (``file://``, ``s3://``, ``gs://``) or plain local paths; an empty
+path is derived from ``paths.work_dir``.
+
+No pyspark import here: search services load this module too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from dpr_lib.errors import ConfigError
+
+
+@dataclass
+class SparkConfig:
+    master: str = "local[*]"
+    """Spark master URL; ``local[*]`` is the embedded default. Ignored under spark-submit if set there."""
+    app_name: str = "dpr-index"
+    conf: dict = field(default_factory=dict)
+    """Extra Spark properties, passed to the SparkSession builder as strings."""
+
+
+@dataclass
+class PathsConfig:
+    work_dir: str = "./work"
+    """Root for derived paths below (local path or fsspec URL)."""
+    passages: str = ""
+    """Passages table (Parquet). Default: <work_dir>/passages."""
+    rejects: str = ""
+    """Rejected input records (Parquet). Default: <work_dir>/rejects."""
+    embeddings: str = ""
+    """Embeddings table (Parquet). Default: <work_dir>/embeddings."""
+    stats: str = ""
+    """Per-stage stats JSON files. Default: <work_dir>/stats."""
+    index_root: str = ""
+    """Where index versions are published (fsspec URL). Default: <work_dir>/index."""
+    cache_dir: str = ""
+    """Local cache for downloaded models and shards. Default: ~/.cache/dpr_lib."""
+
+
+@dataclass
+class CorpusConfig:
+    input: str = ""
+    """Corpus location (file, directory or glob). Empty: the embedded Python-docs corpus."""
+    format: str = "auto"
+    """jsonl | tsv | parquet | text | auto (from the file extension)."""
+    words: int = 100
+    """Words per passage (DPR uses 100)."""
+    overlap: int = 0
+    """Words shared by consecutive passages of one document (0 <= overlap < words)."""
+    num_files: int = 8
+    """Number of Parquet files of the Passages table (also the encode job's parallelism)."""
+    max_reject_ratio: float = 0.05
+    """Fail the job if rejects / input records exceeds this (rejects are written first)."""
+    split_bytes: int = 64 * 1024 * 1024
+    """Large text inputs are read in byte ranges of this size (bytes), one Spark task each."""
+    max_doc_bytes: int = 32 * 1024 * 1024
+    """Documents larger than this (bytes of text) are rejected as too_large."""
+    default_corpus_limit: int = 0
+    """Keep at most this many documents of the embedded corpus (0 = all)."""
+
+
+@dataclass
+class EncoderConfig:
+    model: str = ""
+    """Passage encoder: local dir or fsspec URL of a transformers model. Empty: bundled all-MiniLM-L6-v2."""
+    question_model: str = ""
+    """Question encoder; empty means the passage encoder's weights (shared)."""
+    pooling: str = "auto"
+    """auto | mean | cls | pooler. auto: DPR -> pooler, sentence-transformers dir -> its config, else cls."""
+    normalize: str = "auto"
+    """auto | true | false: L2-normalise vectors. auto follows a sentence-transformers Normalize module."""
+    max_length: int = 256
+    """Max tokens per passage (title + text); longer ones are truncated and counted."""
+    dtype: str = "auto"
+    """auto | fp32 | bf16: autocast dtype. auto picks bf16 only where the CPU has native bf16."""
+    token_budget: int = 16384
+    """Max tokens (padded) per forward batch."""
+    buffer_rows: int = 4096
+    """Rows read ahead and length-sorted at once within a partition (bounds memory)."""
+    threads: int = 0
+    """Torch threads per task; 0 follows spark.task.cpus (1 in local mode per task)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+
+
+@dataclass
+class IndexConfig:
+    factory: str = "auto"
+    """FAISS index_factory string, or auto (rule in docs/index.md)."""
+    num_shards: int = 2
+    """Number of shards; 0 derives it from max_vectors_per_shard."""
+    max_vectors_per_shard: int = 1_000_000
+    """Used when num_shards is 0."""
+    bytes_per_vector: int = 0
+    """Memory budget per vector for the auto rule (bytes); 0 = exact codes (IVF-Flat)."""
+    train_per_list: int = 64
+    """Training sample size per inverted list (FAISS wants 30..256)."""
+    max_train_sample: int = 200_000
+    """Upper bound of the training sample (vectors) held on the driver."""
+    min_nlist: int = 1
+    """Smallest nlist the auto rule may fall back to for small corpora."""
+    recall_k: int = 10
+    """k of the recall check."""
+    recall_target: float = 0.95
+    """Recommended nprobe is the smallest reaching this recall@k."""
+    recall_queries: int = 256
+    """Stored vectors used as recall queries."""
+    nprobe: int = 0
+    """Force the recommended nprobe (0 = measured)."""
+    add_batch: int = 8192
+    """Vectors added to FAISS per call on executors."""
+    seed: int = 1234
+
+
+@dataclass
+class PublishConfig:
+    keep_versions: int = 3
+    """Published versions to keep (older ones are removed after a successful publish)."""
+    docstore_row_group: int = 1024
+    """Rows per Parquet row group of the docstore (smaller = cheaper single lookups)."""
+    retries: int = 5
+    """Attempts for each storage operation on transient errors."""
+    endpoint_url: str = ""
+    """S3-compatible endpoint (MinIO, Ceph, ...). Credentials come from the standard AWS chain only."""
+
+
+@dataclass
+class SearchConfig:
+    k: int = 10
+    nprobe: int = 0
+    """0 = the manifest's recommended nprobe."""
+    mmap: bool = False
+    """Memory-map shards instead of reading them into RAM."""
+    max_k: int = 1000
+
+
+@dataclass
+class Config:
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def path(self, name: str) -> str:
+        """A derived path: the configured value or <work_dir>/<name>."""
+        value = getattr(self.paths, name)
+        if value:
+            return value
+        if name == "cache_dir":
+            return os.path.join(os.path.expanduser("~"), ".cache", "dpr_lib")
+        name = "index" if name == "index_root" else name
+        return join_url(self.paths.work_dir, name)
+
+    def storage_options(self) -> dict:
+        """fsspec options for the index storage. Never contains credentials."""
+        if self.publish.endpoint_url:
+            return {"client_kwargs": {"endpoint_url": self.publish.endpoint_url}}
+        return {}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def join_url(base: str, *parts: str) -> str:
+    base = base.rstrip("/") if base not in ("/", "") else base
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+_CHOICES = {
+    "corpus.format": {"auto", "jsonl", "tsv", "parquet", "text"},
+    "encoder.pooling": {"auto", "mean", "cls", "pooler"},
+    "encoder.normalize": {"auto", "true", "false"},
+    "encoder.dtype": {"auto", "fp32", "bf16"},
+    "encoder.device": {"auto", "cpu", "cuda"},
+}
+_POSITIVE = {
+    "corpus.words", "corpus.num_files", "corpus.split_bytes", "corpus.max_doc_bytes",
+    "encoder.max_length", "encoder.token_budget", "encoder.buffer_rows",
+    "index.max_vectors_per_shard", "index.train_per_list", "index.max_train_sample",
+    "index.min_nlist", "index.recall_k", "index.recall_queries", "index.add_batch",
+    "publish.keep_versions", "publish.docstore_row_group", "publish.retries",
+    "search.k", "search.max_k",
+}
+_NON_NEGATIVE = {"corpus.overlap", "corpus.default_corpus_limit", "encoder.threads",
+                 "index.num_shards", "index.bytes_per_vector", "index.nprobe", "search.nprobe"}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the annotated type; strings from --set are parsed."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, bool):
+            return str(value).lower()
+    elif typ is dict:
+        if isinstance(value, dict):
+            return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+    tname = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key} must be of type {tname}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!s} (known keys in {prefix.rstrip('.') or 'top level'}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value or {}, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, typ)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks beyond types. Raises ConfigError naming the key."""
+    for section in dataclasses.fields(cfg):
+        sec = getattr(cfg, section.name)
+        for f in dataclasses.fields(sec):
+            key = f"{section.name}.{f.name}"
+            value = getattr(sec, f.name)
+            if key in _CHOICES and value not in _CHOICES[key]:
+                raise ConfigError(f"{key} must be one of {sorted(_CHOICES[key])}, got {value!r}")
+            if key in _POSITIVE and value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+            if key in _NON_NEGATIVE and value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.corpus.overlap >= cfg.corpus.words:
+        raise ConfigError(
+            f"corpus.overlap must be < corpus.words, got overlap={cfg.corpus.overlap}, words={cfg.corpus.words}"
+        )
+    if not 0.0 <= cfg.corpus.max_reject_ratio <= 1.0:
+        raise ConfigError(f"corpus.max_reject_ratio must be within [0, 1], got {cfg.corpus.max_reject_ratio}")
+    if not 0.0 < cfg.index.recall_target <= 1.0:
+        raise ConfigError(f"index.recall_target must be within (0, 1], got {cfg.index.recall_target}")
+    if cfg.search.k > cfg.search.max_k:
+        raise ConfigError(f"search.k must be <= search.max_k ({cfg.search.max_k}), got {cfg.search.k}")
+    if not cfg.paths.work_dir:
+        raise ConfigError("paths.work_dir must not be empty")
+    return cfg
+
+
+def _set_override(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set key must look like section.name, got {key!r}")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    # YAML parsing gives numbers, booleans and {a: b} maps; type checks happen in _build.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node[parts[-1]] = raw if isinstance(value, str) else value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (YAML, optional) and apply ``key=value`` overrides; validate everything."""
+    data: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    for assignment in overrides:
+        _set_override(data, assignment)
+    return validate(_build(Config, data, ""))

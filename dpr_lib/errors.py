@@ -1,0 +1,43 @@
+"""The exceptions a user can act on. CLIs print their message, not a traceback, and exit non-zero."""
+
+
+class DprError(Exception):
+    """Base class: every error the product raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(DprError):
+    """A configuration key is unknown, has the wrong type or an invalid value."""
+
+    exit_code = 2
+
+
+class InputError(DprError):
+    """Input data cannot be used (wrong format, too many rejects, empty corpus, ...)."""
+
+    exit_code = 3
+
+
+class EncoderError(DprError):
+    """A model directory cannot be loaded, or the encoder produced invalid vectors."""
+
+    exit_code = 4
+
+
+class IncompatibleIndexError(DprError):
+    """Vectors or an index were made by another encoder fingerprint, dimension or format version."""
+
+    exit_code = 5
+
+
+class IndexIntegrityError(DprError):
+    """A published version is incomplete or a file does not match its sha256 in the manifest."""
+
+    exit_code = 6
+
+
+class StorageError(DprError):
+    """Object storage failed after retries, or a path is not writable."""
+
+    exit_code = 7

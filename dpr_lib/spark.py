@@ -1,0 +1,39 @@
+"""The one place a SparkSession is built. Jobs call ``get_session(cfg)``; library functions take
+``spark`` as a parameter and never create their own."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from dpr_lib.config import Config
+
+log = logging.getLogger("dpr_lib.spark")
+
+# Settings the product relies on; config's spark.conf may override them.
+_DEFAULTS = {
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.ui.showConsoleProgress": "true",
+    "spark.sql.session.timeZone": "UTC",
+    "spark.python.worker.reuse": "true",
+}
+
+
+def get_session(cfg: Config):
+    """Build (or join, under spark-submit) the SparkSession described by ``cfg.spark``."""
+    from pyspark.sql import SparkSession
+
+    # Executors in local mode must run the driver's interpreter (with torch, faiss, dpr_lib).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(cfg.spark.app_name)
+    if "SPARK_SUBMIT_OPTS" not in os.environ and not os.environ.get("SPARK_ENV_LOADED"):
+        builder = builder.master(cfg.spark.master)
+    for key, value in {**_DEFAULTS, **cfg.spark.conf}.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("DPR_SPARK_LOG_LEVEL", "WARN"))
+    log.info("Spark %s, master %s", spark.version, spark.sparkContext.master)
+    return spark

