@@ -84,7 +84,7 @@ class EncoderConfig:
     """Max tokens per passage (title + text); longer ones are truncated and counted."""
     dtype: str = "auto"
     """auto | fp32 | bf16: autocast dtype. auto picks bf16 only where the CPU has native bf16."""
-    token_budget: int = 16384
+    token_budget: int = 2048
     """Max tokens (padded) per forward batch."""
     buffer_rows: int = 4096
     """Rows read ahead and length-sorted at once within a partition (bounds memory)."""

