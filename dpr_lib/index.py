@@ -1,0 +1,283 @@
+"""Stage 3, index: the Embeddings table -> a trained IVF quantizer and shards, built on executors.
+
+- ``choose_factory``: the automatic index rule (docs in README, "Index parameters").
+- ``train_quantizer``: on the driver, from a sample only (driver memory = sample + constant).
+- ``build_shards``: executors clone the broadcast trained index, add their shard's vectors in
+  bounded batches with pids as FAISS ids, write the shard, and search the recall queries in it.
+- ``exact_topk``: brute-force top-k of the recall queries, distributed over the Embeddings table.
+
+All shards share one quantizer, so per-shard top-k lists merge exactly (``merge_topk``).
+FAISS and numpy only at module level; pyspark is imported inside the Spark runners.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from dpr_lib.errors import EncoderError, InputError
+
+log = logging.getLogger("dpr_lib.index")
+
+METRIC = "inner_product"
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+MIN_POINTS_PER_LIST = 39  # below this FAISS's k-means warns and centroids are poor
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    factory: str
+    nlist: int
+    train_size: int
+    reason: str
+
+
+def _divisors(d: int) -> list[int]:
+    return [m for m in range(1, d + 1) if d % m == 0]
+
+
+def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: int = 64,
+                   max_train_sample: int = 200_000, min_nlist: int = 1, factory: str = "auto") -> IndexPlan:
+    """The index rule. nlist = the power of two at or above 4*sqrt(n) (so within 4..8*sqrt(n)),
+    lowered until every list gets >= 39 training points; codes from the memory budget per vector:
+    0 or >= 4*d bytes -> Flat (exact), >= d -> SQ8, else PQ with the largest m <= budget dividing d.
+    Training sample = nlist * train_per_list (PQ: at least 256*39), capped by max_train_sample and n.
+    """
+    if n <= 0:
+        raise InputError("no vectors to index: the Embeddings table is empty")
+    if factory != "auto":
+        nlist = _nlist_of(factory)
+        if nlist and n < nlist:
+            raise InputError(f"index.factory {factory} needs at least nlist={nlist} vectors to train, "
+                             f"the Embeddings table has {n}; lower nlist or use index.factory=auto")
+        train = min(n, max_train_sample, max(nlist * train_per_list, 256 * MIN_POINTS_PER_LIST
+                                             if "PQ" in factory else 0) or n)
+        return IndexPlan(factory, nlist, train, "index.factory from config")
+    nlist = 2 ** math.ceil(math.log2(max(4 * math.sqrt(n), 1)))
+    nlist = max(min_nlist, min(nlist, n // MIN_POINTS_PER_LIST))
+    nlist = max(1, min(nlist, n))
+    if bytes_per_vector == 0 or bytes_per_vector >= 4 * dim:
+        code, why = "Flat", "exact float32 codes (no per-vector memory budget below 4*d bytes)"
+    elif bytes_per_vector >= dim:
+        code, why = "SQ8", f"8-bit scalar codes fit the budget of {bytes_per_vector} B/vector"
+    else:
+        m = max(x for x in _divisors(dim) if x <= bytes_per_vector)
+        code, why = f"PQ{m}", f"PQ with {m} bytes/vector fits the budget of {bytes_per_vector} B/vector"
+    train = nlist * train_per_list
+    if code.startswith("PQ"):
+        train = max(train, 256 * MIN_POINTS_PER_LIST)
+    train = min(train, max_train_sample, n)
+    reason = (f"n={n}, d={dim}: nlist={nlist} (power of two >= 4*sqrt(n), >= {MIN_POINTS_PER_LIST} "
+              f"points per list); {why}")
+    return IndexPlan(f"IVF{nlist},{code}", nlist, train, reason)
+
+
+def _nlist_of(factory: str) -> int:
+    for part in factory.split(","):
+        if part.startswith("IVF"):
+            digits = part[3:].split("_")[0]
+            if digits.isdigit():
+                return int(digits)
+    return 0
+
+
+def train_quantizer(sample: np.ndarray, factory: str, seed: int = 1234):
+    """A trained, empty FAISS index (inner product) from ``sample``: float32 [n, d]."""
+    import faiss
+
+    d = sample.shape[1]
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise InputError(f"invalid index.factory {factory!r}: {str(exc).splitlines()[0]}") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def serialize(index) -> bytes:
+    import faiss
+
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes):
+    import faiss
+
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+
+
+def vectors_of(batch: pa.RecordBatch | pa.Table, dim: int, column: str = "vector") -> np.ndarray:
+    """float32 [n, dim] from a list / fixed-size-list column, without per-row Python work."""
+    col = batch.column(column)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if flat.size != len(col) * dim:
+        raise IncompatibleDim(f"vectors are not of dimension {dim}: {flat.size} values for {len(col)} rows")
+    return flat.reshape(len(col), dim)
+
+
+class IncompatibleDim(InputError):
+    pass
+
+
+def check_finite(vectors: np.ndarray, pids: np.ndarray) -> None:
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise EncoderError(f"NaN/inf vectors for pid(s) {pids[bad][:5].tolist()} in the Embeddings table")
+
+
+def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard results (each float32/int64 [q, k_i]) into the global top-k [q, k].
+
+    Ties are broken by pid so the result does not depend on shard order. Missing hits are -1.
+    """
+    s = np.concatenate(scores, axis=1)
+    i = np.concatenate(ids, axis=1)
+    s = np.where(i < 0, -np.inf, s)
+    order = np.lexsort((i, -s), axis=1)[:, :k] if s.shape[1] else np.zeros((s.shape[0], 0), dtype=np.int64)
+    top_s = np.take_along_axis(s, order, axis=1)
+    top_i = np.take_along_axis(i, order, axis=1)
+    if top_s.shape[1] < k:
+        pad = k - top_s.shape[1]
+        top_s = np.pad(top_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        top_i = np.pad(top_i, ((0, 0), (0, pad)), constant_values=-1)
+    return top_s.astype(np.float32), top_i.astype(np.int64)
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each query's exact top-k ids found in its approximate top-k."""
+    hits = [len(set(f[f >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for f, e in zip(found, exact)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _unnpy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# ---------------------------------------------------------------- Spark runners
+
+def shard_of(pid_col, num_shards: int):
+    """Spark column: the shard of a pid (stable hash, independent of partitioning)."""
+    from pyspark.sql import functions as F
+
+    return F.pmod(F.xxhash64(pid_col), F.lit(num_shards)).cast("int")
+
+
+SHARD_RESULT = pa.schema([("shard", pa.int32()), ("vectors", pa.int64()), ("bytes", pa.int64()),
+                          ("sha256", pa.string()), ("path", pa.string()), ("hits", pa.binary())])
+
+
+def build_shards(spark, embeddings_df, trained: bytes, num_shards: int, dim: int, out_url_of,
+                 queries: np.ndarray, k: int, nprobes: list[int], add_batch: int,
+                 storage_options: dict, retries: int) -> list[dict]:
+    """Build every shard on executors; return per-shard {shard, vectors, bytes, sha256, path, hits}.
+
+    ``out_url_of(shard)`` names where a shard is written. ``hits`` holds the shard's top-k of the
+    recall queries at each nprobe: (scores float32 [P, q, k], ids int64 [P, q, k]).
+    """
+    from pyspark.sql import functions as F
+
+    from dpr_lib import storage
+    from dpr_lib.corpus import _spark_schema
+
+    bc_index = spark.sparkContext.broadcast(trained)
+    bc_queries = spark.sparkContext.broadcast(queries.astype(np.float32))
+    urls = {s: out_url_of(s) for s in range(num_shards)}
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        indexes: dict[int, object] = {}
+        counts: dict[int, int] = {}
+        for batch in batches:
+            shards = batch.column("shard").to_numpy()
+            pids = batch.column("pid").to_numpy()
+            vecs = vectors_of(batch, dim)
+            check_finite(vecs, pids)
+            for s in np.unique(shards):
+                sel = shards == s
+                idx = indexes.get(int(s))
+                if idx is None:
+                    idx = indexes[int(s)] = deserialize(bc_index.value)
+                    counts[int(s)] = 0
+                v, p = vecs[sel], pids[sel]
+                for start in range(0, len(p), add_batch):
+                    idx.add_with_ids(np.ascontiguousarray(v[start:start + add_batch]),
+                                     np.ascontiguousarray(p[start:start + add_batch], dtype=np.int64))
+                counts[int(s)] += int(sel.sum())
+        for s, idx in indexes.items():
+            data = serialize(idx)
+            storage.write_bytes_atomic(urls[s], data, storage_options, attempts=retries)
+            q = bc_queries.value
+            all_s, all_i = [], []
+            for nprobe in nprobes:
+                set_nprobe(idx, nprobe)
+                sc, ids = idx.search(q, k) if len(q) else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+                all_s.append(sc)
+                all_i.append(ids)
+            hits = _npy(np.stack(all_s)) + b"|SPLIT|" + _npy(np.stack(all_i))
+            yield pa.RecordBatch.from_pylist([{
+                "shard": s, "vectors": counts[s], "bytes": len(data), "sha256": storage.sha256_bytes(data),
+                "path": urls[s], "hits": hits}], schema=SHARD_RESULT)
+            del data
+
+    df = embeddings_df.select("pid", "vector").withColumn("shard", shard_of(F.col("pid"), num_shards))
+    df = df.repartition(num_shards, "shard").sortWithinPartitions("shard")
+    rows = [r.asDict() for r in df.mapInArrow(run, _spark_schema(SHARD_RESULT)).collect()]
+    bc_index.unpersist()
+    bc_queries.unpersist()
+    out = []
+    for r in rows:
+        s_part, i_part = r.pop("hits").split(b"|SPLIT|")
+        r["hit_scores"], r["hit_ids"] = _unnpy(s_part), _unnpy(i_part)
+        out.append(r)
+    return sorted(out, key=lambda r: r["shard"])
+
+
+def exact_topk(spark, embeddings_df, queries: np.ndarray, k: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k of ``queries`` [q, d] over the whole table, on executors.
+
+    Each task keeps a running top-k per query (memory q*k), the driver merges one [q, k] per task.
+    """
+    from dpr_lib.corpus import _spark_schema
+
+    bc = spark.sparkContext.broadcast(queries.astype(np.float32))
+    schema = pa.schema([("scores", pa.binary()), ("ids", pa.binary())])
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        q = bc.value
+        best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        best_i = np.full((len(q), k), -1, dtype=np.int64)
+        for batch in batches:
+            vecs = vectors_of(batch, dim)
+            pids = batch.column("pid").to_numpy()
+            sc = q @ vecs.T
+            ids = np.broadcast_to(pids, sc.shape)
+            best_s, best_i = merge_topk([best_s, sc], [best_i, ids], k)
+        yield pa.RecordBatch.from_pylist([{"scores": _npy(best_s), "ids": _npy(best_i)}], schema=schema)
+
+    parts = embeddings_df.select("pid", "vector").mapInArrow(run, _spark_schema(schema)).collect()
+    bc.unpersist()
+    return merge_topk([_unnpy(p["scores"]) for p in parts], [_unnpy(p["ids"]) for p in parts], k)

@@ -1,0 +1,268 @@
+"""Stage 4, publish: train, build shards and a docstore, and publish a new index version.
+
+Layout under ``index_root`` (any fsspec URL)::
+
+    versions/<version>/trained.faiss            trained, empty IVF (quantizer + codebooks)
+    versions/<version>/shard-NNNNN.faiss        IVF shards sharing that quantizer, disjoint pids
+    versions/<version>/docstore/part-NNNNN.parquet   pid-sorted (pid, doc_id, title, text)
+    versions/<version>/manifest.json            the contract read by dpr_lib.search
+    LATEST                                      the current version id, written last
+
+A version becomes visible only when LATEST names it, after every file and the manifest are
+complete; a failure at any point leaves LATEST (and the version it names) untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dpr_lib import index as ix
+from dpr_lib import schemas, storage
+from dpr_lib.config import Config, join_url
+from dpr_lib.errors import IncompatibleIndexError, InputError, StorageError
+
+log = logging.getLogger("dpr_lib.publish")
+
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+
+
+def new_version_id() -> str:
+    """Sortable, unique: UTC time to the second plus a random suffix."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def version_url(root: str, version: str) -> str:
+    if "/" in version or version in (".", "..") or not version:
+        raise IncompatibleIndexError(f"invalid version id {version!r}")
+    return join_url(root, "versions", version)
+
+
+def read_latest(root: str, storage_options: dict | None = None) -> str | None:
+    url = join_url(root, LATEST)
+    if not storage.exists(url, storage_options):
+        return None
+    return storage.read_bytes(url, storage_options).decode().strip() or None
+
+
+def list_versions(root: str, storage_options: dict | None = None) -> list[str]:
+    fs, path = storage.get_fs(join_url(root, "versions"), storage_options)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+def prune_versions(root: str, keep: int, storage_options: dict | None = None) -> list[str]:
+    """Remove all but the newest ``keep`` versions (never the one LATEST names). Returns removed ids."""
+    latest = read_latest(root, storage_options)
+    versions = list_versions(root, storage_options)
+    doomed = [v for v in versions[:-keep] if v != latest] if keep > 0 else []
+    fs, _ = storage.get_fs(root, storage_options)
+    for v in doomed:
+        _, path = storage.get_fs(version_url(root, v), storage_options)
+        storage.retry(lambda p=path: fs.rm(p, recursive=True), f"remove old version {v}")
+        log.info("removed old version %s", v)
+    return doomed
+
+
+def set_latest(root: str, version: str, storage_options: dict | None = None, attempts: int = 5) -> None:
+    storage.write_bytes_atomic(join_url(root, LATEST), (version + "\n").encode(), storage_options, attempts)
+
+
+# ---------------------------------------------------------------- docstore
+
+DOCSTORE_RESULT = pa.schema([("path", pa.string()), ("min_pid", pa.int64()), ("max_pid", pa.int64()),
+                             ("rows", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
+
+
+def write_docstore_file(in_url: str, out_url: str, row_group: int, storage_options: dict, retries: int) -> dict:
+    """Copy one Passages file's (pid, doc_id, title, text), sorted by pid, in small row groups."""
+    fs, path = storage.get_fs(in_url)
+    with fs.open(path, "rb") as fh:
+        table = pq.read_table(fh, columns=["pid", "doc_id", "title", "text"])
+    table = table.sort_by("pid").cast(schemas.DOCSTORE)
+    fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="dpr-docstore-")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, row_group_size=row_group, compression="zstd", write_statistics=["pid"])
+        with open(tmp, "rb") as fh:
+            data = fh.read()
+    finally:
+        os.remove(tmp)
+    storage.write_bytes_atomic(out_url, data, storage_options, attempts=retries)
+    pids = table.column("pid")
+    return {"path": out_url, "min_pid": pc.min(pids).as_py() if len(pids) else -1,
+            "max_pid": pc.max(pids).as_py() if len(pids) else -1, "rows": table.num_rows,
+            "bytes": len(data), "sha256": storage.sha256_bytes(data)}
+
+
+def write_docstore(spark, cfg: Config, vurl: str) -> list[dict]:
+    """One docstore file per Passages file, written by executors. Returns manifest entries."""
+    from dpr_lib.corpus import _spark_schema
+    from dpr_lib.spark import tasks_dataframe
+
+    files = storage.list_files(cfg.path("passages"), ".parquet")
+    opts, retries, row_group = cfg.storage_options(), cfg.publish.retries, cfg.publish.docstore_row_group
+    rows = [{"input": f, "output": join_url(vurl, "docstore", f"part-{i:05d}.parquet")} for i, f in enumerate(files)]
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for r in batch.to_pylist():
+                yield pa.RecordBatch.from_pylist(
+                    [write_docstore_file(r["input"], r["output"], row_group, opts, retries)], schema=DOCSTORE_RESULT)
+
+    out = [r.asDict() for r in tasks_dataframe(spark, rows, "input string, output string")
+           .mapInArrow(run, _spark_schema(DOCSTORE_RESULT)).collect()]
+    out = [r for r in out if r["rows"] > 0]
+    out.sort(key=lambda r: r["min_pid"])
+    for r in out:
+        r["path"] = _relative(r["path"], vurl)
+    return out
+
+
+def _relative(url: str, vurl: str) -> str:
+    return url[len(vurl):].lstrip("/") if url.startswith(vurl) else url
+
+
+# ---------------------------------------------------------------- the merge job
+
+def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None) -> dict:
+    """Train, build shards and the docstore, write the manifest, then LATEST. Returns the manifest."""
+    from pyspark.sql import functions as F
+
+    from dpr_lib.corpus import write_stats
+    from dpr_lib.encode import check_embeddings
+
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    icfg, root, opts = cfg.index, cfg.path("index_root"), cfg.storage_options()
+    emb_url = cfg.path("embeddings")
+    if embeddings_df is None:
+        files = storage.list_files(emb_url, ".parquet")
+        if not files:
+            raise InputError(f"no Embeddings files under {emb_url}; run the encode stage first")
+        fingerprint, n = check_embeddings(files)
+        embeddings_df = spark.read.parquet(*files)
+    else:
+        fingerprint, n = (extra_manifest or {}).get("encoder", {}), embeddings_df.count()
+    dim = int(fingerprint.get("dim") or 0)
+    if not dim:
+        first = embeddings_df.select(F.size("vector").alias("d")).first()
+        dim = int(first["d"]) if first else 0
+    bad_dim = embeddings_df.filter(F.size("vector") != dim).select("pid").limit(5).collect()
+    if bad_dim:
+        raise IncompatibleIndexError(f"vectors of a dimension other than {dim} for pid(s) {[r.pid for r in bad_dim]}")
+    dups = embeddings_df.groupBy("pid").count().filter("count > 1").limit(5).collect()
+    if dups:
+        raise InputError(f"duplicate pids in the Embeddings table: {[r.pid for r in dups]}")
+
+    plan = ix.choose_factory(n, dim, icfg.bytes_per_vector, icfg.train_per_list, icfg.max_train_sample,
+                             icfg.min_nlist, icfg.factory)
+    num_shards = icfg.num_shards or max(1, -(-n // icfg.max_vectors_per_shard))
+    log.info("index: %d vectors of d=%d -> %s, %d shards (%s)", n, dim, plan.factory, num_shards, plan.reason)
+
+    # Sample on the executors, collect only the sample.
+    t = time.time()
+    fraction = min(1.0, 1.2 * plan.train_size / n)
+    sample_tbl = (embeddings_df.select("pid", "vector").sample(False, fraction, seed=icfg.seed)
+                  .limit(plan.train_size).toArrow())
+    sample = ix.vectors_of(sample_tbl, dim)
+    ix.check_finite(sample, sample_tbl.column("pid").to_numpy())
+    timings["sample"] = time.time() - t
+    t = time.time()
+    trained = ix.train_quantizer(sample, plan.factory, icfg.seed)
+    trained_bytes = ix.serialize(trained)
+    timings["train"] = time.time() - t
+    rng = np.random.default_rng(icfg.seed)
+    queries = sample[rng.choice(len(sample), size=min(icfg.recall_queries, len(sample)), replace=False)]
+    del sample, sample_tbl
+
+    version = new_version_id()
+    vurl = version_url(root, version)
+    try:
+        storage.write_bytes_atomic(join_url(vurl, "trained.faiss"), trained_bytes, opts, cfg.publish.retries)
+    except StorageError as exc:
+        raise StorageError(f"cannot write to index_root {root}: {exc}") from exc
+    k = icfg.recall_k
+    nprobes = [p for p in ix.NPROBES if p <= max(1, plan.nlist)]
+    t = time.time()
+    shards = ix.build_shards(spark, embeddings_df, trained_bytes, num_shards, dim,
+                             lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k, nprobes,
+                             icfg.add_batch, opts, cfg.publish.retries)
+    timings["add_write"] = time.time() - t
+    t = time.time()
+    exact_s, exact_i = ix.exact_topk(spark, embeddings_df, queries, k, dim)
+    recall_by_nprobe = {}
+    for j, nprobe in enumerate(nprobes):
+        _, found = ix.merge_topk([s["hit_scores"][j] for s in shards], [s["hit_ids"][j] for s in shards], k)
+        recall_by_nprobe[nprobe] = round(ix.recall_at_k(found, exact_i), 4)
+    if icfg.nprobe:
+        nprobe = icfg.nprobe
+    else:
+        reaching = [p for p in nprobes if recall_by_nprobe[p] >= icfg.recall_target]
+        nprobe = reaching[0] if reaching else nprobes[-1]
+    timings["recall"] = time.time() - t
+    t = time.time()
+    docstore = write_docstore(spark, cfg, vurl)
+    timings["docstore"] = time.time() - t
+
+    vectors = sum(s["vectors"] for s in shards)
+    passages_docstore = sum(d["rows"] for d in docstore)
+    if vectors != n:
+        raise InputError(f"accounting: {n} embeddings but {vectors} vectors in shards; not publishing")
+    manifest = {
+        "format_version": schemas.MANIFEST_FORMAT_VERSION,
+        "version": version,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "encoder": fingerprint,
+        "metric": ix.METRIC,
+        "dim": dim,
+        "factory": plan.factory,
+        "factory_reason": plan.reason,
+        "nlist": plan.nlist,
+        "train_size": plan.train_size,
+        "nprobe": nprobe,
+        "recall": {"k": k, "target": icfg.recall_target, "queries": len(queries),
+                   "by_nprobe": {str(p): r for p, r in recall_by_nprobe.items()},
+                   "at_nprobe": recall_by_nprobe.get(nprobe),
+                   "reached_target": recall_by_nprobe.get(nprobe, 0) >= icfg.recall_target},
+        "trained": {"path": "trained.faiss", "bytes": len(trained_bytes),
+                    "sha256": storage.sha256_bytes(trained_bytes)},
+        "shards": [{"index": s["shard"], "path": _relative(s["path"], vurl), "vectors": s["vectors"],
+                    "bytes": s["bytes"], "sha256": s["sha256"]} for s in shards],
+        "docstore": docstore,
+        "totals": {"vectors": vectors, "shards": len(shards), "bytes": sum(s["bytes"] for s in shards),
+                   "docstore_rows": passages_docstore},
+        "source": {"passages": cfg.path("passages"), "embeddings": emb_url},
+        "counts": {"embeddings": n, "vectors_published": vectors},
+        "timings": {k_: round(v, 3) for k_, v in timings.items()},
+    }
+    if extra_manifest:
+        for key, value in extra_manifest.items():
+            manifest.setdefault(key, value)
+    storage.write_bytes_atomic(join_url(vurl, MANIFEST), json.dumps(manifest, indent=2).encode(), opts,
+                               cfg.publish.retries)
+    set_latest(root, version, opts, cfg.publish.retries)
+    removed = prune_versions(root, cfg.publish.keep_versions, opts)
+    manifest["timings"]["total"] = round(time.time() - t0, 3)
+    stats = {"stage": "build_index", "version": version, "index_root": root, "removed_versions": removed,
+             "factory": plan.factory, "nprobe": nprobe, "recall_at_nprobe": recall_by_nprobe.get(nprobe),
+             "vectors": vectors, "shards": len(shards), "timings": manifest["timings"]}
+    write_stats(cfg, "build_index", stats)
+    log.info("published version %s to %s: %d vectors in %d shards, %s, nprobe %d gives recall@%d %.3f (%.1fs)",
+             version, root, vectors, len(shards), plan.factory, nprobe, k, recall_by_nprobe.get(nprobe, 0),
+             manifest["timings"]["total"])
+    return manifest

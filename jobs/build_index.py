@@ -1,0 +1,17 @@
+"""spark-submit entry point, the merge job: Embeddings -> a published, sharded FAISS index version."""
+
+import sys
+
+from dpr_lib.cli import run_job
+
+
+def main(cfg, args):
+    from dpr_lib.publish import build_index
+    from dpr_lib.spark import get_session
+
+    manifest = build_index(get_session(cfg), cfg)
+    return {k: manifest[k] for k in ("version", "factory", "nprobe", "recall", "totals", "timings")}
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("Train FAISS IVF, build shards on executors, publish a version with a manifest.", main))
