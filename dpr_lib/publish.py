@@ -144,7 +144,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     from pyspark.sql import functions as F
 
     from dpr_lib.corpus import write_stats
-    from dpr_lib.encode import check_embeddings
+    from dpr_lib.encode import check_embeddings, resolve_spec
 
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -154,7 +154,8 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         files = storage.list_files(emb_url, ".parquet")
         if not files:
             raise InputError(f"no Embeddings files under {emb_url}; run the encode stage first")
-        fingerprint, n = check_embeddings(files)
+        configured = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage").fingerprint()
+        fingerprint, n = check_embeddings(files, configured)
         embeddings_df = spark.read.parquet(*files)
     else:
         fingerprint, n = (extra_manifest or {}).get("encoder", {}), embeddings_df.count()
@@ -228,6 +229,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         "version": version,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "encoder": fingerprint,
+        "question_encoder": resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="question").fingerprint(),
         "metric": ix.METRIC,
         "dim": dim,
         "factory": plan.factory,

@@ -1,0 +1,293 @@
+"""Stage 5, search: the loader that search services use, and the ``dpr-search`` CLI.
+
+Opens an index root (follows ``LATEST``) or one version's ``manifest.json`` from any fsspec URL,
+fetches shards into a local cache keyed by sha256 (every file verified; a mismatch names the
+file), loads them with FAISS (optionally memory-mapped), searches every loaded shard and merges
+the per-shard top-k (exact, since all shards share one quantizer). Passage text comes from the
+version's pid-sorted docstore, reading only the Parquet row groups that hold the wanted pids.
+
+A node may load a subset of shards (``shards=[...]``); a broker then merges the nodes' partial
+top-k lists with :func:`dpr_lib.index.merge_topk`, exactly as this class merges its shards.
+
+No pyspark import: a search service depends on dpr_lib without Spark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpr_lib import schemas, storage
+from dpr_lib.config import EncoderConfig, join_url
+from dpr_lib.errors import DprError, IncompatibleIndexError, IndexIntegrityError, InputError
+from dpr_lib.index import merge_topk, set_nprobe
+
+log = logging.getLogger("dpr_lib.search")
+
+
+@dataclass
+class Hit:
+    pid: int
+    score: float
+    doc_id: str
+    title: str
+    text: str
+
+
+def _safe_relpath(rel: str) -> str:
+    parts = rel.split("/")
+    if rel.startswith("/") or "://" in rel or ".." in parts or not rel:
+        raise IndexIntegrityError(f"manifest names a file outside its version directory: {rel!r}")
+    return rel
+
+
+def open_manifest(index: str, storage_options: dict | None = None) -> tuple[dict, str]:
+    """(manifest, version URL) for an index root (via LATEST) or a manifest.json URL."""
+    from dpr_lib.publish import LATEST, MANIFEST, version_url
+
+    if index.rstrip("/").endswith(MANIFEST):
+        murl = index.rstrip("/")
+        vurl = murl[: -len(MANIFEST)].rstrip("/")
+    else:
+        latest_url = join_url(index, LATEST)
+        if not storage.exists(latest_url, storage_options):
+            raise IndexIntegrityError(f"no index published under {index}: {LATEST} is missing")
+        version = storage.read_bytes(latest_url, storage_options).decode().strip()
+        vurl = version_url(index, version)
+        murl = join_url(vurl, MANIFEST)
+    if not storage.exists(murl, storage_options):
+        raise IndexIntegrityError(f"manifest not found: {murl} (half-written or removed version)")
+    try:
+        manifest = json.loads(storage.read_bytes(murl, storage_options))
+    except json.JSONDecodeError as exc:
+        raise IndexIntegrityError(f"manifest {murl} is not valid JSON: {exc}") from None
+    fmt = manifest.get("format_version")
+    if not isinstance(fmt, int) or fmt > schemas.MANIFEST_FORMAT_VERSION:
+        raise IncompatibleIndexError(
+            f"manifest {murl} has format_version {fmt!r}; this dpr_lib reads up to "
+            f"{schemas.MANIFEST_FORMAT_VERSION}: upgrade dpr_lib")
+    return manifest, vurl
+
+
+class ShardCache:
+    """Local files keyed by sha256; an entry is complete or absent (downloads go through a temp file)."""
+
+    def __init__(self, cache_dir: str, storage_options: dict | None = None):
+        self.dir = os.path.join(cache_dir, "blobs")
+        self.storage_options = storage_options
+        os.makedirs(self.dir, exist_ok=True)
+
+    def fetch(self, url: str, sha256: str, suffix: str) -> str:
+        if not isinstance(sha256, str) or len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise IndexIntegrityError(f"manifest entry for {url} has an invalid sha256 {sha256!r}")
+        dest = os.path.join(self.dir, sha256 + suffix)
+        if os.path.exists(dest):
+            if storage.sha256_file(dest) == sha256:
+                return dest
+            os.remove(dest)  # a corrupted cache entry is refetched, never used
+        if storage.is_local(url):
+            src = storage.local_path(url)
+            if not os.path.exists(src):
+                raise IndexIntegrityError(f"{url} is listed in the manifest but missing")
+        tmp = f"{dest}.part"
+        try:
+            storage.download(url, tmp, self.storage_options)
+        except FileNotFoundError:
+            raise IndexIntegrityError(f"{url} is listed in the manifest but missing") from None
+        except OSError as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise IndexIntegrityError(f"cannot store {url} in the cache {self.dir}: {exc}") from exc
+        got = storage.sha256_file(tmp)
+        if got != sha256:
+            os.remove(tmp)
+            raise IndexIntegrityError(f"{url} is corrupt: sha256 {got} does not match the manifest's {sha256}")
+        os.replace(tmp, dest)
+        return dest
+
+
+class ShardedIndex:
+    """The shards of one version (or a subset), searchable as one index."""
+
+    def __init__(self, index: str, cache_dir: str | None = None, shards: list[int] | None = None,
+                 mmap: bool = False, nprobe: int | None = None, storage_options: dict | None = None):
+        import faiss
+
+        self.manifest, self.version_url = open_manifest(index, storage_options)
+        self.version = self.manifest["version"]
+        self.dim = int(self.manifest["dim"])
+        self.cache = ShardCache(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dpr_lib"),
+                                storage_options)
+        entries = self.manifest["shards"]
+        if shards is not None:
+            known = {e["index"] for e in entries}
+            unknown = sorted(set(shards) - known)
+            if unknown:
+                raise InputError(f"shards {unknown} are not in version {self.version} (it has {sorted(known)})")
+            entries = [e for e in entries if e["index"] in set(shards)]
+        self.nprobe = int(nprobe or self.manifest.get("nprobe") or 1)
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        self.shards = []
+        for e in entries:
+            path = self.cache.fetch(join_url(self.version_url, _safe_relpath(e["path"])), e["sha256"], ".faiss")
+            try:
+                idx = faiss.read_index(path, flags)
+            except RuntimeError as exc:
+                raise IndexIntegrityError(f"shard {e['path']} cannot be read by FAISS: {exc}") from None
+            if idx.d != self.dim:
+                raise IncompatibleIndexError(f"shard {e['path']} has dimension {idx.d}, manifest says {self.dim}")
+            set_nprobe(idx, self.nprobe)
+            self.shards.append(idx)
+        self.ntotal = sum(s.ntotal for s in self.shards)
+        self._docstore = sorted(self.manifest.get("docstore", []), key=lambda d: d["min_pid"])
+        self._docstore_files: dict[str, object] = {}
+        log.info("loaded version %s: %d shards, %d vectors, nprobe %d", self.version, len(self.shards),
+                 self.ntotal, self.nprobe)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the loaded shards. queries: float32 [n, d] -> (scores float32 [n, k], pids int64 [n, k]);
+        pid -1 marks a missing hit when fewer than k vectors are loaded."""
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise InputError(f"queries must have shape [n, {self.dim}], got {list(q.shape)}")
+        results = [s.search(q, k) for s in self.shards]
+        return merge_topk([r[0] for r in results], [r[1] for r in results], k)
+
+    def lookup(self, pids) -> dict[int, dict]:
+        """{pid: {doc_id, title, text}} for the given pids, reading only the row groups that hold them."""
+        import pyarrow.parquet as pq
+
+        wanted = sorted({int(p) for p in pids if int(p) >= 0})
+        starts = [d["min_pid"] for d in self._docstore]
+        by_file: dict[int, list[int]] = {}
+        for pid in wanted:
+            i = bisect.bisect_right(starts, pid) - 1
+            if i >= 0 and pid <= self._docstore[i]["max_pid"]:
+                by_file.setdefault(i, []).append(pid)
+        out: dict[int, dict] = {}
+        for i, file_pids in by_file.items():
+            entry = self._docstore[i]
+            pf = self._docstore_files.get(entry["path"])
+            if pf is None:
+                local = self.cache.fetch(join_url(self.version_url, _safe_relpath(entry["path"])), entry["sha256"],
+                                         ".parquet")
+                pf = self._docstore_files[entry["path"]] = pq.ParquetFile(local)
+            groups = []
+            for g in range(pf.metadata.num_row_groups):
+                st = pf.metadata.row_group(g).column(0).statistics
+                lo, hi = (st.min, st.max) if st is not None and st.has_min_max else (None, None)
+                if lo is None or any(lo <= p <= hi for p in file_pids):
+                    groups.append(g)
+            want = set(file_pids)
+            for row in pf.read_row_groups(groups).to_pylist():
+                if row["pid"] in want:
+                    out[row["pid"]] = {"doc_id": row["doc_id"], "title": row["title"], "text": row["text"]}
+        return out
+
+
+class Searcher:
+    """Questions in, passages out: the question encoder of the manifest + a ShardedIndex."""
+
+    def __init__(self, index: str, encoder_cfg: EncoderConfig | None = None, cache_dir: str | None = None,
+                 shards: list[int] | None = None, mmap: bool = False, nprobe: int | None = None,
+                 storage_options: dict | None = None, max_k: int = 1000):
+        from dpr_lib.encode import get_encoder, resolve_spec
+
+        self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options)
+        self.max_k = max_k
+        spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question")
+        expected = self.index.manifest.get("question_encoder") or self.index.manifest.get("encoder") or {}
+        got = spec.fingerprint()
+        if expected.get("id") != got["id"]:
+            raise IncompatibleIndexError(
+                f"the configured question encoder ({got['model_id']}, fingerprint {got['id']}) is not the one "
+                f"this index was built for ({expected.get('model_id')}, fingerprint {expected.get('id')}); "
+                "set encoder.model / encoder.question_model to match the manifest")
+        self.encoder = get_encoder(spec)
+
+    def ask(self, questions: list[str], k: int = 10) -> list[list[Hit]]:
+        if not isinstance(k, int) or k <= 0:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+        if k > self.max_k:
+            raise InputError(f"k must be <= {self.max_k} (search.max_k), got {k}")
+        bad = [i for i, q in enumerate(questions) if not isinstance(q, str) or not q.strip()]
+        if bad:
+            raise InputError(f"empty question(s) at position {bad}")
+        if not questions:
+            return []
+        vectors = self.encoder.encode(None, [q.strip() for q in questions])
+        scores, pids = self.index.search(vectors, k)
+        docs = self.index.lookup(pids.ravel())
+        results = []
+        for srow, prow in zip(scores, pids):
+            hits = []
+            for s, p in zip(srow, prow):
+                if p < 0:
+                    continue
+                d = docs.get(int(p), {"doc_id": "", "title": "", "text": ""})
+                hits.append(Hit(int(p), float(s), d["doc_id"], d["title"], d["text"]))
+            results.append(hits)
+        return results
+
+
+def format_hits(question: str, hits: list[Hit], width: int = 100) -> str:
+    lines = [f"Q: {question}"]
+    for rank, h in enumerate(hits, 1):
+        snippet = h.text if len(h.text) <= width else h.text[: width - 1] + "…"
+        lines.append(f"  {rank:>2}. [{h.score:.3f}] {h.title}  (pid {h.pid})\n      {snippet}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dataclasses import asdict
+
+    from dpr_lib.cli import setup_logging
+    from dpr_lib.config import load_config
+
+    parser = argparse.ArgumentParser(prog="dpr-search", description="Search a published DPR index.")
+    parser.add_argument("questions", nargs="+", help="one or more questions")
+    parser.add_argument("--index", required=True, help="index root (reads LATEST) or a manifest.json URL")
+    parser.add_argument("-k", type=int, default=10, help="hits per question (default 10)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--nprobe", type=int, default=0, help="override the manifest's nprobe")
+    parser.add_argument("--shards", default="", help="comma-separated shard numbers to load (default: all)")
+    parser.add_argument("--mmap", action="store_true", help="memory-map shards")
+    parser.add_argument("--conf", default=None, help="YAML config (encoder, cache, endpoint)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    setup_logging(False)
+    logging.getLogger("dpr_lib").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.conf, args.overrides)
+        shards = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
+        searcher = Searcher(args.index, cfg.encoder, cfg.path("cache_dir"), shards, args.mmap or cfg.search.mmap,
+                            args.nprobe or cfg.search.nprobe or None, cfg.storage_options(), cfg.search.max_k)
+        results = searcher.ask(args.questions, args.k)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DprError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps({"version": searcher.index.version, "results": [
+            {"question": q, "hits": [asdict(h) for h in hits]} for q, hits in zip(args.questions, results)]},
+            indent=2))
+    else:
+        print(f"index version {searcher.index.version} ({searcher.index.ntotal} passages)")
+        for q, hits in zip(args.questions, results):
+            print(format_hits(q, hits))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
