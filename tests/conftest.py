@@ -1,0 +1,130 @@
+"""Shared fixtures: a real local SparkSession, a real S3 server (moto) on 127.0.0.1, and tiny
+randomly initialised BERT and DPR models built from a config (no download)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+# Before anything starts a JVM or a Python worker: offline models, loopback Spark, test credentials
+# for the S3 server (executors inherit this environment).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ["PYSPARK_PYTHON"] = sys.executable
+os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_PROFILE", None)
+
+import pytest  # noqa: E402
+
+from dpr_lib.config import Config, load_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from dpr_lib.spark import get_session
+
+    cfg = load_config(None, ["spark.master=local[2]", "spark.app_name=dpr-tests"])
+    cfg.spark.conf.update({"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "4",
+                           "spark.driver.memory": "2g", "spark.ui.showConsoleProgress": "false"})
+    session = get_session(cfg)
+    yield session
+    session.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint (moto server mode) on 127.0.0.1 with bucket ``dpr-test``."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="dpr-test")
+    yield url
+    server.stop()
+
+
+def _save_tokenizer(path: str) -> None:
+    """The bundled model's real WordPiece tokenizer (30522 tokens), saved beside a tiny model."""
+    from transformers import AutoTokenizer
+
+    from dpr_lib.encode import default_model_dir
+
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(path)
+
+
+def _tiny_config_kwargs() -> dict:
+    return dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    path = str(tmp_path_factory.mktemp("tiny_bert"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(**_tiny_config_kwargs())).save_pretrained(path)
+    _save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dpr_dir(tmp_path_factory) -> str:
+    import torch
+    from transformers import DPRConfig, DPRContextEncoder
+
+    path = str(tmp_path_factory.mktemp("tiny_dpr"))
+    torch.manual_seed(1)
+    DPRContextEncoder(DPRConfig(**_tiny_config_kwargs(), projection_dim=0)).save_pretrained(path)
+    _save_tokenizer(path)
+    return path
+
+
+def make_config(tmp_path, *overrides: str) -> Config:
+    """A Config for tests: everything under tmp_path, small files, the given overrides."""
+    base = [f"paths.work_dir={tmp_path}/work", f"paths.cache_dir={tmp_path}/cache", "corpus.num_files=2",
+            "index.recall_queries=32"]
+    return load_config(None, base + list(overrides))
+
+
+def synthetic_docs(n: int, words_per_doc: int = 120, seed: int = 0) -> list[dict]:
+    """Deterministic documents of known words; doc i mentions the token 'factN' once."""
+    import random
+
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        body = [rng.choice(WORDS) for _ in range(words_per_doc)]
+        body[rng.randrange(words_per_doc)] = f"fact{i}"
+        docs.append({"id": f"doc-{i}", "title": f"Title {i}", "text": " ".join(body)})
+    return docs
+
+
+def write_jsonl(path, docs) -> str:
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for d in docs:
+            fh.write(json.dumps(d) + "\n")
+    return str(path)

@@ -1,0 +1,62 @@
+import pytest
+
+from dpr_lib.config import load_config
+from dpr_lib.errors import ConfigError
+
+
+def test_local_yaml_loads_with_defaults():
+    cfg = load_config("conf/local.yaml")
+    assert cfg.spark.master == "local[*]"
+    assert cfg.corpus.words == 100
+    assert cfg.path("passages") == "./work/passages"
+    assert cfg.path("index_root") == "./work/index"
+
+
+def test_cluster_example_loads():
+    cfg = load_config("conf/cluster.example.yaml")
+    assert cfg.path("index_root").startswith("s3://")
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["corpus.words=50", "index.recall_target=0.9", "search.mmap=true",
+                             "spark.conf={spark.executor.memory: 4g}"])
+    assert cfg.corpus.words == 50 and cfg.index.recall_target == 0.9 and cfg.search.mmap is True
+    assert cfg.spark.conf == {"spark.executor.memory": "4g"}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["corpus.wordz=5"], "unknown config key corpus.wordz"),
+    (["nosuch.key=1"], "unknown config key nosuch"),
+    (["corpus.words=many"], "corpus.words must be of type int"),
+    (["corpus.words=-1"], "corpus.words must be > 0, got -1"),
+    (["corpus.overlap=100"], "corpus.overlap must be < corpus.words"),
+    (["encoder.pooling=max"], "encoder.pooling must be one of"),
+    (["index.recall_target=1.5"], "index.recall_target must be within"),
+    (["search.mmap=perhaps"], "search.mmap must be of type bool"),
+    (["corpus=3"], "--set key must look like section.name"),
+    (["words"], "--set expects key=value"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(None, override)
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("index:\n  num_shards: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_storage_options_never_hold_credentials():
+    cfg = load_config(None, ["publish.endpoint_url=http://127.0.0.1:9000"])
+    assert cfg.storage_options() == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("corpus: 3\n")
+    with pytest.raises(ConfigError, match="corpus must be a mapping"):
+        load_config(str(p))

@@ -1,0 +1,75 @@
+import faiss
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpr_lib.errors import InputError
+from dpr_lib.index import choose_factory, deserialize, merge_topk, recall_at_k, serialize, train_quantizer
+
+
+def test_auto_rule():
+    p = choose_factory(1_000_000, 768)
+    assert p.factory == "IVF4096,Flat" and 4 * 1000 <= p.nlist <= 16 * 1000
+    assert p.train_size == 4096 * 64
+    assert choose_factory(1_000_000, 768, bytes_per_vector=1000).factory == "IVF4096,SQ8"
+    assert choose_factory(1_000_000, 768, bytes_per_vector=64).factory == "IVF4096,PQ64"
+    assert choose_factory(1_000_000, 384, bytes_per_vector=50).factory == "IVF4096,PQ48"
+    small = choose_factory(1000, 384)
+    assert small.nlist == 1000 // 39 and small.train_size == 1000
+
+
+def test_explicit_factory_needs_enough_vectors():
+    with pytest.raises(InputError, match="needs at least nlist=1024 vectors to train, the Embeddings table has 50"):
+        choose_factory(50, 16, factory="IVF1024,Flat")
+    assert choose_factory(5000, 16, factory="IVF64,Flat").nlist == 64
+
+
+def test_merge_topk_hand_case():
+    s, i = merge_topk([np.array([[0.9, 0.5]]), np.array([[0.7, 0.6]])], [np.array([[1, 2]]), np.array([[3, 4]])], 3)
+    assert i.tolist() == [[1, 3, 4]]
+    np.testing.assert_allclose(s, [[0.9, 0.7, 0.6]])
+    s, i = merge_topk([np.array([[0.9, -1e30]])], [np.array([[1, -1]])], 3)
+    assert i.tolist() == [[1, -1, -1]]
+
+
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(0, 2**31))
+@settings(max_examples=50, deadline=None)
+def test_merge_of_shard_topk_equals_global_topk(n_shards, k, seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((3, 60)).astype(np.float32)
+    ids = np.arange(60)
+    shard = rng.integers(0, n_shards, 60)
+    parts_s, parts_i = [], []
+    for s in range(n_shards):
+        sel = shard == s
+        order = np.argsort(-scores[:, sel], axis=1)[:, :k]
+        parts_s.append(np.take_along_axis(scores[:, sel], order, 1))
+        parts_i.append(ids[sel][order])
+    got_s, got_i = merge_topk(parts_s, parts_i, k)
+    want = np.argsort(-scores, axis=1)[:, :k]
+    assert got_i.tolist() == want.tolist()
+
+
+def test_recall_hand_case():
+    assert recall_at_k(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[1, 2, 9], [4, 5, 6]])) == pytest.approx(5 / 6)
+
+
+def test_shards_with_shared_quantizer_equal_one_index():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int64) * 7 + 3
+    trained = serialize(train_quantizer(x[:2000], "IVF32,Flat"))
+    single = deserialize(trained)
+    single.add_with_ids(x, ids)
+    shards = [deserialize(trained) for _ in range(3)]
+    for s in range(3):
+        shards[s].add_with_ids(x[s::3], ids[s::3])
+    q = rng.standard_normal((20, 16)).astype(np.float32)
+    for idx in [single, *shards]:
+        faiss.extract_index_ivf(idx).nprobe = 4
+    want_s, want_i = single.search(q, 10)
+    parts = [s.search(q, 10) for s in shards]
+    got_s, got_i = merge_topk([p[0] for p in parts], [p[1] for p in parts], 10)
+    assert got_i.tolist() == want_i.tolist()
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-6)
