@@ -11,7 +11,8 @@ from dpr_lib.index import choose_factory, deserialize, merge_topk, recall_at_k, 
 def test_auto_rule():
     p = choose_factory(1_000_000, 768)
     assert p.factory == "IVF4096,Flat" and 4 * 1000 <= p.nlist <= 16 * 1000
-    assert p.train_size == 4096 * 64
+    assert p.train_size == 200_000  # capped by max_train_sample
+    assert choose_factory(1_000_000, 768, max_train_sample=10**6).train_size == 4096 * 64
     assert choose_factory(1_000_000, 768, bytes_per_vector=1000).factory == "IVF4096,SQ8"
     assert choose_factory(1_000_000, 768, bytes_per_vector=64).factory == "IVF4096,PQ64"
     assert choose_factory(1_000_000, 384, bytes_per_vector=50).factory == "IVF4096,PQ48"
