@@ -388,6 +388,13 @@ def shard_corpus(spark, cfg: Config, df=None) -> dict:
 
     Returns the stats dict (also written to <stats>/shard_corpus.json).
     """
+    from dpr_lib.spark import task_errors
+
+    with task_errors():
+        return _shard_corpus(spark, cfg, df)
+
+
+def _shard_corpus(spark, cfg: Config, df=None) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F

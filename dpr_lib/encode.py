@@ -470,7 +470,7 @@ def encode_passages(spark, cfg: Config) -> dict:
     from pyspark import TaskContext
 
     from dpr_lib.corpus import write_stats
-    from dpr_lib.spark import tasks_dataframe
+    from dpr_lib.spark import task_errors, tasks_dataframe
 
     t0 = time.time()
     spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage")
@@ -509,7 +509,8 @@ def encode_passages(spark, cfg: Config) -> dict:
                             "input string, output string")
     from dpr_lib.corpus import _spark_schema
 
-    results = [r.asDict() for r in tasks.mapInArrow(run, _spark_schema(_TASK_STATS)).collect()]
+    with task_errors():
+        results = [r.asDict() for r in tasks.mapInArrow(run, _spark_schema(_TASK_STATS)).collect()]
     encoded = sum(r["rows"] for r in results if not r["skipped"])
     seconds = time.time() - t0
     stats = {

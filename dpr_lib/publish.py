@@ -145,6 +145,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
 
     from dpr_lib.corpus import write_stats
     from dpr_lib.encode import check_embeddings, resolve_spec
+    from dpr_lib.spark import task_errors
 
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -200,9 +201,10 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     k = icfg.recall_k
     nprobes = [p for p in ix.NPROBES if p <= max(1, plan.nlist)]
     t = time.time()
-    shards = ix.build_shards(spark, embeddings_df, trained_bytes, num_shards, dim,
-                             lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k, nprobes,
-                             icfg.add_batch, opts, cfg.publish.retries)
+    with task_errors():
+        shards = ix.build_shards(spark, embeddings_df, trained_bytes, num_shards, dim,
+                                 lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k, nprobes,
+                                 icfg.add_batch, opts, cfg.publish.retries)
     timings["add_write"] = time.time() - t
     t = time.time()
     exact_s, exact_i = ix.exact_topk(spark, embeddings_df, queries, k, dim)
@@ -217,7 +219,8 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         nprobe = reaching[0] if reaching else nprobes[-1]
     timings["recall"] = time.time() - t
     t = time.time()
-    docstore = write_docstore(spark, cfg, vurl)
+    with task_errors():
+        docstore = write_docstore(spark, cfg, vurl)
     timings["docstore"] = time.time() - t
 
     vectors = sum(s["vectors"] for s in shards)

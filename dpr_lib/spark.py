@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import sys
 
 from dpr_lib.config import Config
@@ -49,3 +51,26 @@ def tasks_dataframe(spark, rows: list[dict], schema: str):
 
     rdd = spark.sparkContext.parallelize([Row(**r) for r in rows], max(1, len(rows)))
     return spark.createDataFrame(rdd, schema)
+
+
+@contextlib.contextmanager
+def task_errors():
+    """Turn a product error raised inside a Spark task back into that error on the driver.
+
+    Spark reports a failed Python task as a PythonException whose text holds the worker's
+    traceback; users should see our one-line message (and exit code), not a JVM stack trace.
+    """
+    from dpr_lib import errors
+
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - py4j and pyspark raise several types
+        text = str(exc)
+        found = re.findall(r"dpr_lib\.errors\.(\w+): (.+)", text)
+        if not found:
+            raise
+        name, message = found[-1]
+        cls = getattr(errors, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.DprError)):
+            raise
+        raise cls(f"{message.strip()} (in a Spark task)") from exc
