@@ -48,8 +48,10 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except _PERMANENT:
-            raise
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{what}: {exc}") from exc
+        except _PERMANENT as exc:
+            raise StorageError(f"{what}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - storage clients raise many types
             if attempt == attempts:
                 raise StorageError(f"{what} failed after {attempts} attempts: {exc}") from exc

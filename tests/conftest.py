@@ -20,7 +20,11 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("AWS_PROFILE", None)
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's access log
 
 from dpr_lib.config import Config, load_config  # noqa: E402
 
@@ -75,7 +79,8 @@ def _save_tokenizer(path: str) -> None:
 
 def _tiny_config_kwargs() -> dict:
     return dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, max_position_embeddings=128)
+                intermediate_size=64, max_position_embeddings=128,
+                initializer_range=0.5)  # wider than BERT's 0.02, so random vectors are not all alike
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,246 @@
+"""The merge job and the loader: publish to a local root and to a real S3 server, verify the
+manifest, sharded search == single index, interrupted publishes, corrupt files, bad requests."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, make_config, synthetic_docs, write_jsonl
+
+from dpr_lib import schemas, storage
+from dpr_lib.corpus import shard_corpus
+from dpr_lib.encode import encode_passages
+from dpr_lib.errors import EncoderError, IncompatibleIndexError, IndexIntegrityError, InputError, StorageError
+from dpr_lib.index import deserialize
+from dpr_lib.publish import build_index, list_versions, read_latest
+from dpr_lib.search import Searcher, ShardedIndex
+
+
+@pytest.fixture(scope="module")
+def encoded(spark, tmp_path_factory, tiny_bert_dir):
+    """A corpus of 120 documents (240 passages), encoded with the tiny BERT."""
+    tmp = tmp_path_factory.mktemp("index")
+    cfg = make_config(tmp, f"corpus.input={write_jsonl(tmp / 'c.jsonl', synthetic_docs(120, seed=9))}",
+                      f"encoder.model={tiny_bert_dir}", "encoder.pooling=mean", "encoder.normalize=true",
+                      "corpus.num_files=3", "index.num_shards=3",
+                      "index.recall_queries=64")
+    shard_corpus(spark, cfg)
+    encode_passages(spark, cfg)
+    return cfg
+
+
+def encoder_of(cfg) -> list[str]:
+    return [f"encoder.{k}={getattr(cfg.encoder, k)}" for k in ("model", "pooling", "normalize")]
+
+
+def all_vectors(cfg):
+    table = pa.concat_tables(pq.read_table(f) for f in storage.list_files(cfg.path("embeddings"), ".parquet"))
+    return np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32), \
+        table.column("pid").to_numpy()
+
+
+def test_publish_local_manifest_and_sharded_equals_single(spark, encoded, tmp_path):
+    cfg = make_config(tmp_path, *[f"{k}={v}" for k, v in {
+        "encoder.model": encoded.encoder.model, "encoder.pooling": "mean", "encoder.normalize": "true",
+        "paths.passages": encoded.path("passages"),
+        "paths.embeddings": encoded.path("embeddings"), "index.num_shards": 3}.items()])
+    manifest = build_index(spark, cfg)
+    root = cfg.path("index_root")
+    assert read_latest(root) == manifest["version"]
+    vdir = os.path.join(root, "versions", manifest["version"])
+    on_disk = json.load(open(os.path.join(vdir, "manifest.json")))
+    assert on_disk["format_version"] == schemas.MANIFEST_FORMAT_VERSION
+    assert on_disk["metric"] == "inner_product" and on_disk["factory"].startswith("IVF")
+    assert len(on_disk["shards"]) == 3
+    assert on_disk["totals"]["vectors"] == 240 == sum(s["vectors"] for s in on_disk["shards"])
+    assert on_disk["totals"]["docstore_rows"] == 240
+    for entry in on_disk["shards"] + on_disk["docstore"] + [on_disk["trained"]]:
+        path = os.path.join(vdir, entry["path"])
+        assert storage.sha256_file(path) == entry["sha256"] and os.path.getsize(path) == entry["bytes"]
+    assert set(on_disk["recall"]["by_nprobe"]) >= {"1", "2"}
+    assert on_disk["recall"]["at_nprobe"] >= cfg.index.recall_target or on_disk["nprobe"] == max(
+        int(p) for p in on_disk["recall"]["by_nprobe"])
+
+    vectors, pids = all_vectors(cfg)
+    single = deserialize(open(os.path.join(vdir, "trained.faiss"), "rb").read())
+    single.add_with_ids(vectors, pids)
+    faiss.extract_index_ivf(single).nprobe = manifest["nprobe"]
+    loaded = ShardedIndex(root, cache_dir=str(tmp_path / "cache"))
+    assert loaded.ntotal == 240 and len(loaded.shards) == 3
+    want_s, want_i = single.search(vectors[:50], 10)
+    got_s, got_i = loaded.search(vectors[:50], 10)
+    assert got_i.tolist() == want_i.tolist()
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-5)
+    # Shards split across two "nodes", merged by a broker, give the same answer.
+    from dpr_lib.index import merge_topk
+
+    a = ShardedIndex(root, cache_dir=str(tmp_path / "cache"), shards=[0])
+    b = ShardedIndex(root, cache_dir=str(tmp_path / "cache"), shards=[1, 2])
+    (sa, ia), (sb, ib) = a.search(vectors[:50], 10), b.search(vectors[:50], 10)
+    assert merge_topk([sa, sb], [ia, ib], 10)[1].tolist() == want_i.tolist()
+    # Exhaustive nprobe equals exact search.
+    exact = ShardedIndex(root, cache_dir=str(tmp_path / "cache"), nprobe=manifest["nlist"])
+    brute = pids[np.argsort(-(vectors[:20] @ vectors.T), axis=1)[:, :5]]
+    assert exact.search(vectors[:20], 5)[1].tolist() == brute.tolist()
+
+
+def test_passage_lookup_and_question_search(spark, encoded, tmp_path):
+    build_index(spark, encoded)
+    searcher = Searcher(encoded.path("index_root"), encoded.encoder, cache_dir=str(tmp_path / "c"))
+    passages = pa.concat_tables(pq.read_table(f) for f in storage.list_files(encoded.path("passages"), ".parquet"))
+    some = passages.slice(0, 5).to_pylist()
+    found = searcher.index.lookup([r["pid"] for r in some] + [-1])
+    assert {p: (d["title"], d["text"]) for p, d in found.items()} == {r["pid"]: (r["title"], r["text"]) for r in some}
+    by_pid = {r["pid"]: r for r in passages.to_pylist()}
+    hits = searcher.ask([some[0]["text"]], k=5)[0]
+    scores, pids = searcher.index.search(searcher.encoder.encode(None, [some[0]["text"]]), 5)
+    assert [h.pid for h in hits] == pids[0].tolist()
+    np.testing.assert_allclose([h.score for h in hits], scores[0], rtol=1e-6)
+    assert all(h.text == by_pid[h.pid]["text"] and h.title == by_pid[h.pid]["title"] for h in hits)
+    many = searcher.ask(["alpha"], k=1000)[0]
+    assert 0 < len(many) <= 240 and len({h.pid for h in many}) == len(many), "k above the index size: fewer hits"
+    everything = Searcher(encoded.path("index_root"), encoded.encoder, cache_dir=str(tmp_path / "c"),
+                          nprobe=searcher.index.manifest["nlist"])
+    assert len(everything.ask(["alpha"], k=1000)[0]) == 240, "probing every list returns every passage"
+    with pytest.raises(InputError, match="empty question"):
+        searcher.ask(["  "])
+    with pytest.raises(InputError, match="k must be a positive integer"):
+        searcher.ask(["alpha"], k=0)
+    with pytest.raises(InputError, match="k must be <= 1000"):
+        searcher.ask(["alpha"], k=1001)
+
+
+def test_publish_to_s3_and_load_back(spark, encoded, s3_endpoint, tmp_path):
+    cfg = make_config(tmp_path, *encoder_of(encoded),
+                      f"paths.passages={encoded.path('passages')}", f"paths.embeddings={encoded.path('embeddings')}",
+                      "paths.index_root=s3://dpr-test/idx", f"publish.endpoint_url={s3_endpoint}",
+                      "publish.keep_versions=2")
+    versions = [build_index(spark, cfg)["version"] for _ in range(3)]
+    opts = cfg.storage_options()
+    assert read_latest("s3://dpr-test/idx", opts) == versions[-1]
+    assert list_versions("s3://dpr-test/idx", opts) == versions[1:], "older versions pruned to keep_versions"
+    searcher = Searcher("s3://dpr-test/idx", cfg.encoder, cache_dir=str(tmp_path / "cache"), storage_options=opts)
+    assert searcher.index.version == versions[-1] and searcher.index.ntotal == 240
+    passages = {r["pid"]: r["text"] for f in storage.list_files(cfg.path("passages"), ".parquet")
+                for r in pq.read_table(f, columns=["pid", "text"]).to_pylist()}
+    hits = searcher.ask(["alpha bravo"], 3)[0]
+    assert len(hits) == 3 and all(h.text == passages[h.pid] for h in hits), "docstore read back through S3"
+
+
+def test_unwritable_bucket_is_a_clear_error(spark, encoded, s3_endpoint, tmp_path):
+    cfg = make_config(tmp_path, *encoder_of(encoded),
+                      f"paths.passages={encoded.path('passages')}", f"paths.embeddings={encoded.path('embeddings')}",
+                      "paths.index_root=s3://no-such-bucket/idx", f"publish.endpoint_url={s3_endpoint}",
+                      "publish.retries=2")
+    with pytest.raises((StorageError, FileNotFoundError), match="s3://no-such-bucket/idx/versions/.*/trained.faiss"):
+        build_index(spark, cfg)
+
+
+def test_interrupted_publish_keeps_the_previous_version(spark, encoded, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(encoded.path("passages"), work / "passages")
+    cfg = make_config(tmp_path, *encoder_of(encoded), f"paths.passages={work}/passages",
+                      f"paths.embeddings={encoded.path('embeddings')}")
+    first = build_index(spark, cfg)["version"]
+    # The docstore step (after the shards were uploaded) fails: its input vanished.
+    shutil.rmtree(work / "passages")
+    os.makedirs(work / "passages")
+    (work / "passages" / "part-00000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(Exception):  # noqa: B017 - whatever the failure, LATEST must not move
+        build_index(spark, cfg)
+    assert read_latest(cfg.path("index_root")) == first
+    assert ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "c")).version == first
+
+
+def test_bad_embeddings_are_refused(spark, encoded, tmp_path):
+    table = pq.read_table(storage.list_files(encoded.path("embeddings"), ".parquet")[0])
+    vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+
+    def write(name, pids, vecs):
+        os.makedirs(tmp_path / name, exist_ok=True)
+        flat = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
+        out = pa.Table.from_arrays([pa.array(pids, pa.int64()), pa.array(["h"] * len(pids)), flat],
+                                   schema=schemas.embeddings_schema(vecs.shape[1]).with_metadata(table.schema.metadata))
+        pq.write_table(out, tmp_path / name / "part-00000.parquet")
+        return make_config(tmp_path / name, *encoder_of(encoded),
+                           f"paths.embeddings={tmp_path / name}", f"paths.passages={encoded.path('passages')}")
+
+    pids = table.column("pid").to_numpy()
+    nan = vectors.copy()
+    nan[3, 0] = np.nan
+    with pytest.raises(EncoderError, match=f"NaN/inf vectors for pid\\(s\\) \\[{pids[3]}\\]"):
+        build_index(spark, write("nan", pids, nan))
+    with pytest.raises(InputError, match="duplicate pids"):
+        build_index(spark, write("dup", np.concatenate([pids, pids[:2]]), np.vstack([vectors, vectors[:2]])))
+    few = write("few", pids, vectors)
+    few.index.factory = "IVF4096,Flat"
+    with pytest.raises(InputError, match=f"needs at least nlist=4096 vectors to train, the Embeddings table has {len(pids)}"):
+        build_index(spark, few)
+    wrong_dim = write("dim", pids, np.hstack([vectors, vectors]))
+    with pytest.raises(IncompatibleIndexError):
+        build_index(spark, wrong_dim)
+
+
+def test_loader_refuses_broken_versions(spark, encoded, tmp_path):
+    root = tmp_path / "root"
+    cfg = make_config(tmp_path, *encoder_of(encoded), f"paths.index_root={root}",
+                      f"paths.passages={encoded.path('passages')}", f"paths.embeddings={encoded.path('embeddings')}")
+    with pytest.raises(IndexIntegrityError, match="LATEST is missing"):
+        ShardedIndex(str(root), cache_dir=str(tmp_path / "c0"))
+    manifest = build_index(spark, cfg)
+    vdir = root / "versions" / manifest["version"]
+    # Corrupt shard bytes: detected by sha256, naming the file.
+    shard = vdir / manifest["shards"][1]["path"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IndexIntegrityError, match="shard-00001.faiss is corrupt: sha256"):
+        ShardedIndex(str(root), cache_dir=str(tmp_path / "c1"))
+    assert not [f for f in os.listdir(tmp_path / "c1" / "blobs") if f.endswith(".part")], "no partial cache entry"
+    # A manifest listing a shard that is not there.
+    os.remove(shard)
+    with pytest.raises(IndexIntegrityError, match="listed in the manifest but missing"):
+        ShardedIndex(str(root), cache_dir=str(tmp_path / "c2"))
+    # A manifest from the future.
+    m = json.loads((vdir / "manifest.json").read_text())
+    m["format_version"] = 99
+    (vdir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IncompatibleIndexError, match="format_version 99"):
+        ShardedIndex(str(root), cache_dir=str(tmp_path / "c3"))
+    # A manifest naming a file outside its version directory.
+    m["format_version"] = 1
+    m["shards"][0]["path"] = "../../LATEST"
+    (vdir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexIntegrityError, match="outside its version directory"):
+        ShardedIndex(str(root), cache_dir=str(tmp_path / "c4"))
+
+
+def test_question_encoder_must_match_the_manifest(spark, encoded, tiny_dpr_dir, tmp_path):
+    build_index(spark, encoded)
+    from dpr_lib.config import EncoderConfig
+
+    with pytest.raises(IncompatibleIndexError, match="is not the one this index was built for"):
+        Searcher(encoded.path("index_root"), EncoderConfig(model=tiny_dpr_dir), cache_dir=str(tmp_path))
+
+
+def test_cli_json_and_text(spark, encoded, tmp_path):
+    build_index(spark, encoded)
+    cmd = [sys.executable, "-m", "dpr_lib.search", "--index", encoded.path("index_root"), "alpha bravo", "-k", "2",
+           "--set", f"paths.cache_dir={tmp_path}"] + [a for kv in encoder_of(encoded) for a in ("--set", kv)]
+    out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert len(doc["results"][0]["hits"]) == 2 and doc["results"][0]["hits"][0]["text"]
+    text = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert text.returncode == 0 and "Q: alpha bravo" in text.stdout and " 2. [" in text.stdout, text.stderr
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "nothing"), "q"], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert bad.returncode == IndexIntegrityError.exit_code
+    assert bad.stderr.startswith("error: no index published") and "Traceback" not in bad.stderr
