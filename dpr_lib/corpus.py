@@ -67,13 +67,13 @@ def split_words(words: list[str], size: int, overlap: int = 0) -> list[list[str]
 
 def make_pid(doc_id: str, chunk: int) -> int:
     """Stable non-negative int64 id of passage ``chunk`` of ``doc_id`` (usable as a FAISS id)."""
-    digest = hashlib.blake2b(f"{doc_id}\x1f{chunk}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{doc_id}\x1f{chunk}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & _PID_MASK
 
 
 def content_hash(title: str, text: str) -> str:
     """Hash of exactly what the encoder sees (title and text); decides embedding reuse."""
-    return hashlib.blake2b(f"{title}\x1f{text}".encode("utf-8"), digest_size=16).hexdigest()
+    return hashlib.blake2b(f"{title}\x1f{text}".encode(), digest_size=16).hexdigest()
 
 
 def clean_text(text: str) -> str:
@@ -282,7 +282,6 @@ def _spark_schema(arrow_schema: pa.Schema):
 
 def read_raw(spark, cfg: Config, input_url: str | None = None, df=None):
     """Parsed records (schema PARSED) as a DataFrame, plus input stats. Nothing is collected."""
-    from pyspark.sql import functions as F
 
     ccfg = cfg.corpus
     max_doc = ccfg.max_doc_bytes

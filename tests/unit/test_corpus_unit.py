@@ -4,8 +4,15 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpr_lib.corpus import (content_hash, iter_lines, make_pid, parse_jsonl_line, parse_tsv_line, passages_of,
-                            split_words)
+from dpr_lib.corpus import (
+    content_hash,
+    iter_lines,
+    make_pid,
+    parse_jsonl_line,
+    parse_tsv_line,
+    passages_of,
+    split_words,
+)
 
 words_st = st.lists(st.text(alphabet="abcdefgh", min_size=1, max_size=5), max_size=400)
 
