@@ -30,7 +30,7 @@ setup(
             "hypothesis>=6.100",
             "moto[server]>=5.0",
             "boto3>=1.34",
-            "ruff>=0.5",
+            "ruff>=0.5,<0.18",
             "venv-pack>=0.2",
             "sentence-transformers>=3.0",   # the benchmark baseline
             "matplotlib>=3.8",

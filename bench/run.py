@@ -1,0 +1,387 @@
+"""`make bench`: every stage against its baseline, measured side by side in one run on this machine.
+
+Writes bench/results/latest.json (flat dotted keys, numbers), latest.md and ratios.png.
+BENCH_QUICK=1 shrinks every size for a smoke run (CI) that only proves the harness works.
+
+Data: real passages = SQuAD paragraphs from ../shared/data/squad (through the real corpus stage);
+index scaling uses synthetic vectors: the real embeddings of those passages plus Gaussian noise,
+renormalised, repeated to the target count (encoding 200k real passages would take hours here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ["PYSPARK_PYTHON"] = sys.executable
+os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+SQUAD = os.path.join(os.path.dirname(REPO), "shared", "data", "squad")
+OUT = os.path.join(REPO, "bench", "results")
+WORK = os.path.join(REPO, "work", "bench")
+N_PASSAGES = 200 if QUICK else 2400
+N_VECTORS = 20_000 if QUICK else 200_000
+RSS_SAMPLE = 4096 if QUICK else 20_000
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- machine
+
+def matmul_gflops(dtype, threads: int, n: int = 1024, reps: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps = reps if dtype == torch.float32 else 2
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = os.cpu_count() or 1
+    from dpr_lib.encode import cpu_has_native_bf16
+
+    return {"cpu": cpu, "cores": cores, "python": platform.python_version(), "torch": torch.__version__,
+            "native_bf16": cpu_has_native_bf16(),
+            "fp32_gflops": round(matmul_gflops(torch.float32, cores), 1),
+            "bf16_gflops": round(matmul_gflops(torch.bfloat16, cores), 1)}
+
+
+# ---------------------------------------------------------------- data
+
+def squad_jsonl(path: str, limit: int) -> int:
+    docs = []
+    for name in ("train-v1.1-subset.json", "dev-v1.1-part-a.json"):
+        for art in json.load(open(os.path.join(SQUAD, name)))["data"]:
+            for i, para in enumerate(art["paragraphs"]):
+                docs.append({"id": f"{name[:5]}:{art['title']}:{i}", "title": art["title"].replace("_", " "),
+                             "text": para["context"]})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        for d in docs[:limit]:
+            fh.write(json.dumps(d) + "\n")
+    return min(limit, len(docs))
+
+
+def model_flops_per_token(model_dir: str, tokens: float) -> float:
+    """2 * non-embedding parameters per token + attention (QK^T and AV): 4 * layers * T * d."""
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    d, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    params = layers * (4 * d * d + 2 * d * inter)
+    return 2 * params + 4 * layers * tokens * d
+
+
+# ---------------------------------------------------------------- encode
+
+def bench_encode(spark, results: dict, details: dict, mach: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sentence_transformers import SentenceTransformer
+
+    from dpr_lib import storage
+    from dpr_lib.config import load_config
+    from dpr_lib.corpus import shard_corpus
+    from dpr_lib.encode import Encoder, encode_passages, resolve_spec
+
+    corpus = os.path.join(WORK, "squad.jsonl")
+    n_docs = squad_jsonl(corpus, N_PASSAGES)
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
+        f"paths.work_dir={WORK}/encode", f"corpus.input={corpus}", "corpus.num_files=8"])
+    shard_corpus(spark, cfg)
+    passages = pa.concat_tables(pq.read_table(f) for f in storage.list_files(cfg.path("passages"), ".parquet"))
+    passages = passages.slice(0, N_PASSAGES)
+    n = passages.num_rows
+    titles, texts = passages.column("title").to_pylist(), passages.column("text").to_pylist()
+    log(f"encode: {n} passages from {n_docs} SQuAD paragraphs")
+
+    # Baseline: sentence-transformers, default settings, batch 32, fp32.
+    spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"))
+    st = SentenceTransformer(spec.model_dir, device="cpu")
+    joined = [f"{t} {x}" for t, x in zip(titles, texts)]
+    st.encode(joined[:32], batch_size=32)
+    t = time.perf_counter()
+    st_vecs = st.encode(joined, batch_size=32, convert_to_numpy=True)
+    st_s = time.perf_counter() - t
+    del st
+
+    # The encode job end to end (Spark local, all cores), on exactly these passages.
+    storage.get_fs(cfg.path("embeddings"))[0].rm(cfg.path("embeddings"), recursive=True) \
+        if os.path.exists(cfg.path("embeddings")) else None
+    t = time.perf_counter()
+    stats = encode_passages(spark, cfg)
+    job_s = time.perf_counter() - t
+    job_n = stats["passages_encoded"]
+    emb = pa.concat_tables(pq.read_table(f) for f in storage.list_files(cfg.path("embeddings"), ".parquet"))
+    job_vecs = dict(zip(emb.column("pid").to_pylist(), np.stack(emb.column("vector").to_numpy(zero_copy_only=False))))
+
+    # The same library encoder in one process (all cores as torch threads).
+    import dataclasses
+
+    enc = Encoder(dataclasses.replace(spec, threads=mach["cores"]))
+    enc.encode(titles[:16], texts[:16])
+    t = time.perf_counter()
+    enc.encode(titles, texts)
+    lib_s = time.perf_counter() - t
+    # fp32 reference without batching effects: one passage at a time.
+    ref_idx = range(0, n, max(1, n // 200))
+    ref = np.vstack([enc.encode([titles[i]], [texts[i]]) for i in ref_idx])
+    job_sub = np.stack([job_vecs[p] for p in passages.column("pid").to_pylist()])[list(ref_idx)]
+    cos = (job_sub * ref).sum(1) / np.linalg.norm(job_sub, axis=1) / np.linalg.norm(ref, axis=1)
+    # Parity with sentence-transformers on identical input strings.
+    same_input = enc.encode(None, joined[:200])
+    cos_st = (same_input * st_vecs[:200]).sum(1) / np.linalg.norm(same_input, axis=1) / np.linalg.norm(
+        st_vecs[:200], axis=1)
+
+    ids = enc.tokenize(titles, texts)[0]
+    tokens = float(np.mean([len(x) for x in ids]))
+    flops = model_flops_per_token(spec.model_dir, tokens) * tokens
+    job_pps = job_n / job_s
+    results.update({
+        "encode.passages_per_s": round(job_pps, 2),
+        "encode.baseline_st_passages_per_s": round(n / st_s, 2),
+        "encode.ratio_vs_sentence_transformers": round(job_pps / (n / st_s), 3),
+        "encode.min_cosine_vs_fp32": round(float(cos.min()), 6),
+        "encode.min_cosine_vs_sentence_transformers": round(float(cos_st.min()), 6),
+        "encode.fraction_of_bf16_roofline": round(job_pps * flops / 1e9 / mach["bf16_gflops"], 3),
+        "encode.fraction_of_fp32_roofline": round(job_pps * flops / 1e9 / mach["fp32_gflops"], 3),
+        "encode.spark_overhead_ratio": round(job_s / lib_s, 3),
+        "encode.library_one_process_passages_per_s": round(n / lib_s, 2),
+    })
+    details["encode"] = {"passages": n, "mean_tokens": round(tokens, 1), "gflop_per_passage": round(flops / 1e9, 3),
+                         "job_seconds": round(job_s, 2), "st_seconds": round(st_s, 2), "lib_seconds": round(lib_s, 2),
+                         "dtype": spec.dtype, "token_budget": spec.token_budget}
+    log(f"encode: job {job_pps:.1f} p/s, sentence-transformers {n / st_s:.1f} p/s, one process {n / lib_s:.1f} p/s")
+    return cfg, emb
+
+
+# ---------------------------------------------------------------- index
+
+def synthetic_embeddings(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = real[rng.integers(0, len(real), n)]
+    noisy = base + rng.standard_normal(base.shape).astype(np.float32) * 0.05
+    return (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_embeddings(path: str, vectors: np.ndarray, metadata: dict, files: int = 8) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpr_lib.schemas import embeddings_schema
+
+    os.makedirs(path, exist_ok=True)
+    d = vectors.shape[1]
+    schema = embeddings_schema(d).with_metadata(metadata)
+    pids = np.arange(len(vectors), dtype=np.int64) * 7919 + 1
+    for i, chunk in enumerate(np.array_split(np.arange(len(vectors)), files)):
+        flat = pa.FixedSizeListArray.from_arrays(pa.array(vectors[chunk].reshape(-1)), d)
+        pq.write_table(pa.Table.from_arrays([pa.array(pids[chunk]), pa.array(["h"] * len(chunk)), flat],
+                                            schema=schema), os.path.join(path, f"part-{i:05d}.parquet"))
+
+
+def bench_index(spark, enc_cfg, emb, results: dict, details: dict) -> None:
+    import faiss
+    import pyarrow.parquet as pq
+
+    from dpr_lib import index as ix
+    from dpr_lib import storage
+    from dpr_lib.config import load_config
+    from dpr_lib.publish import build_index
+    from dpr_lib.search import ShardedIndex
+
+    real = np.stack(emb.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    vectors = synthetic_embeddings(real, N_VECTORS)
+    emb_dir = os.path.join(WORK, "index", "embeddings")
+    write_embeddings(emb_dir, vectors, emb.schema.metadata)
+    overrides = [f"paths.work_dir={WORK}/index", f"paths.embeddings={emb_dir}",
+                 f"paths.passages={enc_cfg.path('passages')}", "index.num_shards=4"]
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), overrides)
+    log(f"index: merge job on {N_VECTORS} synthetic vectors (real SQuAD embeddings + noise)")
+    t = time.perf_counter()
+    manifest = build_index(spark, cfg)
+    merge_s = time.perf_counter() - t
+
+    # Baseline: plain FAISS, same factory and training size, one process: read, train, add, write.
+    t = time.perf_counter()
+    tables = [pq.read_table(f) for f in storage.list_files(emb_dir, ".parquet")]
+    x = np.vstack([ix.vectors_of(tb, real.shape[1]) for tb in tables])
+    ids = np.concatenate([tb.column("pid").to_numpy() for tb in tables])
+    rng = np.random.default_rng(0)
+    sample = x[rng.choice(len(x), manifest["train_size"], replace=False)]
+    plain = ix.train_quantizer(sample, manifest["factory"])
+    plain.add_with_ids(x, ids)
+    faiss.write_index(plain, os.path.join(WORK, "index", "plain.faiss"))
+    plain_s = time.perf_counter() - t
+    results.update({
+        "index.merge_job_s": round(merge_s, 2), "index.plain_faiss_s": round(plain_s, 2),
+        "index.ratio_vs_plain_faiss": round(merge_s / plain_s, 3),
+        "index.recall_at_10": manifest["recall"]["at_nprobe"],
+    })
+    details["index"] = {"vectors": N_VECTORS, "factory": manifest["factory"], "nprobe": manifest["nprobe"],
+                        "merge_timings": manifest["timings"], "recall_by_nprobe": manifest["recall"]["by_nprobe"]}
+    log(f"index: merge job {merge_s:.1f}s, plain FAISS {plain_s:.1f}s")
+
+    # Search: batched QPS and sharded vs one merged index at the same nprobe.
+    loaded = ShardedIndex(cfg.path("index_root"), cache_dir=os.path.join(WORK, "cache"))
+    faiss.extract_index_ivf(plain).nprobe = loaded.nprobe
+    q = synthetic_embeddings(real, 1000 if not QUICK else 200, seed=1)
+    loaded.search(q[:10], 10)
+    t = time.perf_counter()
+    loaded.search(q, 10)
+    sharded_s = time.perf_counter() - t
+    t = time.perf_counter()
+    plain.search(q, 10)
+    single_s = time.perf_counter() - t
+    results.update({"search.qps_batch": round(len(q) / sharded_s, 1),
+                    "search.sharded_vs_single_ratio": round(sharded_s / single_s, 3)})
+    return cfg
+
+
+def bench_search_single(enc_cfg, results: dict) -> None:
+    """p50 latency of one question end to end (encode + search + docstore lookup) on the SQuAD index."""
+    from dpr_lib.search import Searcher
+
+    questions = []
+    for art in json.load(open(os.path.join(SQUAD, "dev-v1.1-part-a.json")))["data"]:
+        for para in art["paragraphs"]:
+            questions.extend(qa["question"] for qa in para["qas"][:1])
+    questions = questions[: 20 if QUICK else 100]
+    searcher = Searcher(enc_cfg.path("index_root"), enc_cfg.encoder, cache_dir=os.path.join(WORK, "cache"))
+    searcher.ask(questions[:2], 10)
+    lat = []
+    for qtext in questions:
+        t = time.perf_counter()
+        searcher.ask([qtext], 10)
+        lat.append((time.perf_counter() - t) * 1000)
+    results["search.p50_ms_single"] = round(float(np.percentile(lat, 50)), 2)
+    results["search.p99_ms_single"] = round(float(np.percentile(lat, 99)), 2)
+
+
+def driver_rss(n: int, real_path: str) -> float:
+    """Peak RSS (MB) of a fresh driver process running the merge job on n vectors, sample size fixed."""
+    code = f"""
+import json, os, resource, sys, numpy as np
+sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.join(REPO, 'bench')!r})
+from run import synthetic_embeddings, write_embeddings
+from dpr_lib.config import load_config
+from dpr_lib.publish import build_index
+from dpr_lib.spark import get_session
+import pyarrow.parquet as pq
+meta = pq.read_schema({real_path!r}).metadata
+real = np.load({real_path!r} + '.npy')
+d = {WORK!r} + '/rss/{n}'
+write_embeddings(d + '/embeddings', synthetic_embeddings(real, {n}), meta)
+del real
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cfg = load_config({os.path.join(REPO, 'conf', 'local.yaml')!r}, ['paths.work_dir=' + d, 'paths.embeddings=' + d + '/embeddings',
+    'paths.passages=' + {os.path.join(WORK, 'encode', 'passages')!r}, 'index.max_train_sample={RSS_SAMPLE}',
+    'index.factory=IVF256,Flat', 'index.recall_queries=64'])
+build_index(get_session(cfg), cfg)
+print(json.dumps({{'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def bench_driver_rss(emb, results: dict, details: dict) -> None:
+    import pyarrow.parquet as pq
+
+    real_path = os.path.join(WORK, "rss_real.parquet")
+    os.makedirs(os.path.dirname(real_path), exist_ok=True)
+    pq.write_table(emb.slice(0, 1), real_path)
+    np.save(real_path + ".npy", np.stack(emb.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32))
+    small = N_VECTORS // 4
+    a, b = driver_rss(small, real_path), driver_rss(small * 4, real_path)
+    results["index.driver_rss_growth_4x"] = round(b / a, 3)
+    details["driver_rss_mb"] = {str(small): round(a, 1), str(small * 4): round(b, 1), "train_sample": RSS_SAMPLE,
+                                "note": "vectors written by the same process before the job; peak includes them"}
+    log(f"driver peak RSS: {a:.0f} MB at {small}, {b:.0f} MB at {small * 4}")
+
+
+# ---------------------------------------------------------------- report
+
+def write_report(results: dict, details: dict, mach: dict, seconds: float) -> None:
+    os.makedirs(OUT, exist_ok=True)
+    doc = {**results, "machine": mach, "details": details, "quick": QUICK, "seconds": round(seconds, 1),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(os.path.join(OUT, "latest.json"), "w") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=True)
+    lines = [f"# Benchmark results ({'quick' if QUICK else 'full'} run, {doc['date']})", "",
+             f"Machine: {mach['cpu']}, {mach['cores']} cores, fp32 matmul {mach['fp32_gflops']} GFLOP/s, "
+             f"bf16 matmul {mach['bf16_gflops']} GFLOP/s (native bf16: {mach['native_bf16']}).", "",
+             "| figure | value |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in sorted(results.items())]
+    with open(os.path.join(OUT, "latest.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = {k: v for k, v in results.items() if "ratio" in k}
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.5 * len(ratios)))
+    ax.barh(list(ratios), list(ratios.values()), color="#4477aa")
+    ax.axvline(1.0, color="grey", lw=1)
+    ax.set_xlabel("ratio (this product ÷ baseline, same run)")
+    ax.set_title(f"dpr_lib benchmark ratios — {mach['cpu']}, {mach['cores']} cores")
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, "ratios.png"), dpi=100)
+
+
+def main() -> int:
+    from dpr_lib.cli import setup_logging
+    from dpr_lib.config import load_config
+    from dpr_lib.publish import build_index
+    from dpr_lib.spark import get_session
+
+    if not os.path.isdir(SQUAD):
+        print(f"bench needs the SQuAD files under {SQUAD}", file=sys.stderr)
+        return 2
+    setup_logging(False)
+    t0 = time.time()
+    results: dict = {}
+    details: dict = {}
+    mach = machine()
+    log(f"machine: {mach}")
+    spark = get_session(load_config(os.path.join(REPO, "conf", "local.yaml"),
+                                    ["spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 6g}"]))
+    enc_cfg, emb = bench_encode(spark, results, details, mach)
+    build_index(spark, enc_cfg)  # the SQuAD index for single-question latency
+    bench_search_single(enc_cfg, results)
+    bench_index(spark, enc_cfg, emb, results, details)
+    spark.stop()
+    bench_driver_rss(emb, results, details)
+    write_report(results, details, mach, time.time() - t0)
+    log(f"done in {time.time() - t0:.0f}s -> {OUT}/latest.json")
+    print(open(os.path.join(OUT, "latest.md")).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
