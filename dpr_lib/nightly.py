@@ -1,0 +1,287 @@
+"""Nightly incremental reindexing: re-encode only what changed, reuse the quantizer while it serves.
+
+A run:
+1. takes the lock ``<index_root>/_lock`` (same storage as the index; a lock older than
+   ``nightly.stale_lock_s`` is taken over);
+2. shards the new corpus snapshot into ``<work_dir>/runs/<run>/passages``;
+3. diffs it against the last successful run's Passages by pid and content_hash
+   (new / changed / unchanged / deleted) and stops if the snapshot shrank by more than
+   ``nightly.max_shrink`` (unless forced);
+4. encodes only new and changed passages; unchanged ones reuse their embedding when it was made
+   by the same encoder fingerprint;
+5. builds and publishes a version, reusing the previous ``trained.faiss`` unless the encoder
+   changed, the vector count grew past ``nightly.retrain_growth``, or recall misses the target;
+6. records the run as the new baseline (``<work_dir>/state/last_success.json``) and releases the lock.
+
+Stages are idempotent and recorded in ``<work_dir>/runs/<run>/state.json``: a failed run is
+resumed by the next one from the stages it finished.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+
+from dpr_lib import storage
+from dpr_lib.config import Config, join_url
+from dpr_lib.errors import DprError, InputError
+
+log = logging.getLogger("dpr_lib.nightly")
+
+
+class LockError(DprError):
+    """Another run holds the lock."""
+
+    exit_code = 8
+
+
+# ---------------------------------------------------------------- lock
+
+class RunLock:
+    """A lock object in the index storage. Written, then read back: the run whose id is there owns it."""
+
+    def __init__(self, root: str, stale_s: float, storage_options: dict | None = None):
+        self.url = join_url(root, "_lock")
+        self.stale_s = stale_s
+        self.opts = storage_options
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def acquire(self) -> None:
+        if storage.exists(self.url, self.opts):
+            try:
+                held = json.loads(storage.read_bytes(self.url, self.opts))
+            except (ValueError, FileNotFoundError):
+                held = {"since": 0, "owner": "unreadable"}
+            age = time.time() - float(held.get("since", 0))
+            if age < self.stale_s:
+                raise LockError(f"another run ({held.get('owner')}) holds {self.url} since {age:.0f}s; "
+                                f"it is considered stale after nightly.stale_lock_s={self.stale_s:.0f}s")
+            log.warning("taking over a stale lock of %s (%.0fs old)", held.get("owner"), age)
+        body = json.dumps({"owner": self.owner, "since": time.time()}).encode()
+        storage.write_bytes_atomic(self.url, body, self.opts)
+        if json.loads(storage.read_bytes(self.url, self.opts)).get("owner") != self.owner:
+            raise LockError(f"lost the race for {self.url} to another run")
+
+    def release(self) -> None:
+        try:
+            if json.loads(storage.read_bytes(self.url, self.opts)).get("owner") == self.owner:
+                fs, path = storage.get_fs(self.url, self.opts)
+                fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+
+# ---------------------------------------------------------------- state
+
+def _read_json(url: str) -> dict | None:
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
+
+
+def _write_json(url: str, doc: dict) -> None:
+    storage.write_bytes_atomic(url, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
+
+
+def _unfinished_run(cfg: Config) -> dict | None:
+    """The state of the newest run that did not publish (to resume it), if any."""
+    runs = join_url(cfg.path("work_dir"), "runs")
+    fs, path = storage.get_fs(runs)
+    if not fs.exists(path):
+        return None
+    for name in sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True):
+        state = _read_json(join_url(runs, name, "state.json"))
+        if state and not state.get("published"):
+            return state
+        if state and state.get("published"):
+            return None
+    return None
+
+
+def diff_passages(spark, new_url: str, old_url: str | None) -> dict:
+    """Counts of new / changed / unchanged / deleted passages (by pid and content_hash)."""
+    from pyspark.sql import functions as F
+
+    new = spark.read.parquet(new_url).select("pid", F.col("content_hash").alias("h_new"))
+    if not old_url:
+        return {"new": new.count(), "changed": 0, "unchanged": 0, "deleted": 0}
+    old = spark.read.parquet(old_url).select("pid", F.col("content_hash").alias("h_old"))
+    row = (new.join(old, "pid", "full_outer").agg(
+        F.sum(F.when(F.col("h_old").isNull(), 1).otherwise(0)).alias("new"),
+        F.sum(F.when(F.col("h_new").isNull(), 1).otherwise(0)).alias("deleted"),
+        F.sum(F.when(F.col("h_new") == F.col("h_old"), 1).otherwise(0)).alias("unchanged"),
+        F.sum(F.when(F.col("h_new") != F.col("h_old"), 1).otherwise(0)).alias("changed")).first())
+    return {k: int(row[k] or 0) for k in ("new", "changed", "unchanged", "deleted")}
+
+
+# ---------------------------------------------------------------- the run
+
+def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
+    """One scheduled run. Returns the run report (also written to <run>/report.json)."""
+
+    from dpr_lib.corpus import shard_corpus
+    from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
+    from dpr_lib.publish import MANIFEST, build_index, read_latest, version_url
+
+    t0 = time.time()
+    ncfg = cfg.nightly
+    root, opts = cfg.path("index_root"), cfg.storage_options()
+    lock = RunLock(root, ncfg.stale_lock_s, opts)
+    lock.acquire()
+    try:
+        state = _unfinished_run(cfg)
+        if state:
+            log.info("resuming run %s from stage(s) done: %s", state["run"], state["done"])
+        else:
+            run = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+            state = {"run": run, "done": [], "seconds": {}, "published": False}
+        run_dir = join_url(cfg.path("work_dir"), "runs", state["run"])
+        state_url = join_url(run_dir, "state.json")
+        baseline = _read_json(join_url(cfg.path("work_dir"), "state", "last_success.json"))
+        run_cfg = _with_paths(cfg, run_dir)
+
+        def stage(name, fn):
+            if name in state["done"]:
+                return state.get(name)
+            t = time.time()
+            state[name] = fn()
+            state["done"].append(name)
+            state["seconds"][name] = round(time.time() - t, 2)
+            _write_json(state_url, state)
+            return state[name]
+
+        corpus = stage("shard", lambda: _slim(shard_corpus(spark, run_cfg)))
+        spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=opts)
+        fingerprint = spec.fingerprint()
+        same_encoder = bool(baseline) and baseline["fingerprint"]["id"] == fingerprint["id"]
+        diff = stage("diff", lambda: diff_passages(spark, run_cfg.path("passages"),
+                                                  baseline["passages"] if baseline else None))
+        if baseline and not force:
+            before, after = baseline["passages_count"], corpus["passages"]
+            if after < (1 - ncfg.max_shrink) * before:
+                raise InputError(
+                    f"the snapshot shrank from {before} to {after} passages (more than nightly.max_shrink="
+                    f"{ncfg.max_shrink:.0%}): likely a broken export; nothing was published. Rerun with --force "
+                    "to publish it anyway")
+
+        def encode_changed() -> dict:
+            passages = spark.read.parquet(run_cfg.path("passages"))
+            todo = passages
+            if same_encoder:
+                old = spark.read.parquet(baseline["embeddings"]).select("pid", "content_hash")
+                todo = passages.join(old, ["pid", "content_hash"], "left_anti")
+            todo_url = join_url(run_dir, "to_encode")
+            n_todo = todo.count()
+            parts = max(1, min(cfg.corpus.num_files, -(-n_todo // 2000)))
+            todo.repartition(parts).write.mode("overwrite").parquet(todo_url)
+            enc_cfg = _with_paths(cfg, run_dir, passages=todo_url, embeddings=join_url(run_dir, "embeddings_new"))
+            stats = encode_passages(spark, enc_cfg) if n_todo else {"passages_encoded": 0}
+            return {"encoded": stats["passages_encoded"], "to_encode": n_todo}
+
+        encoded = stage("encode", encode_changed)
+
+        def embeddings_df():
+            passages = spark.read.parquet(run_cfg.path("passages")).select("pid", "content_hash")
+            frames = []
+            new_files = storage.list_files(join_url(run_dir, "embeddings_new"), ".parquet") \
+                if storage.exists(join_url(run_dir, "embeddings_new")) else []
+            if new_files:
+                check_embeddings(new_files, fingerprint)
+                frames.append(spark.read.parquet(*new_files).select("pid", "content_hash", "vector"))
+            if same_encoder:
+                old = spark.read.parquet(baseline["embeddings"]).select("pid", "content_hash", "vector")
+                frames.append(old.join(passages, ["pid", "content_hash"], "left_semi"))
+            df = frames[0]
+            for f in frames[1:]:
+                df = df.unionByName(f)
+            return df
+
+        def publish() -> dict:
+            df = embeddings_df()
+            reuse, reason = None, "first run"
+            if baseline:
+                prev_root_version = read_latest(root, opts)
+                prev_manifest = json.loads(storage.read_bytes(
+                    join_url(version_url(root, prev_root_version), MANIFEST), opts)) if prev_root_version else None
+                if not same_encoder:
+                    reason = "encoder fingerprint changed"
+                elif prev_manifest is None:
+                    reason = "no previous version published"
+                elif corpus["passages"] > ncfg.retrain_growth * prev_manifest["totals"]["vectors"]:
+                    reason = (f"vector count grew from {prev_manifest['totals']['vectors']} to {corpus['passages']}"
+                              f" (> nightly.retrain_growth={ncfg.retrain_growth})")
+                else:
+                    trained = storage.read_bytes(join_url(version_url(root, prev_root_version), "trained.faiss"), opts)
+                    reuse = {"trained": trained, "manifest": prev_manifest,
+                             "reason": "same encoder, growth within nightly.retrain_growth"}
+            extra = {"encoder": fingerprint, "retrain_reason": reason,
+                     "nightly": {"run": state["run"], "diff": diff, "encoded": encoded["encoded"],
+                                 "reused_embeddings": corpus["passages"] - encoded["encoded"]}}
+            pub_cfg = _with_paths(cfg, run_dir)
+            manifest = build_index(spark, pub_cfg, df, extra, reuse_from=reuse)
+            return {"version": manifest["version"], "quantizer": manifest["quantizer"],
+                    "vectors": manifest["totals"]["vectors"], "recall": manifest["recall"]["at_nprobe"],
+                    "nprobe": manifest["nprobe"]}
+
+        published = stage("publish", publish)
+        if published["vectors"] != corpus["passages"]:
+            raise InputError(f"accounting: {corpus['passages']} passages but {published['vectors']} vectors published")
+        _write_json(join_url(cfg.path("work_dir"), "state", "last_success.json"), {
+            "run": state["run"], "passages": run_cfg.path("passages"), "passages_count": corpus["passages"],
+            "embeddings": _merged_embeddings(spark, run_dir, df_fn=embeddings_df),
+            "fingerprint": fingerprint, "version": published["version"]})
+        state["published"] = True
+        _write_json(state_url, state)
+        _prune_runs(cfg, keep=ncfg.keep_runs, current=state["run"])
+    finally:
+        lock.release()
+    report = {
+        "run": state["run"], "version": published["version"], "diff": diff,
+        "encoded": encoded["encoded"], "reused": corpus["passages"] - encoded["encoded"],
+        "passages": corpus["passages"], "rejects": corpus["rejects"], "quantizer": published["quantizer"],
+        "recall_at_nprobe": published["recall"], "nprobe": published["nprobe"],
+        "seconds": {**state["seconds"], "total": round(time.time() - t0, 2)},
+    }
+    _write_json(join_url(run_dir, "report.json"), report)
+    q = "reused" if published["quantizer"]["reused"] else "retrained"
+    report["summary"] = (
+        f"nightly {state['run']}: published {published['version']} ({corpus['passages']} passages: "
+        f"{diff['new']} new, {diff['changed']} changed, {diff['unchanged']} unchanged, {diff['deleted']} deleted; "
+        f"encoded {encoded['encoded']}, reused {report['reused']}; quantizer {q}: {published['quantizer']['reason']}; "
+        f"recall@{cfg.index.recall_k} {published['recall']}) in {report['seconds']['total']:.0f}s")
+    log.info(report["summary"])
+    return report
+
+
+def _merged_embeddings(spark, run_dir: str, df_fn) -> str:
+    """Materialise this run's full Embeddings table (new + reused) as the next run's baseline."""
+    url = join_url(run_dir, "embeddings")
+    df_fn().write.mode("overwrite").parquet(url)
+    return url
+
+
+def _slim(stats: dict) -> dict:
+    return {k: stats[k] for k in ("passages", "rejects", "docs", "input_records")}
+
+
+def _with_paths(cfg: Config, run_dir: str, **paths) -> Config:
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.paths.passages = paths.get("passages", join_url(run_dir, "passages"))
+    out.paths.rejects = join_url(run_dir, "rejects")
+    out.paths.embeddings = paths.get("embeddings", join_url(run_dir, "embeddings"))
+    out.paths.stats = join_url(run_dir, "stats")
+    return out
+
+
+def _prune_runs(cfg: Config, keep: int, current: str) -> None:
+    runs = join_url(cfg.path("work_dir"), "runs")
+    fs, path = storage.get_fs(runs)
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    for name in names[:-keep]:
+        if name != current:
+            fs.rm(f"{path}/{name}", recursive=True)

@@ -1,0 +1,25 @@
+"""spark-submit entry point for scheduled runs: incremental reindexing (see dpr_lib.nightly).
+
+Exit code 0 only when a version was published; non-zero with the reason otherwise.
+"""
+
+import sys
+
+from dpr_lib.cli import run_job
+
+
+def main(cfg, args):
+    from dpr_lib.nightly import run_nightly
+    from dpr_lib.spark import get_session
+
+    report = run_nightly(get_session(cfg), cfg, force=args.force)
+    print(report["summary"], flush=True)
+    return report
+
+
+def extra(parser):
+    parser.add_argument("--force", action="store_true", help="publish even if the snapshot shrank past nightly.max_shrink")
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("Incremental nightly reindexing: re-encode only changed passages, publish atomically.", main, extra))

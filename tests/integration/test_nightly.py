@@ -1,0 +1,149 @@
+"""Nightly incremental runs on real Spark: unchanged, added / edited / deleted documents, encoder
+change, crash and resume, the lock, and the shrink guard."""
+
+import json
+import os
+import time
+
+import faiss
+import numpy as np
+import pytest
+from conftest import make_config, synthetic_docs, write_jsonl
+
+from dpr_lib.errors import InputError
+from dpr_lib.nightly import LockError, run_nightly
+from dpr_lib.publish import read_latest
+from dpr_lib.search import ShardedIndex
+
+
+def cfg_for(tmp, tiny_bert_dir, snapshot, *extra):
+    return make_config(tmp, f"corpus.input={snapshot}", f"encoder.model={tiny_bert_dir}", "encoder.pooling=mean",
+                       "encoder.normalize=true", "index.num_shards=2", *extra)
+
+
+def shard_ids(root, cache) -> set[int]:
+    loaded = ShardedIndex(root, cache_dir=cache)
+    ids = set()
+    for idx in loaded.shards:
+        ivf = faiss.extract_index_ivf(idx)
+        for lst in range(ivf.nlist):
+            n = ivf.invlists.list_size(lst)
+            if n:
+                ids.update(faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n).tolist())
+    return ids
+
+
+@pytest.fixture(scope="module")
+def history(spark, tmp_path_factory, tiny_bert_dir):
+    """Three runs: first, unchanged, then with an edited, an added and a deleted document."""
+    tmp = tmp_path_factory.mktemp("nightly")
+    docs = synthetic_docs(40, words_per_doc=150, seed=11)
+    snapshot = tmp / "snapshot.jsonl"
+    write_jsonl(snapshot, docs)
+    cfg = cfg_for(tmp, tiny_bert_dir, snapshot)
+    first = run_nightly(spark, cfg)
+    second = run_nightly(spark, cfg)
+    edited = [dict(d) for d in docs if d["id"] != "doc-5"]
+    edited[0]["text"] = "completely new words " * 50  # 150 words: both passages change
+    edited.append({"id": "doc-new", "title": "New", "text": "a fresh document about zulu " * 10})
+    write_jsonl(snapshot, edited)
+    third = run_nightly(spark, cfg)
+    return cfg, tmp, first, second, third
+
+
+def test_first_run_encodes_everything_and_trains(history):
+    cfg, _, first, _, _ = history
+    assert first["passages"] == 80 and first["encoded"] == 80 and first["reused"] == 0
+    assert first["diff"] == {"new": 80, "changed": 0, "unchanged": 0, "deleted": 0}
+    assert first["quantizer"]["reused"] is False
+    assert read_latest(cfg.path("index_root")) != first["version"]  # later runs published after it
+    assert "published" in first["summary"] and "80 passages" in first["summary"]
+
+
+def test_unchanged_corpus_encodes_nothing_and_still_publishes(history):
+    cfg, _, first, second, _ = history
+    assert second["encoded"] == 0 and second["reused"] == 80
+    assert second["diff"] == {"new": 0, "changed": 0, "unchanged": 80, "deleted": 0}
+    assert second["quantizer"]["reused"] is True and second["version"] != first["version"]
+
+
+def test_edits_additions_and_deletions(history, tiny_bert_dir):
+    cfg, tmp, _, _, third = history
+    assert third["diff"] == {"new": 1, "changed": 2, "unchanged": 76, "deleted": 2}
+    assert third["encoded"] == 3 and third["reused"] == 76 and third["passages"] == 79
+    assert read_latest(cfg.path("index_root")) == third["version"]
+    from dpr_lib.corpus import make_pid
+
+    ids = shard_ids(cfg.path("index_root"), str(tmp / "cache-a"))
+    assert len(ids) == 79
+    assert make_pid("doc-5", 0) not in ids and make_pid("doc-5", 1) not in ids, "deleted pids are gone"
+    assert make_pid("doc-new", 0) in ids
+    # The edited passage carries its new vector.
+    from dpr_lib.encode import Encoder, resolve_spec
+
+    enc = Encoder(resolve_spec(cfg.encoder, cfg.path("cache_dir")))
+    text = " ".join(("completely new words " * 50).split()[:100])
+    v = enc.encode(["Title 0"], [text])
+    loaded = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp / "cache-b"), nprobe=1024)
+    scores, pids = loaded.search(v, 1)
+    assert pids[0, 0] == make_pid("doc-0", 0) and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_encoder_change_forces_full_reencode_and_retrain(spark, history, tiny_bert_dir):
+    cfg, tmp, *_ = history
+    cls = cfg_for(tmp, tiny_bert_dir, cfg.corpus.input, "encoder.pooling=cls")
+    report = run_nightly(spark, cls)
+    assert report["encoded"] == report["passages"] == 79
+    assert report["quantizer"] == {"reused": False, "reason": "encoder fingerprint changed"}
+
+
+def test_crash_between_stages_then_resume(spark, tmp_path, tiny_bert_dir):
+    snapshot = write_jsonl(tmp_path / "s.jsonl", synthetic_docs(30, seed=2))
+    run_nightly(spark, cfg_for(tmp_path, tiny_bert_dir, snapshot))
+    good = read_latest(cfg_for(tmp_path, tiny_bert_dir, snapshot).path("index_root"))
+    write_jsonl(tmp_path / "s.jsonl", synthetic_docs(32, seed=2))
+    # The publish stage fails (an index that cannot be trained on this corpus); earlier stages finished.
+    broken = cfg_for(tmp_path, tiny_bert_dir, snapshot, "encoder.pooling=cls", "index.factory=IVF4096,Flat")
+    with pytest.raises(InputError, match="needs at least nlist=4096"):
+        run_nightly(spark, broken)
+    assert read_latest(broken.path("index_root")) == good, "the last good version stays published"
+    runs = sorted(os.listdir(os.path.join(broken.path("work_dir"), "runs")))
+    state = json.load(open(os.path.join(broken.path("work_dir"), "runs", runs[-1], "state.json")))
+    assert state["done"] == ["shard", "diff", "encode"] and not state["published"]
+    passages_mtime = os.path.getmtime(os.path.join(broken.path("work_dir"), "runs", runs[-1], "passages"))
+    fixed = cfg_for(tmp_path, tiny_bert_dir, snapshot, "encoder.pooling=cls")
+    report = run_nightly(spark, fixed)
+    assert report["run"] == runs[-1], "the next run resumed the failed one"
+    assert os.path.getmtime(os.path.join(broken.path("work_dir"), "runs", runs[-1], "passages")) == passages_mtime
+    assert read_latest(fixed.path("index_root")) == report["version"] != good
+    assert report["passages"] == 64
+
+
+def test_lock_refuses_a_concurrent_run_and_takes_over_a_stale_one(spark, tmp_path, tiny_bert_dir):
+    snapshot = write_jsonl(tmp_path / "s.jsonl", synthetic_docs(20, seed=4))
+    cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot)
+    lock = os.path.join(cfg.path("index_root"), "_lock")
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    with open(lock, "w") as fh:
+        json.dump({"owner": "other-host:1", "since": time.time()}, fh)
+    with pytest.raises(LockError, match="another run \\(other-host:1\\) holds"):
+        run_nightly(spark, cfg)
+    assert read_latest(cfg.path("index_root")) is None
+    with open(lock, "w") as fh:
+        json.dump({"owner": "dead-host:1", "since": time.time() - 10 * 3600}, fh)
+    report = run_nightly(spark, cfg)
+    assert read_latest(cfg.path("index_root")) == report["version"]
+    assert not os.path.exists(lock), "released after the run"
+
+
+def test_shrink_guard(spark, tmp_path, tiny_bert_dir):
+    snapshot = write_jsonl(tmp_path / "s.jsonl", synthetic_docs(30, seed=6))
+    cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot)
+    first = run_nightly(spark, cfg)
+    write_jsonl(tmp_path / "s.jsonl", synthetic_docs(10, seed=6))
+    with pytest.raises(InputError, match="shrank from 60 to 20 passages"):
+        run_nightly(spark, cfg)
+    assert read_latest(cfg.path("index_root")) == first["version"]
+    forced = run_nightly(spark, cfg, force=True)
+    assert forced["passages"] == 20 and read_latest(cfg.path("index_root")) == forced["version"]
+    assert np.isfinite(forced["recall_at_nprobe"])
