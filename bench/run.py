@@ -281,24 +281,18 @@ def bench_search_single(enc_cfg, results: dict) -> None:
     results["search.p99_ms_single"] = round(float(np.percentile(lat, 99)), 2)
 
 
-def driver_rss(n: int, real_path: str) -> float:
-    """Peak RSS (MB) of a fresh driver process running the merge job on n vectors, sample size fixed."""
+def driver_rss(emb_dir: str, n: int) -> float:
+    """Peak RSS (MB) of a fresh driver process running only the merge job on ``emb_dir`` (n vectors),
+    with the training sample size held fixed."""
+    d = os.path.join(WORK, "rss", str(n))
     code = f"""
-import json, os, resource, sys, numpy as np
-sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.join(REPO, 'bench')!r})
-from run import synthetic_embeddings, write_embeddings
+import json, resource, sys
+sys.path.insert(0, {REPO!r})
 from dpr_lib.config import load_config
 from dpr_lib.publish import build_index
 from dpr_lib.spark import get_session
-import pyarrow.parquet as pq
-meta = pq.read_schema({real_path!r}).metadata
-real = np.load({real_path!r} + '.npy')
-d = {WORK!r} + '/rss/{n}'
-write_embeddings(d + '/embeddings', synthetic_embeddings(real, {n}), meta)
-del real
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-cfg = load_config({os.path.join(REPO, 'conf', 'local.yaml')!r}, ['paths.work_dir=' + d, 'paths.embeddings=' + d + '/embeddings',
-    'paths.passages=' + {os.path.join(WORK, 'encode', 'passages')!r}, 'index.max_train_sample={RSS_SAMPLE}',
+cfg = load_config({os.path.join(REPO, 'conf', 'local.yaml')!r}, ['paths.work_dir={d}', 'paths.embeddings={emb_dir}',
+    'paths.passages={os.path.join(WORK, 'encode', 'passages')}', 'index.max_train_sample={RSS_SAMPLE}',
     'index.factory=IVF256,Flat', 'index.recall_queries=64'])
 build_index(get_session(cfg), cfg)
 print(json.dumps({{'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
@@ -310,18 +304,80 @@ print(json.dumps({{'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def bench_driver_rss(emb, results: dict, details: dict) -> None:
-    import pyarrow.parquet as pq
-
-    real_path = os.path.join(WORK, "rss_real.parquet")
-    os.makedirs(os.path.dirname(real_path), exist_ok=True)
-    pq.write_table(emb.slice(0, 1), real_path)
-    np.save(real_path + ".npy", np.stack(emb.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32))
+    real = np.stack(emb.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
     small = N_VECTORS // 4
-    a, b = driver_rss(small, real_path), driver_rss(small * 4, real_path)
-    results["index.driver_rss_growth_4x"] = round(b / a, 3)
-    details["driver_rss_mb"] = {str(small): round(a, 1), str(small * 4): round(b, 1), "train_sample": RSS_SAMPLE,
-                                "note": "vectors written by the same process before the job; peak includes them"}
-    log(f"driver peak RSS: {a:.0f} MB at {small}, {b:.0f} MB at {small * 4}")
+    peaks = {}
+    for n in (small, small * 4):
+        emb_dir = os.path.join(WORK, "rss", f"emb-{n}")
+        write_embeddings(emb_dir, synthetic_embeddings(real, n, seed=2), emb.schema.metadata)
+        peaks[n] = driver_rss(emb_dir, n)
+    results["index.driver_rss_growth_4x"] = round(peaks[small * 4] / peaks[small], 3)
+    details["driver_rss_mb"] = {str(k): round(v, 1) for k, v in peaks.items()}
+    details["driver_rss_mb"]["train_sample"] = RSS_SAMPLE
+    log(f"driver peak RSS: {peaks[small]:.0f} MB at {small} vectors, {peaks[small * 4]:.0f} MB at {small * 4}")
+
+
+# ---------------------------------------------------------------- nightly
+
+def bench_nightly(spark, results: dict, details: dict) -> None:
+    """5% of documents changed: incremental run vs a full rebuild of the same snapshot, both through
+    jobs' library entry point (run_nightly), and top-10 agreement of the two indexes."""
+    from dpr_lib.config import load_config
+    from dpr_lib.encode import Encoder, resolve_spec
+    from dpr_lib.nightly import run_nightly
+    from dpr_lib.search import ShardedIndex
+
+    n_docs = 150 if QUICK else 1200
+    snap = os.path.join(WORK, "nightly", "snapshot.jsonl")
+    squad_jsonl(snap, n_docs)
+    docs = [json.loads(line) for line in open(snap)]
+
+    def cfg_for(name):
+        return load_config(os.path.join(REPO, "conf", "local.yaml"), [
+            f"paths.work_dir={WORK}/nightly/{name}", f"corpus.input={snap}", "index.num_shards=2",
+            f"paths.cache_dir={WORK}/cache"])
+
+    import shutil
+
+    for name in ("incremental", "full"):
+        shutil.rmtree(os.path.join(WORK, "nightly", name), ignore_errors=True)
+    run_nightly(spark, cfg_for("incremental"))  # yesterday's run
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(docs), max(1, len(docs) // 20), replace=False):
+        docs[i]["text"] = docs[i]["text"] + " (revised)"
+    with open(snap, "w") as fh:
+        for d in docs:
+            fh.write(json.dumps(d) + "\n")
+    t = time.perf_counter()
+    inc = run_nightly(spark, cfg_for("incremental"))
+    inc_s = time.perf_counter() - t
+    t = time.perf_counter()
+    full = run_nightly(spark, cfg_for("full"))
+    full_s = time.perf_counter() - t
+
+    questions = []
+    for art in json.load(open(os.path.join(SQUAD, "train-v1.1-subset.json")))["data"]:
+        for para in art["paragraphs"]:
+            questions.extend(qa["question"] for qa in para["qas"][:1])
+    questions = questions[: 50 if QUICK else 300]
+    cfg = cfg_for("full")
+    q = Encoder(resolve_spec(cfg.encoder, cfg.path("cache_dir"))).encode(None, questions)
+    def agreement(nprobe=None) -> float:
+        cache = os.path.join(WORK, "cache")
+        a = ShardedIndex(cfg_for("incremental").path("index_root"), cache_dir=cache, nprobe=nprobe).search(q, 10)[1]
+        b = ShardedIndex(cfg.path("index_root"), cache_dir=cache, nprobe=nprobe).search(q, 10)[1]
+        return float(np.mean([set(x) == set(y) for x, y in zip(a, b)]))
+
+    agree = agreement()  # each index at its own recommended nprobe, as served
+    exhaustive = agreement(nprobe=1 << 20)  # every list probed: same vectors in both indexes?
+    results.update({"nightly.incremental_ratio_5pct": round(inc_s / full_s, 3),
+                    "nightly.top10_agreement": round(agree, 4),
+                    "nightly.top10_agreement_exhaustive": round(exhaustive, 4)})
+    details["nightly"] = {"docs": n_docs, "incremental_s": round(inc_s, 2), "full_s": round(full_s, 2),
+                          "incremental_stage_s": inc["seconds"], "full_stage_s": full["seconds"],
+                          "diff": inc["diff"], "encoded": inc["encoded"], "quantizer": inc["quantizer"]}
+    log(f"nightly: incremental {inc_s:.1f}s vs full {full_s:.1f}s, top-10 agreement {agree:.3f} "
+        f"(exhaustive {exhaustive:.3f})")
 
 
 # ---------------------------------------------------------------- report
@@ -375,6 +431,7 @@ def main() -> int:
     build_index(spark, enc_cfg)  # the SQuAD index for single-question latency
     bench_search_single(enc_cfg, results)
     bench_index(spark, enc_cfg, emb, results, details)
+    bench_nightly(spark, results, details)
     spark.stop()
     bench_driver_rss(emb, results, details)
     write_report(results, details, mach, time.time() - t0)

@@ -86,8 +86,23 @@ def _write_json(url: str, doc: dict) -> None:
     storage.write_bytes_atomic(url, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
 
 
-def _unfinished_run(cfg: Config) -> dict | None:
-    """The state of the newest run that did not publish (to resume it), if any."""
+def resume_key(cfg: Config, fingerprint_id: str) -> str:
+    """What a resumed run must share with the failed one: the same snapshot files (name, size,
+    mtime), passage settings and encoder. Otherwise a new run starts."""
+    import hashlib
+
+    parts = [fingerprint_id, str(cfg.corpus.words), str(cfg.corpus.overlap), cfg.corpus.input]
+    if cfg.corpus.input and not cfg.corpus.input.startswith("table:"):
+        fs, path = storage.get_fs(cfg.corpus.input)
+        if fs.exists(path):
+            for f in storage.list_files(cfg.corpus.input):
+                info = fs.info(storage.get_fs(f)[1])
+                parts.append(f"{f}:{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _unfinished_run(cfg: Config, key: str) -> dict | None:
+    """The state of the newest run that did not publish, if it was for the same snapshot (to resume it)."""
     runs = join_url(cfg.path("work_dir"), "runs")
     fs, path = storage.get_fs(runs)
     if not fs.exists(path):
@@ -95,7 +110,7 @@ def _unfinished_run(cfg: Config) -> dict | None:
     for name in sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True):
         state = _read_json(join_url(runs, name, "state.json"))
         if state and not state.get("published"):
-            return state
+            return state if state.get("key") == key else None
         if state and state.get("published"):
             return None
     return None
@@ -132,12 +147,15 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
     lock = RunLock(root, ncfg.stale_lock_s, opts)
     lock.acquire()
     try:
-        state = _unfinished_run(cfg)
+        spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=opts)
+        fingerprint = spec.fingerprint()
+        key = resume_key(cfg, fingerprint["id"])
+        state = _unfinished_run(cfg, key)
         if state:
             log.info("resuming run %s from stage(s) done: %s", state["run"], state["done"])
         else:
             run = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-            state = {"run": run, "done": [], "seconds": {}, "published": False}
+            state = {"run": run, "key": key, "done": [], "seconds": {}, "published": False}
         run_dir = join_url(cfg.path("work_dir"), "runs", state["run"])
         state_url = join_url(run_dir, "state.json")
         baseline = _read_json(join_url(cfg.path("work_dir"), "state", "last_success.json"))
@@ -154,8 +172,6 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
             return state[name]
 
         corpus = stage("shard", lambda: _slim(shard_corpus(spark, run_cfg)))
-        spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=opts)
-        fingerprint = spec.fingerprint()
         same_encoder = bool(baseline) and baseline["fingerprint"]["id"] == fingerprint["id"]
         diff = stage("diff", lambda: diff_passages(spark, run_cfg.path("passages"),
                                                   baseline["passages"] if baseline else None))
@@ -175,7 +191,8 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
                 todo = passages.join(old, ["pid", "content_hash"], "left_anti")
             todo_url = join_url(run_dir, "to_encode")
             n_todo = todo.count()
-            parts = max(1, min(cfg.corpus.num_files, -(-n_todo // 2000)))
+            # One encode task per file: enough files to keep every core busy, none tiny.
+            parts = max(1, min(max(spark.sparkContext.defaultParallelism, -(-n_todo // 2000)), -(-n_todo // 64)))
             todo.repartition(parts).write.mode("overwrite").parquet(todo_url)
             enc_cfg = _with_paths(cfg, run_dir, passages=todo_url, embeddings=join_url(run_dir, "embeddings_new"))
             stats = encode_passages(spark, enc_cfg) if n_todo else {"passages_encoded": 0}

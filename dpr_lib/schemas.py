@@ -1,4 +1,5 @@
-"""The data contracts between stages (see docs/design.md), defined once and imported everywhere."""
+"""The data contracts between stages (README, "The stages" and "Index version layout"), defined once
+and imported everywhere."""
 
 from __future__ import annotations
 
