@@ -28,7 +28,7 @@ os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 SQUAD = os.path.join(os.path.dirname(REPO), "shared", "data", "squad")
-OUT = os.path.join(REPO, "bench", "results")
+OUT = os.environ.get("BENCH_OUT") or os.path.join(REPO, "bench", "results")
 WORK = os.path.join(REPO, "work", "bench")
 N_PASSAGES = 200 if QUICK else 2400
 N_VECTORS = 20_000 if QUICK else 200_000
