@@ -4,7 +4,9 @@
 - ``train_quantizer``: on the driver, from a sample only (driver memory = sample + constant).
 - ``build_shards``: executors clone the broadcast trained index, add their shard's vectors in
   bounded batches with pids as FAISS ids, write the shard, and search the recall queries in it.
-- ``exact_topk``: brute-force top-k of the recall queries, distributed over the Embeddings table.
+  The same single pass over the table checks dimensions, finiteness and duplicate pids (all
+  copies of a pid hash to one shard) and computes the exact top-k of the recall queries by brute
+  force over the batches it adds, so recall needs no second pass.
 
 All shards share one quantizer, so per-shard top-k lists merge exactly (``merge_topk``).
 FAISS and numpy only at module level; pyspark is imported inside the Spark runners.
@@ -21,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from dpr_lib.errors import EncoderError, InputError
+from dpr_lib.errors import EncoderError, IncompatibleIndexError, InputError
 
 log = logging.getLogger("dpr_lib.index")
 
@@ -130,12 +132,8 @@ def vectors_of(batch: pa.RecordBatch | pa.Table, dim: int, column: str = "vector
         col = col.combine_chunks()
     flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     if flat.size != len(col) * dim:
-        raise IncompatibleDim(f"vectors are not of dimension {dim}: {flat.size} values for {len(col)} rows")
+        raise IncompatibleIndexError(f"vectors are not of dimension {dim}: {flat.size} values for {len(col)} rows")
     return flat.reshape(len(col), dim)
-
-
-class IncompatibleDim(InputError):
-    pass
 
 
 def check_finite(vectors: np.ndarray, pids: np.ndarray) -> None:
@@ -188,16 +186,18 @@ def shard_of(pid_col, num_shards: int):
 
 
 SHARD_RESULT = pa.schema([("shard", pa.int32()), ("vectors", pa.int64()), ("bytes", pa.int64()),
-                          ("sha256", pa.string()), ("path", pa.string()), ("hits", pa.binary())])
+                          ("sha256", pa.string()), ("path", pa.string()), ("hit_scores", pa.binary()),
+                          ("hit_ids", pa.binary()), ("exact_scores", pa.binary()), ("exact_ids", pa.binary())])
 
 
 def build_shards(spark, embeddings_df, trained: bytes, num_shards: int, dim: int, out_url_of,
                  queries: np.ndarray, k: int, nprobes: list[int], add_batch: int,
                  storage_options: dict, retries: int) -> list[dict]:
-    """Build every shard on executors; return per-shard {shard, vectors, bytes, sha256, path, hits}.
+    """Build every shard on executors; return per-shard {shard, vectors, bytes, sha256, path, hit_*, exact_*}.
 
-    ``out_url_of(shard)`` names where a shard is written. ``hits`` holds the shard's top-k of the
-    recall queries at each nprobe: (scores float32 [P, q, k], ids int64 [P, q, k]).
+    ``out_url_of(shard)`` names where a shard is written. ``hit_scores``/``hit_ids`` hold the
+    shard's IVF top-k of the recall queries at each nprobe (float32 / int64 [P, q, k]);
+    ``exact_scores``/``exact_ids`` its brute-force top-k ([q, k]).
     """
     from pyspark.sql import functions as F
 
@@ -209,75 +209,53 @@ def build_shards(spark, embeddings_df, trained: bytes, num_shards: int, dim: int
     urls = {s: out_url_of(s) for s in range(num_shards)}
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        indexes: dict[int, object] = {}
-        counts: dict[int, int] = {}
+        q = bc_queries.value
+        shards: dict[int, dict] = {}
         for batch in batches:
-            shards = batch.column("shard").to_numpy()
+            shard_col = batch.column("shard").to_numpy()
             pids = batch.column("pid").to_numpy()
             vecs = vectors_of(batch, dim)
             check_finite(vecs, pids)
-            for s in np.unique(shards):
-                sel = shards == s
-                idx = indexes.get(int(s))
-                if idx is None:
-                    idx = indexes[int(s)] = deserialize(bc_index.value)
-                    counts[int(s)] = 0
+            for s in np.unique(shard_col):
+                sel = shard_col == s
+                st = shards.get(int(s))
+                if st is None:
+                    st = shards[int(s)] = {
+                        "index": deserialize(bc_index.value), "pids": [],
+                        "exact": (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))}
                 v, p = vecs[sel], pids[sel]
                 for start in range(0, len(p), add_batch):
-                    idx.add_with_ids(np.ascontiguousarray(v[start:start + add_batch]),
-                                     np.ascontiguousarray(p[start:start + add_batch], dtype=np.int64))
-                counts[int(s)] += int(sel.sum())
-        for s, idx in indexes.items():
+                    st["index"].add_with_ids(np.ascontiguousarray(v[start:start + add_batch]),
+                                             np.ascontiguousarray(p[start:start + add_batch], dtype=np.int64))
+                st["pids"].append(p.astype(np.int64))
+                scores = q @ v.T
+                st["exact"] = merge_topk([st["exact"][0], scores], [st["exact"][1], np.broadcast_to(p, scores.shape)], k)
+        for s, st in shards.items():
+            all_pids = np.concatenate(st["pids"])
+            uniq, counts = np.unique(all_pids, return_counts=True)
+            if (counts > 1).any():
+                raise InputError(f"duplicate pids in the Embeddings table: {uniq[counts > 1][:5].tolist()}")
+            idx = st["index"]
             data = serialize(idx)
             storage.write_bytes_atomic(urls[s], data, storage_options, attempts=retries)
-            q = bc_queries.value
             all_s, all_i = [], []
             for nprobe in nprobes:
                 set_nprobe(idx, nprobe)
-                sc, ids = idx.search(q, k) if len(q) else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+                sc, ids = idx.search(q, k)
                 all_s.append(sc)
                 all_i.append(ids)
-            hits = _npy(np.stack(all_s)) + b"|SPLIT|" + _npy(np.stack(all_i))
             yield pa.RecordBatch.from_pylist([{
-                "shard": s, "vectors": counts[s], "bytes": len(data), "sha256": storage.sha256_bytes(data),
-                "path": urls[s], "hits": hits}], schema=SHARD_RESULT)
-            del data
+                "shard": s, "vectors": int(len(all_pids)), "bytes": len(data), "sha256": storage.sha256_bytes(data),
+                "path": urls[s], "hit_scores": _npy(np.stack(all_s)), "hit_ids": _npy(np.stack(all_i)),
+                "exact_scores": _npy(st["exact"][0]), "exact_ids": _npy(st["exact"][1])}], schema=SHARD_RESULT)
+            del data, st["index"]
 
     df = embeddings_df.select("pid", "vector").withColumn("shard", shard_of(F.col("pid"), num_shards))
     df = df.repartition(num_shards, "shard").sortWithinPartitions("shard")
     rows = [r.asDict() for r in df.mapInArrow(run, _spark_schema(SHARD_RESULT)).collect()]
     bc_index.unpersist()
     bc_queries.unpersist()
-    out = []
     for r in rows:
-        s_part, i_part = r.pop("hits").split(b"|SPLIT|")
-        r["hit_scores"], r["hit_ids"] = _unnpy(s_part), _unnpy(i_part)
-        out.append(r)
-    return sorted(out, key=lambda r: r["shard"])
-
-
-def exact_topk(spark, embeddings_df, queries: np.ndarray, k: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top-k of ``queries`` [q, d] over the whole table, on executors.
-
-    Each task keeps a running top-k per query (memory q*k), the driver merges one [q, k] per task.
-    """
-    from dpr_lib.corpus import _spark_schema
-
-    bc = spark.sparkContext.broadcast(queries.astype(np.float32))
-    schema = pa.schema([("scores", pa.binary()), ("ids", pa.binary())])
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        q = bc.value
-        best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-        best_i = np.full((len(q), k), -1, dtype=np.int64)
-        for batch in batches:
-            vecs = vectors_of(batch, dim)
-            pids = batch.column("pid").to_numpy()
-            sc = q @ vecs.T
-            ids = np.broadcast_to(pids, sc.shape)
-            best_s, best_i = merge_topk([best_s, sc], [best_i, ids], k)
-        yield pa.RecordBatch.from_pylist([{"scores": _npy(best_s), "ids": _npy(best_i)}], schema=schema)
-
-    parts = embeddings_df.select("pid", "vector").mapInArrow(run, _spark_schema(schema)).collect()
-    bc.unpersist()
-    return merge_topk([_unnpy(p["scores"]) for p in parts], [_unnpy(p["ids"]) for p in parts], k)
+        for key in ("hit_scores", "hit_ids", "exact_scores", "exact_ids"):
+            r[key] = _unnpy(r[key])
+    return sorted(rows, key=lambda r: r["shard"])

@@ -66,10 +66,15 @@ def list_versions(root: str, storage_options: dict | None = None) -> list[str]:
 
 
 def prune_versions(root: str, keep: int, storage_options: dict | None = None) -> list[str]:
-    """Remove all but the newest ``keep`` versions (never the one LATEST names). Returns removed ids."""
+    """Keep the newest ``keep`` complete versions (and always the one LATEST names); also remove
+    incomplete ones (no manifest: a run that died) older than the newest complete version.
+    Returns the removed ids."""
     latest = read_latest(root, storage_options)
     versions = list_versions(root, storage_options)
-    doomed = [v for v in versions[:-keep] if v != latest] if keep > 0 else []
+    complete = [v for v in versions if storage.exists(join_url(version_url(root, v), MANIFEST), storage_options)]
+    doomed = [v for v in complete[:-keep] if v != latest] if keep > 0 else []
+    if complete:
+        doomed += [v for v in versions if v not in complete and v < complete[-1]]
     fs, _ = storage.get_fs(root, storage_options)
     for v in doomed:
         _, path = storage.get_fs(version_url(root, v), storage_options)
@@ -149,9 +154,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     """
     from pyspark.sql import functions as F
 
-    from dpr_lib.corpus import write_stats
     from dpr_lib.encode import check_embeddings, resolve_spec
-    from dpr_lib.spark import task_errors
 
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -170,12 +173,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     if not dim:
         first = embeddings_df.select(F.size("vector").alias("d")).first()
         dim = int(first["d"]) if first else 0
-    bad_dim = embeddings_df.filter(F.size("vector") != dim).select("pid").limit(5).collect()
-    if bad_dim:
-        raise IncompatibleIndexError(f"vectors of a dimension other than {dim} for pid(s) {[r.pid for r in bad_dim]}")
-    dups = embeddings_df.groupBy("pid").count().filter("count > 1").limit(5).collect()
-    if dups:
-        raise InputError(f"duplicate pids in the Embeddings table: {[r.pid for r in dups]}")
+    # Dimension, NaN and duplicate-pid checks happen in the shard pass (one scan of the table).
 
     if reuse_from:
         prev = reuse_from["manifest"]
@@ -190,10 +188,13 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     t = time.time()
     sample_size = max(plan.train_size, min(n, icfg.recall_queries))
     fraction = min(1.0, 1.2 * sample_size / n)
-    sample_tbl = (embeddings_df.select("pid", "vector").sample(False, fraction, seed=icfg.seed)
-                  .limit(sample_size).toArrow())
+    # No .limit(): Spark would collect it by scanning partitions in rounds. ~1.2x the sample comes
+    # back and the driver trims it (seeded), so the driver holds the sample plus a constant.
+    sample_tbl = embeddings_df.select("pid", "vector").sample(False, fraction, seed=icfg.seed).toArrow()
     sample = ix.vectors_of(sample_tbl, dim)
     ix.check_finite(sample, sample_tbl.column("pid").to_numpy())
+    if len(sample) > sample_size:
+        sample = sample[np.sort(np.random.default_rng(icfg.seed).choice(len(sample), sample_size, replace=False))]
     timings["sample"] = time.time() - t
     t = time.time()
     if reuse_from:
@@ -210,6 +211,28 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     version = new_version_id()
     vurl = version_url(root, version)
     try:
+        return _build_version(spark, cfg, embeddings_df, extra_manifest, reuse_from, vurl, version, trained_bytes,
+                              quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0)
+    except BaseException:
+        # Nothing of a failed version may linger (LATEST never named it); best effort.
+        try:
+            fs, vpath = storage.get_fs(vurl, opts)
+            if fs.exists(vpath):
+                fs.rm(vpath, recursive=True)
+        except Exception:  # noqa: BLE001
+            log.warning("could not remove the incomplete version %s", vurl)
+        raise
+
+
+def _build_version(spark, cfg, embeddings_df, extra_manifest, reuse_from, vurl, version, trained_bytes,
+                   quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0) -> dict:
+    from dpr_lib.corpus import write_stats
+    from dpr_lib.encode import resolve_spec
+    from dpr_lib.spark import task_errors
+
+    icfg, root, opts = cfg.index, cfg.path("index_root"), cfg.storage_options()
+    emb_url = cfg.path("embeddings")
+    try:
         storage.write_bytes_atomic(join_url(vurl, "trained.faiss"), trained_bytes, opts, cfg.publish.retries)
     except StorageError as exc:
         raise StorageError(f"cannot write to index_root {root}: {exc}") from exc
@@ -222,7 +245,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
                                  icfg.add_batch, opts, cfg.publish.retries)
     timings["add_write"] = time.time() - t
     t = time.time()
-    exact_s, exact_i = ix.exact_topk(spark, embeddings_df, queries, k, dim)
+    _, exact_i = ix.merge_topk([s["exact_scores"] for s in shards], [s["exact_ids"] for s in shards], k)
     recall_by_nprobe = {}
     for j, nprobe in enumerate(nprobes):
         _, found = ix.merge_topk([s["hit_scores"][j] for s in shards], [s["hit_ids"][j] for s in shards], k)

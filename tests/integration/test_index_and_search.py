@@ -158,6 +158,7 @@ def test_interrupted_publish_keeps_the_previous_version(spark, encoded, tmp_path
     with pytest.raises(Exception):  # noqa: B017 - whatever the failure, LATEST must not move
         build_index(spark, cfg)
     assert read_latest(cfg.path("index_root")) == first
+    assert list_versions(cfg.path("index_root")) == [first], "the failed version left nothing behind"
     assert ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "c")).version == first
 
 
