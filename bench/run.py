@@ -237,6 +237,10 @@ def bench_index(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     plain.add_with_ids(x, ids)
     faiss.write_index(plain, os.path.join(WORK, "index", "plain.faiss"))
     plain_s = time.perf_counter() - t
+    auto_s = autofaiss_seconds(x, manifest["factory"])
+    if auto_s is not None:
+        results["index.autofaiss_s"] = round(auto_s, 2)
+        results["index.ratio_vs_autofaiss"] = round(merge_s / auto_s, 3)
     results.update({
         "index.merge_job_s": round(merge_s, 2), "index.plain_faiss_s": round(plain_s, 2),
         "index.ratio_vs_plain_faiss": round(merge_s / plain_s, 3),
@@ -260,6 +264,39 @@ def bench_index(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     results.update({"search.qps_batch": round(len(q) / sharded_s, 1),
                     "search.sharded_vs_single_ratio": round(sharded_s / single_s, 3)})
     return cfg
+
+
+AUTOFAISS_VENV = os.path.join(REPO, "work", "autofaiss-venv")
+
+
+def autofaiss_seconds(x: np.ndarray, factory: str) -> float | None:
+    """autofaiss.build_index (train + add + its nprobe tuning) on the same vectors with the same factory,
+    in its own virtualenv (it pins numpy<2). None, with the reason logged, if it cannot be installed."""
+    py = os.path.join(AUTOFAISS_VENV, "bin", "python")
+    if not os.path.exists(py):
+        log("autofaiss: creating its virtualenv (pip install autofaiss)")
+        made = subprocess.run(f"python3 -m venv {AUTOFAISS_VENV} && {py} -m pip install -q autofaiss \"pyarrow<16\"",
+                              shell=True, capture_output=True, text=True)
+        if made.returncode != 0:
+            log(f"autofaiss: cannot be installed here, skipped: {made.stderr[-300:]}")
+            return None
+    npy = os.path.join(WORK, "index", "vectors.npy")
+    np.save(npy, x)
+    code = f"""
+import time, numpy as np
+from autofaiss import build_index
+t = time.perf_counter()
+x = np.load({npy!r})
+build_index(embeddings=x, index_path={os.path.join(WORK, 'index', 'autofaiss.index')!r},
+            index_infos_path={os.path.join(WORK, 'index', 'autofaiss.json')!r}, index_key={factory!r},
+            metric_type="ip", save_on_disk=True, nb_cores={os.cpu_count() or 1}, verbose=30)
+print(time.perf_counter() - t)
+"""
+    out = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        log(f"autofaiss: failed, skipped: {out.stderr[-500:]}")
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def bench_search_single(enc_cfg, results: dict) -> None:

@@ -274,14 +274,9 @@ def _records_to_batches(records: Iterable[dict], batch_rows: int = 2048) -> Iter
 
 # ---------------------------------------------------------------- Spark runner
 
-def _spark_schema(arrow_schema: pa.Schema):
-    from pyspark.sql.pandas.types import from_arrow_schema
-
-    return from_arrow_schema(arrow_schema)
-
-
 def read_raw(spark, cfg: Config, input_url: str | None = None, df=None):
     """Parsed records (schema PARSED) as a DataFrame, plus input stats. Nothing is collected."""
+    from dpr_lib.spark import spark_schema
 
     ccfg = cfg.corpus
     max_doc = ccfg.max_doc_bytes
@@ -305,7 +300,7 @@ def read_raw(spark, cfg: Config, input_url: str | None = None, df=None):
                 for row in batch.to_pylist():
                     yield from _records_to_batches(parse_split(Split(**row), max_doc))
 
-        parsed = split_df.mapInArrow(parse, _spark_schema(PARSED))
+        parsed = split_df.mapInArrow(parse, spark_schema(PARSED))
         return parsed, {"input_bytes": total_bytes, "format": fmt, "splits": len(rows)}
     return _parse_dataframe(df, max_doc, source="dataframe"), {"input_bytes": None, "format": "dataframe"}
 
@@ -313,6 +308,8 @@ def read_raw(spark, cfg: Config, input_url: str | None = None, df=None):
 def _parse_dataframe(df, max_doc: int, source: str):
     """A DataFrame with columns id, text[, title] -> PARSED rows (rows validated in Python)."""
     from pyspark.sql import functions as F
+
+    from dpr_lib.spark import spark_schema
 
     missing = [c for c in ("id", "text") if c not in df.columns]
     if missing:
@@ -341,7 +338,7 @@ def _parse_dataframe(df, max_doc: int, source: str):
                                           raw, max_doc)
         yield from _records_to_batches(records())
 
-    return df.mapInArrow(parse, _spark_schema(PARSED))
+    return df.mapInArrow(parse, spark_schema(PARSED))
 
 
 def _passages_mapper(words: int, overlap: int):
@@ -398,6 +395,8 @@ def _shard_corpus(spark, cfg: Config, df=None) -> dict:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    from dpr_lib.spark import spark_schema
+
     t0 = time.time()
     ccfg = cfg.corpus
     input_url = ccfg.input
@@ -443,7 +442,7 @@ def _shard_corpus(spark, cfg: Config, df=None) -> dict:
                 "The Passages table was left as it was.")
 
         passages = ranked.filter(F.col("_rn") == 1).select("doc_id", "title", "text").mapInArrow(
-            _passages_mapper(ccfg.words, ccfg.overlap), _spark_schema(schemas.PASSAGES))
+            _passages_mapper(ccfg.words, ccfg.overlap), spark_schema(schemas.PASSAGES))
         passages_url = cfg.path("passages")
         tmp = f"{passages_url.rstrip('/')}.tmp-{run_id}"
         (passages.repartitionByRange(ccfg.num_files, "pid").sortWithinPartitions("pid")

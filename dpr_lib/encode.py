@@ -525,10 +525,10 @@ def encode_passages(spark, cfg: Config) -> dict:
 
     tasks = tasks_dataframe(spark, [{"input": i, "output": o} for i, o in zip(in_files, outs)],
                             "input string, output string")
-    from dpr_lib.corpus import _spark_schema
+    from dpr_lib.spark import spark_schema
 
     with task_errors():
-        results = [r.asDict() for r in tasks.mapInArrow(run, _spark_schema(_TASK_STATS)).collect()]
+        results = [r.asDict() for r in tasks.mapInArrow(run, spark_schema(_TASK_STATS)).collect()]
     encoded = sum(r["rows"] for r in results if not r["skipped"])
     seconds = time.time() - t0
     stats = {

@@ -178,11 +178,91 @@ def _unnpy(data: bytes) -> np.ndarray:
 
 # ---------------------------------------------------------------- Spark runners
 
-def shard_of(pid_col, num_shards: int):
-    """Spark column: the shard of a pid (stable hash, independent of partitioning)."""
-    from pyspark.sql import functions as F
+def shard_of(pids: np.ndarray, num_shards: int) -> np.ndarray:
+    """The shard of each pid: a stable multiplicative hash, independent of partitioning. int64 [n]."""
+    mixed = (pids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(29)
+    return (mixed % np.uint64(num_shards)).astype(np.int64)
 
-    return F.pmod(F.xxhash64(pid_col), F.lit(num_shards)).cast("int")
+
+PACKED = pa.schema([("shard", pa.int32()), ("pids", pa.binary()), ("vectors", pa.binary())])
+
+
+def pack_batch(batch: pa.RecordBatch, dim: int, num_shards: int) -> Iterator[pa.RecordBatch]:
+    """(pid, vector) rows -> one row per shard holding raw int64 pids and float32 vectors.
+
+    Vectors cross Spark's shuffle as opaque bytes: far cheaper than Spark's array<float> rows.
+    """
+    pids = batch.column("pid").to_numpy().astype(np.int64)
+    vecs = vectors_of(batch, dim)
+    shards = shard_of(pids, num_shards) if num_shards > 1 else np.zeros(len(pids), np.int64)
+    for s in np.unique(shards):
+        sel = shards == s
+        yield pa.RecordBatch.from_pylist([{"shard": int(s), "pids": pids[sel].tobytes(),
+                                           "vectors": np.ascontiguousarray(vecs[sel]).tobytes()}], schema=PACKED)
+
+
+def _file_batches(url: str, batch_rows: int, columns=("pid", "vector")) -> Iterator[pa.RecordBatch]:
+    import pyarrow.parquet as pq
+
+    from dpr_lib import storage
+
+    fs, path = storage.get_fs(url)
+    with fs.open(path, "rb") as fh:
+        yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=list(columns))
+
+
+def packed_vectors(spark, source, dim: int, num_shards: int, batch_rows: int = 8192):
+    """DataFrame (shard, pids, vectors) of the whole table; ``source`` is a list of Embeddings
+    Parquet files (read by pyarrow in one task per file, the fast path) or a DataFrame."""
+    from dpr_lib.spark import spark_schema, tasks_dataframe
+
+    if isinstance(source, list):
+        def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for b in batches:
+                for url in b.column("path").to_pylist():
+                    for batch in _file_batches(url, batch_rows):
+                        yield from pack_batch(batch, dim, num_shards)
+
+        tasks = tasks_dataframe(spark, [{"path": f} for f in source], "path string")
+        return tasks.mapInArrow(run, spark_schema(PACKED))
+
+    def run_df(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            yield from pack_batch(batch, dim, num_shards)
+
+    return source.select("pid", "vector").mapInArrow(run_df, spark_schema(PACKED))
+
+
+def sample_vectors(spark, source, dim: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Bernoulli sample (pids int64 [m], vectors float32 [m, d]) of the table, drawn on executors;
+    only the sample reaches the driver."""
+    packed = packed_vectors(spark, source, dim, 1)
+    schema = PACKED
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        rng = np.random.default_rng([seed, ctx.partitionId() if ctx else 0])
+        for b in batches:
+            for row in b.to_pylist():
+                pids = np.frombuffer(row["pids"], dtype=np.int64)
+                keep = rng.random(len(pids)) < fraction
+                if keep.any():
+                    vecs = np.frombuffer(row["vectors"], dtype=np.float32).reshape(-1, dim)
+                    yield pa.RecordBatch.from_pylist([{"shard": 0, "pids": pids[keep].tobytes(),
+                                                       "vectors": np.ascontiguousarray(vecs[keep]).tobytes()}],
+                                                     schema=schema)
+
+    from dpr_lib.spark import spark_schema
+
+    rows = packed.mapInArrow(run, spark_schema(schema)).toArrow()
+    if rows.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    pids = np.concatenate([np.frombuffer(b, dtype=np.int64) for b in rows.column("pids").to_pylist()])
+    vecs = np.concatenate([np.frombuffer(b, dtype=np.float32).reshape(-1, dim)
+                           for b in rows.column("vectors").to_pylist()])
+    return pids, vecs
 
 
 SHARD_RESULT = pa.schema([("shard", pa.int32()), ("vectors", pa.int64()), ("bytes", pa.int64()),
@@ -190,19 +270,18 @@ SHARD_RESULT = pa.schema([("shard", pa.int32()), ("vectors", pa.int64()), ("byte
                           ("hit_ids", pa.binary()), ("exact_scores", pa.binary()), ("exact_ids", pa.binary())])
 
 
-def build_shards(spark, embeddings_df, trained: bytes, num_shards: int, dim: int, out_url_of,
+def build_shards(spark, packed, trained: bytes, num_shards: int, dim: int, out_url_of,
                  queries: np.ndarray, k: int, nprobes: list[int], add_batch: int,
                  storage_options: dict, retries: int) -> list[dict]:
     """Build every shard on executors; return per-shard {shard, vectors, bytes, sha256, path, hit_*, exact_*}.
 
-    ``out_url_of(shard)`` names where a shard is written. ``hit_scores``/``hit_ids`` hold the
+    ``packed`` is ``packed_vectors(...)`` with the same ``num_shards``. ``out_url_of(shard)`` names
+    where a shard is written. ``hit_scores``/``hit_ids`` hold the
     shard's IVF top-k of the recall queries at each nprobe (float32 / int64 [P, q, k]);
     ``exact_scores``/``exact_ids`` its brute-force top-k ([q, k]).
     """
-    from pyspark.sql import functions as F
-
     from dpr_lib import storage
-    from dpr_lib.corpus import _spark_schema
+    from dpr_lib.spark import spark_schema
 
     bc_index = spark.sparkContext.broadcast(trained)
     bc_queries = spark.sparkContext.broadcast(queries.astype(np.float32))
@@ -212,22 +291,20 @@ def build_shards(spark, embeddings_df, trained: bytes, num_shards: int, dim: int
         q = bc_queries.value
         shards: dict[int, dict] = {}
         for batch in batches:
-            shard_col = batch.column("shard").to_numpy()
-            pids = batch.column("pid").to_numpy()
-            vecs = vectors_of(batch, dim)
-            check_finite(vecs, pids)
-            for s in np.unique(shard_col):
-                sel = shard_col == s
+            for row in batch.to_pylist():
+                s = row["shard"]
+                p = np.frombuffer(row["pids"], dtype=np.int64)
+                v = np.frombuffer(row["vectors"], dtype=np.float32).reshape(-1, dim)
+                check_finite(v, p)
                 st = shards.get(int(s))
                 if st is None:
                     st = shards[int(s)] = {
                         "index": deserialize(bc_index.value), "pids": [],
                         "exact": (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))}
-                v, p = vecs[sel], pids[sel]
                 for start in range(0, len(p), add_batch):
                     st["index"].add_with_ids(np.ascontiguousarray(v[start:start + add_batch]),
                                              np.ascontiguousarray(p[start:start + add_batch], dtype=np.int64))
-                st["pids"].append(p.astype(np.int64))
+                st["pids"].append(p)
                 scores = q @ v.T
                 st["exact"] = merge_topk([st["exact"][0], scores], [st["exact"][1], np.broadcast_to(p, scores.shape)], k)
         for s, st in shards.items():
@@ -250,9 +327,8 @@ def build_shards(spark, embeddings_df, trained: bytes, num_shards: int, dim: int
                 "exact_scores": _npy(st["exact"][0]), "exact_ids": _npy(st["exact"][1])}], schema=SHARD_RESULT)
             del data, st["index"]
 
-    df = embeddings_df.select("pid", "vector").withColumn("shard", shard_of(F.col("pid"), num_shards))
-    df = df.repartition(num_shards, "shard").sortWithinPartitions("shard")
-    rows = [r.asDict() for r in df.mapInArrow(run, _spark_schema(SHARD_RESULT)).collect()]
+    df = packed.repartition(num_shards, "shard").sortWithinPartitions("shard")
+    rows = [r.asDict() for r in df.mapInArrow(run, spark_schema(SHARD_RESULT)).collect()]
     bc_index.unpersist()
     bc_queries.unpersist()
     for r in rows:

@@ -116,8 +116,7 @@ def write_docstore_file(in_url: str, out_url: str, row_group: int, storage_optio
 
 def write_docstore(spark, cfg: Config, vurl: str) -> list[dict]:
     """One docstore file per Passages file, written by executors. Returns manifest entries."""
-    from dpr_lib.corpus import _spark_schema
-    from dpr_lib.spark import tasks_dataframe
+    from dpr_lib.spark import spark_schema, tasks_dataframe
 
     files = storage.list_files(cfg.path("passages"), ".parquet")
     opts, retries, row_group = cfg.storage_options(), cfg.publish.retries, cfg.publish.docstore_row_group
@@ -130,7 +129,7 @@ def write_docstore(spark, cfg: Config, vurl: str) -> list[dict]:
                     [write_docstore_file(r["input"], r["output"], row_group, opts, retries)], schema=DOCSTORE_RESULT)
 
     out = [r.asDict() for r in tasks_dataframe(spark, rows, "input string, output string")
-           .mapInArrow(run, _spark_schema(DOCSTORE_RESULT)).collect()]
+           .mapInArrow(run, spark_schema(DOCSTORE_RESULT)).collect()]
     out = [r for r in out if r["rows"] > 0]
     out.sort(key=lambda r: r["min_pid"])
     for r in out:
@@ -155,6 +154,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     from pyspark.sql import functions as F
 
     from dpr_lib.encode import check_embeddings, resolve_spec
+    from dpr_lib.spark import task_errors
 
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -166,11 +166,14 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
             raise InputError(f"no Embeddings files under {emb_url}; run the encode stage first")
         configured = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage", storage_options=opts).fingerprint()
         fingerprint, n = check_embeddings(files, configured)
-        embeddings_df = spark.read.parquet(*files)
+        source = files  # read by pyarrow in one task per file (fast path)
     else:
         fingerprint, n = (extra_manifest or {}).get("encoder", {}), embeddings_df.count()
+        source = embeddings_df
     dim = int(fingerprint.get("dim") or 0)
     if not dim:
+        from pyspark.sql import functions as F
+
         first = embeddings_df.select(F.size("vector").alias("d")).first()
         dim = int(first["d"]) if first else 0
     # Dimension, NaN and duplicate-pid checks happen in the shard pass (one scan of the table).
@@ -188,11 +191,11 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     t = time.time()
     sample_size = max(plan.train_size, min(n, icfg.recall_queries))
     fraction = min(1.0, 1.2 * sample_size / n)
-    # No .limit(): Spark would collect it by scanning partitions in rounds. ~1.2x the sample comes
-    # back and the driver trims it (seeded), so the driver holds the sample plus a constant.
-    sample_tbl = embeddings_df.select("pid", "vector").sample(False, fraction, seed=icfg.seed).toArrow()
-    sample = ix.vectors_of(sample_tbl, dim)
-    ix.check_finite(sample, sample_tbl.column("pid").to_numpy())
+    # ~1.2x the sample comes back and the driver trims it (seeded): the driver holds the sample
+    # plus a constant, whatever the table's size.
+    with task_errors():
+        sample_pids, sample = ix.sample_vectors(spark, source, dim, fraction, icfg.seed)
+    ix.check_finite(sample, sample_pids)
     if len(sample) > sample_size:
         sample = sample[np.sort(np.random.default_rng(icfg.seed).choice(len(sample), sample_size, replace=False))]
     timings["sample"] = time.time() - t
@@ -206,12 +209,12 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     timings["train"] = time.time() - t
     rng = np.random.default_rng(icfg.seed)
     queries = sample[rng.choice(len(sample), size=min(icfg.recall_queries, len(sample)), replace=False)]
-    del sample, sample_tbl
+    del sample, sample_pids
 
     version = new_version_id()
     vurl = version_url(root, version)
     try:
-        return _build_version(spark, cfg, embeddings_df, extra_manifest, reuse_from, vurl, version, trained_bytes,
+        return _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
                               quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0)
     except BaseException:
         # Nothing of a failed version may linger (LATEST never named it); best effort.
@@ -224,7 +227,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         raise
 
 
-def _build_version(spark, cfg, embeddings_df, extra_manifest, reuse_from, vurl, version, trained_bytes,
+def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
                    quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0) -> dict:
     from dpr_lib.corpus import write_stats
     from dpr_lib.encode import resolve_spec
@@ -240,7 +243,7 @@ def _build_version(spark, cfg, embeddings_df, extra_manifest, reuse_from, vurl, 
     nprobes = [p for p in ix.NPROBES if p <= max(1, plan.nlist)]
     t = time.time()
     with task_errors():
-        shards = ix.build_shards(spark, embeddings_df, trained_bytes, num_shards, dim,
+        shards = ix.build_shards(spark, ix.packed_vectors(spark, source, dim, num_shards), trained_bytes, num_shards, dim,
                                  lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k, nprobes,
                                  icfg.add_batch, opts, cfg.publish.retries)
     timings["add_write"] = time.time() - t
@@ -262,7 +265,8 @@ def _build_version(spark, cfg, embeddings_df, extra_manifest, reuse_from, vurl, 
         why = (f"recall@{k} {recall_by_nprobe.get(nprobe, 0):.3f} with the reused quantizer of version "
                f"{reuse_from['manifest']['version']} is below index.recall_target {icfg.recall_target}")
         log.warning("%s: retraining", why)
-        return build_index(spark, cfg, embeddings_df, {**(extra_manifest or {}), "retrain_reason": why})
+        return build_index(spark, cfg, None if isinstance(source, list) else source,
+                           {**(extra_manifest or {}), "retrain_reason": why})
     t = time.time()
     with task_errors():
         docstore = write_docstore(spark, cfg, vurl)

@@ -41,6 +41,13 @@ def get_session(cfg: Config):
     return spark
 
 
+def spark_schema(arrow_schema):
+    """The Spark StructType of an Arrow schema (for mapInArrow outputs)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(arrow_schema)
+
+
 def tasks_dataframe(spark, rows: list[dict], schema: str):
     """A DataFrame with exactly one of ``rows`` per partition, so each becomes one Spark task.
 

@@ -74,3 +74,25 @@ def test_shards_with_shared_quantizer_equal_one_index():
     got_s, got_i = merge_topk([p[0] for p in parts], [p[1] for p in parts], 10)
     assert got_i.tolist() == want_i.tolist()
     np.testing.assert_allclose(got_s, want_s, rtol=1e-6)
+
+
+def test_pack_batch_keeps_every_vector_with_its_pid_in_its_shard():
+    import pyarrow as pa
+
+    from dpr_lib.index import pack_batch, shard_of
+
+    rng = np.random.default_rng(3)
+    pids = rng.integers(0, 2**62, 500)
+    vecs = rng.standard_normal((500, 8)).astype(np.float32)
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(pids, pa.int64()), pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), 8)],
+        names=["pid", "vector"])
+    got = {}
+    for row in [r for b in pack_batch(batch, 8, 4) for r in b.to_pylist()]:
+        p = np.frombuffer(row["pids"], np.int64)
+        v = np.frombuffer(row["vectors"], np.float32).reshape(-1, 8)
+        assert (shard_of(p, 4) == row["shard"]).all()
+        got.update({int(a): b for a, b in zip(p, v)})
+    assert sorted(got) == sorted(pids.tolist())
+    np.testing.assert_array_equal(np.stack([got[int(p)] for p in pids]), vecs)
+    assert set(np.unique(shard_of(pids, 4)).tolist()) == {0, 1, 2, 3}, "the hash spreads pids over all shards"
