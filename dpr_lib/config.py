@@ -184,9 +184,6 @@ class Config:
             return {"client_kwargs": {"endpoint_url": self.publish.endpoint_url}}
         return {}
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def join_url(base: str, *parts: str) -> str:
     base = base.rstrip("/") if base not in ("/", "") else base

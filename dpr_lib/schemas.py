@@ -21,18 +21,6 @@ REJECTS = pa.schema([
     pa.field("raw", pa.string()),      # the raw record, truncated, invalid bytes escaped
 ])
 
-# What a reader of raw input emits per record: a document or a reject (reason set).
-PARSED = pa.schema([
-    pa.field("doc_id", pa.string()),
-    pa.field("title", pa.string()),
-    pa.field("text", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("reason", pa.string()),
-    pa.field("detail", pa.string()),
-    pa.field("raw", pa.string()),
-])
-
-
 def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     value = pa.float16() if dtype == "float16" else pa.float32()
     return pa.schema([

@@ -115,7 +115,9 @@ def test_rejects_are_written_counted_and_keep_the_raw_record(spark, tmp_path):
             expected[reason] = expected.get(reason, 0) + 1
     assert stats["rejects_by_reason"] == expected
     assert stats["input_records"] == len(BAD_LINES) == stats["docs"] + stats["rejects"]
-    rejects = pq.read_table(cfg.path("rejects")).to_pylist()
+    rejects_table = pq.read_table(cfg.path("rejects"))
+    assert rejects_table.schema.names == schemas.REJECTS.names
+    rejects = rejects_table.to_pylist()
     dup = [r for r in rejects if r["reason"] == "duplicate_doc_id"][0]
     assert "duplicate id" in dup["raw"] and dup["source"].startswith(str(path))
     offsets = [len(b"\n".join(line for line, _ in BAD_LINES[:i])) + (1 if i else 0) for i in range(len(BAD_LINES))]
