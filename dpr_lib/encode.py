@@ -386,27 +386,6 @@ def embeddings_metadata(spec: EncoderSpec, source_sha: str) -> dict[bytes, bytes
             schemas.META_DIM: str(spec.dim).encode()}
 
 
-def read_fingerprint(url: str) -> dict | None:
-    """The encoder fingerprint recorded in an Embeddings file, or None if it has none / is unreadable."""
-    fs, path = storage.get_fs(url)
-    try:
-        with fs.open(path, "rb") as fh:
-            meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
-    except Exception:  # noqa: BLE001 - a truncated file counts as absent
-        return None
-    raw = meta.get(schemas.META_FINGERPRINT)
-    return json.loads(raw) if raw else None
-
-
-def _file_sha256(url: str) -> str:
-    fs, path = storage.get_fs(url)
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _is_complete(out_url: str, fingerprint_id: str, source_sha: str) -> bool:
     fs, path = storage.get_fs(out_url)
     if not fs.exists(path):
@@ -426,7 +405,7 @@ def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float
     The output appears atomically (temporary local file, then rename or a single upload).
     """
     t0 = time.time()
-    source_sha = _file_sha256(in_url)
+    source_sha = storage.sha256_file(in_url)
     stats = {"file": in_url, "output": out_url, "rows": 0, "truncated": 0, "skipped": False,
              "python": sys.executable, "seconds": 0.0}
     if _is_complete(out_url, spec.fingerprint_id(), source_sha):

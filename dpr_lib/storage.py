@@ -65,9 +65,11 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+def sha256_file(url: str, chunk: int = 1 << 20, storage_options: dict | None = None) -> str:
+    """sha256 of a local file or any fsspec URL, streamed in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
