@@ -18,6 +18,7 @@ Module-level imports stay light (no pyspark, no torch): search services import t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -344,7 +345,7 @@ def get_encoder(spec: EncoderSpec) -> Encoder:
             # On a cluster the driver's paths (its cache, its virtualenv) do not exist here.
             opts = {"client_kwargs": {"endpoint_url": spec.endpoint_url}} if spec.endpoint_url else None
             cache = os.path.join(tempfile.gettempdir(), "dpr_lib_cache")
-            local = _replace(spec, model_dir=resolve_model_dir(spec.model_url, cache, opts))
+            local = dataclasses.replace(spec, model_dir=resolve_model_dir(spec.model_url, cache, opts))
             if weights_sha256(local.model_dir) != spec.weights_sha256:
                 raise EncoderError(f"the model at {spec.model_url or 'the bundled path'} on this executor is not "
                                    "the one the driver fingerprinted (weights differ)")
@@ -433,27 +434,13 @@ def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float
                         log.info("encode %s: %d/%d rows, %.1f passages/s, ETA %.0fs", in_url, stats["rows"],
                                  total, rate, (total - stats["rows"]) / max(rate, 1e-9))
                         last_log = time.time()
-        _upload(tmp, out_url)
+        storage.upload_file_atomic(tmp, out_url)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     stats["truncated"] = encoder.truncated - truncated0
     stats["seconds"] = round(time.time() - t0, 3)
     return stats
-
-
-def _upload(local: str, url: str) -> None:
-    if storage.is_local(url):
-        dest = storage.local_path(url)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        staged = f"{dest}.{uuid.uuid4().hex}.tmp"
-        import shutil
-
-        shutil.copyfile(local, staged)
-        os.replace(staged, dest)
-    else:
-        fs, path = storage.get_fs(url)
-        storage.retry(lambda: fs.put_file(local, path), f"upload {url}")
 
 
 # ---------------------------------------------------------------- Spark runner
@@ -496,7 +483,7 @@ def encode_passages(spark, cfg: Config) -> dict:
             if gpus is not None and gpus.addresses:
                 os.environ["DPR_GPU_ADDRESS"] = gpus.addresses[0]
             if spec.threads == 0:
-                task_spec = _replace(spec, threads=max(1, cpus))
+                task_spec = dataclasses.replace(spec, threads=max(1, cpus))
         for batch in batches:
             for row in batch.to_pylist():
                 st = encode_file(task_spec, row["input"], row["output"])
@@ -528,10 +515,6 @@ def encode_passages(spark, cfg: Config) -> dict:
 _TASK_STATS = pa.schema([("file", pa.string()), ("output", pa.string()), ("rows", pa.int64()),
                          ("truncated", pa.int64()), ("skipped", pa.bool_()), ("python", pa.string()),
                          ("seconds", pa.float64())])
-
-
-def _replace(spec: EncoderSpec, **changes) -> EncoderSpec:
-    return EncoderSpec(**{**asdict(spec), **changes})
 
 
 def check_embeddings(files: list[str], expected_fingerprint: dict | None = None) -> tuple[dict, int]:

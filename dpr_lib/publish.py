@@ -103,15 +103,14 @@ def write_docstore_file(in_url: str, out_url: str, row_group: int, storage_optio
     os.close(fd)
     try:
         pq.write_table(table, tmp, row_group_size=row_group, compression="zstd", write_statistics=["pid"])
-        with open(tmp, "rb") as fh:
-            data = fh.read()
+        size, digest = os.path.getsize(tmp), storage.sha256_file(tmp)
+        storage.upload_file_atomic(tmp, out_url, storage_options, attempts=retries)
     finally:
         os.remove(tmp)
-    storage.write_bytes_atomic(out_url, data, storage_options, attempts=retries)
     pids = table.column("pid")
     return {"path": out_url, "min_pid": pc.min(pids).as_py() if len(pids) else -1,
             "max_pid": pc.max(pids).as_py() if len(pids) else -1, "rows": table.num_rows,
-            "bytes": len(data), "sha256": storage.sha256_bytes(data)}
+            "bytes": size, "sha256": digest}
 
 
 def write_docstore(spark, cfg: Config, vurl: str) -> list[dict]:

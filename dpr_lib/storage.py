@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 import uuid
 from typing import Callable, TypeVar
@@ -97,6 +98,23 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
             fs.pipe_file(path, data)
 
     retry(_write, f"write {url}", attempts)
+
+
+def upload_file_atomic(local: str, url: str, storage_options: dict | None = None, attempts: int = 5) -> None:
+    """Copy the local file ``local`` to ``url`` so that readers see the old object or the whole new one
+    (local: staged copy renamed into place; object stores: one PUT, visible only when complete)."""
+    fs, path = get_fs(url, storage_options)
+    if is_local(url):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        staged = f"{path}.{uuid.uuid4().hex}.tmp"
+        try:
+            retry(lambda: shutil.copyfile(local, staged), f"write {url}", attempts)
+            os.replace(staged, path)
+        finally:
+            if os.path.exists(staged):
+                os.remove(staged)
+    else:
+        retry(lambda: fs.put_file(local, path), f"upload {url}", attempts)
 
 
 def read_bytes(url: str, storage_options: dict | None = None, attempts: int = 5) -> bytes:
