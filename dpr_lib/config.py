@@ -103,7 +103,13 @@ class IndexConfig:
     max_vectors_per_shard: int = 1_000_000
     """Used when num_shards is 0."""
     bytes_per_vector: int = 0
-    """Memory budget per vector for the auto rule (bytes); 0 = exact codes (IVF-Flat)."""
+    """Resident memory budget per passage for the auto rule (bytes: codes + the 8-byte id);
+    0 = exact codes (IVF-Flat). 96 at d=384 = 1/16 of flat float32 (IVF-PQ + on-disk re-rank)."""
+    rerank: str = "auto"
+    """On-disk re-rank store per shard: float16 (pid-sorted vectors, memory-mapped by the loader
+    to re-score candidates exactly), none, or auto (float16 when the codes are lossy: PQ/SQ)."""
+    k_factor: int = 0
+    """Candidates re-ranked per hit (k x k_factor); 0 = the smallest reaching recall_target."""
     train_per_list: int = 64
     """Training sample size per inverted list (FAISS wants 30..256)."""
     max_train_sample: int = 200_000
@@ -143,6 +149,24 @@ class SearchConfig:
     mmap: bool = False
     """Memory-map shards instead of reading them into RAM."""
     max_k: int = 1000
+    k_factor: int = 0
+    """0 = the manifest's recommended re-rank factor (versions with a re-rank store)."""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    poll_s: float = 30.0
+    """How often the service reads LATEST for a new version (seconds)."""
+    max_batch: int = 64
+    """Questions per /search request."""
+    max_k: int = 100
+    """Largest k a /search request may ask for."""
+    max_question_chars: int = 2000
+    """Longer questions are refused (400)."""
+    warmup_queries: int = 16
+    """Questions searched on a freshly loaded version before it takes traffic."""
 
 
 @dataclass
@@ -167,6 +191,7 @@ class Config:
     publish: PublishConfig = field(default_factory=PublishConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def path(self, name: str) -> str:
         """A derived path: the configured value or <work_dir>/<name>."""
@@ -196,6 +221,7 @@ _CHOICES = {
     "encoder.normalize": {"auto", "true", "false"},
     "encoder.dtype": {"auto", "fp32", "bf16"},
     "encoder.device": {"auto", "cpu", "cuda"},
+    "index.rerank": {"auto", "none", "float16"},
 }
 _POSITIVE = {
     "corpus.words", "corpus.num_files", "corpus.split_bytes", "corpus.max_doc_bytes",
@@ -203,10 +229,12 @@ _POSITIVE = {
     "index.max_vectors_per_shard", "index.train_per_list", "index.max_train_sample",
     "index.min_nlist", "index.recall_k", "index.recall_queries", "index.add_batch",
     "publish.keep_versions", "publish.docstore_row_group", "publish.retries",
-    "search.k", "search.max_k", "nightly.retrain_growth", "nightly.stale_lock_s", "nightly.keep_runs",
+    "search.k", "search.max_k", "nightly.retrain_growth", "serve.port", "serve.poll_s", "serve.max_batch",
+    "serve.max_k", "serve.max_question_chars", "nightly.stale_lock_s", "nightly.keep_runs",
 }
 _NON_NEGATIVE = {"corpus.overlap", "corpus.default_corpus_limit", "encoder.threads",
-                 "index.num_shards", "index.bytes_per_vector", "index.nprobe", "search.nprobe"}
+                 "index.num_shards", "index.bytes_per_vector", "index.nprobe", "search.nprobe",
+                 "index.k_factor", "search.k_factor", "serve.warmup_queries"}
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,6 +31,9 @@ log = logging.getLogger("dpr_lib.index")
 METRIC = "inner_product"
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MIN_POINTS_PER_LIST = 39  # below this FAISS's k-means warns and centroids are poor
+ID_BYTES = 8              # FAISS stores an int64 id beside every code in the inverted lists
+K_FACTORS = (1, 2, 4, 8, 16, 32)
+RERANK_DTYPE = np.float16
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,17 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
     nlist = 2 ** math.ceil(math.log2(max(4 * math.sqrt(n), 1)))
     nlist = max(min_nlist, min(nlist, n // MIN_POINTS_PER_LIST))
     nlist = max(1, min(nlist, n))
+    budget = bytes_per_vector - ID_BYTES  # the FAISS id stored beside every code
     if bytes_per_vector == 0 or bytes_per_vector >= 4 * dim:
         code, why = "Flat", "exact float32 codes (no per-vector memory budget below 4*d bytes)"
-    elif bytes_per_vector >= dim:
-        code, why = "SQ8", f"8-bit scalar codes fit the budget of {bytes_per_vector} B/vector"
+    elif budget >= dim:
+        code, why = "SQ8", f"8-bit scalar codes + 8-byte ids fit the budget of {bytes_per_vector} B/vector"
+    elif budget >= 1:
+        m = max(x for x in _divisors(dim) if x <= budget)
+        code, why = f"PQ{m}", f"PQ with {m}-byte codes + 8-byte ids fits the budget of {bytes_per_vector} B/vector"
     else:
-        m = max(x for x in _divisors(dim) if x <= bytes_per_vector)
-        code, why = f"PQ{m}", f"PQ with {m} bytes/vector fits the budget of {bytes_per_vector} B/vector"
+        raise InputError(f"index.bytes_per_vector {bytes_per_vector} leaves no room for a code beside the "
+                         f"{ID_BYTES}-byte id: use at least {ID_BYTES + 1}")
     train = nlist * train_per_list
     if code.startswith("PQ"):
         train = max(train, 256 * MIN_POINTS_PER_LIST)
@@ -103,6 +111,94 @@ def train_quantizer(sample: np.ndarray, factory: str, seed: int = 1234):
         ivf.cp.seed = seed
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index
+
+
+def wants_rerank(factory: str, rerank: str) -> bool:
+    """Whether a version gets an on-disk re-rank store (index.rerank; auto = lossy codes)."""
+    if rerank in ("none", "float16"):
+        return rerank == "float16"
+    return any(tag in factory for tag in ("PQ", "SQ", "LSH", "RaBitQ"))
+
+
+def code_size(index) -> int:
+    """Bytes per vector in the inverted lists of an IVF index (codes only)."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.code_size) if ivf is not None else int(index.sa_code_size())
+
+
+def rerank(queries: np.ndarray, cand_ids: np.ndarray, store_pids: np.ndarray, store_vecs: np.ndarray,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k among candidates [n, m] (pid -1 = none): every candidate is re-scored as
+    q . v with v its stored vector (store_pids sorted; store_vecs may be a read-only memmap, of
+    which only the candidates' rows are read)."""
+    n, m = cand_ids.shape
+    flat = cand_ids.reshape(-1)
+    valid = flat >= 0
+    if len(store_pids) == 0:
+        valid[:] = False
+        pos = np.zeros_like(flat)
+        vecs = np.zeros((n, m, queries.shape[1]), np.float32)
+    else:
+        pos = np.minimum(np.searchsorted(store_pids, np.where(valid, flat, 0)), len(store_pids) - 1)
+        valid &= store_pids[pos] == flat
+        order = np.argsort(pos, kind="stable")  # read the mapped file in ascending row order
+        gathered = np.empty((n * m, store_vecs.shape[1]), np.float32)
+        gathered[order] = store_vecs[pos[order]]
+        vecs = gathered.reshape(n, m, -1)
+    scores = np.einsum("nd,nmd->nm", np.asarray(queries, np.float32), vecs)
+    valid = valid.reshape(n, m)
+    return merge_topk([np.where(valid, scores, -np.inf).astype(np.float32)], [np.where(valid, cand_ids, -1)], k)
+
+
+class RerankStoreWriter:
+    """Collects a shard's (pid, vector) pairs in local temp files, then writes the store: two
+    ``.npy`` files (pids int64 sorted; vectors float16 [n, d] in pid order), never holding the
+    shard's vectors in memory at once."""
+
+    def __init__(self, dim: int):
+        import tempfile
+
+        self.dim = dim
+        self.dir = tempfile.mkdtemp(prefix="dpr-rerank-")
+        self._pids = open(f"{self.dir}/pids.raw", "wb")
+        self._vecs = open(f"{self.dir}/vecs.raw", "wb")
+        self.n = 0
+
+    def add(self, pids: np.ndarray, vectors: np.ndarray) -> None:
+        self._pids.write(np.ascontiguousarray(pids, np.int64).tobytes())
+        self._vecs.write(np.ascontiguousarray(vectors, RERANK_DTYPE).tobytes())
+        self.n += len(pids)
+
+    def finish(self, chunk: int = 65536) -> tuple[str, str]:
+        """(pids.npy, vectors.npy) local paths."""
+        self._pids.close()
+        self._vecs.close()
+        pids = np.fromfile(f"{self.dir}/pids.raw", dtype=np.int64)
+        order = np.argsort(pids, kind="stable")
+        pids_path, vecs_path = f"{self.dir}/pids.npy", f"{self.dir}/vectors.npy"
+        np.save(pids_path, pids[order], allow_pickle=False)
+        src = np.memmap(f"{self.dir}/vecs.raw", dtype=RERANK_DTYPE, mode="r", shape=(self.n, self.dim)) \
+            if self.n else np.zeros((0, self.dim), RERANK_DTYPE)
+        out = np.lib.format.open_memmap(vecs_path, mode="w+", dtype=RERANK_DTYPE, shape=(self.n, self.dim))
+        for start in range(0, self.n, chunk):
+            sel = order[start:start + chunk]
+            rows = np.empty((len(sel), self.dim), RERANK_DTYPE)
+            srt = np.argsort(sel, kind="stable")
+            rows[srt] = src[sel[srt]]
+            out[start:start + len(sel)] = rows
+        out.flush()
+        del out, src
+        return pids_path, vecs_path
+
+    def close(self) -> None:
+        import shutil
+
+        for fh in (self._pids, self._vecs):
+            if not fh.closed:
+                fh.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def serialize(index) -> bytes:
@@ -278,20 +374,25 @@ def sample_vectors(spark, source, dim: int, fraction: float, seed: int) -> tuple
 
 
 SHARD_RESULT = pa.schema([("shard", pa.int32()), ("vectors", pa.int64()), ("bytes", pa.int64()),
-                          ("sha256", pa.string()), ("path", pa.string()), ("hit_scores", pa.binary()),
-                          ("hit_ids", pa.binary()), ("exact_scores", pa.binary()), ("exact_ids", pa.binary())])
+                          ("sha256", pa.string()), ("path", pa.string()), ("rerank", pa.string()),
+                          ("hit_scores", pa.binary()), ("hit_ids", pa.binary()), ("exact_scores", pa.binary()),
+                          ("exact_ids", pa.binary())])
 
 
 def build_shards(spark, packed, trained: bytes, num_shards: int, dim: int, out_url_of,
                  queries: np.ndarray, k: int, nprobes: list[int], add_batch: int,
-                 storage_options: dict, retries: int) -> list[dict]:
-    """Build every shard on executors; return per-shard {shard, vectors, bytes, sha256, path, hit_*, exact_*}.
+                 storage_options: dict, retries: int, k_factors: list[int] | None = None) -> list[dict]:
+    """Build every shard on executors; return per-shard {shard, vectors, bytes, sha256, path, rerank, hit_*, exact_*}.
 
     ``packed`` is ``packed_vectors(...)`` with the same ``num_shards``. ``out_url_of(shard)`` names
-    where a shard is written. ``hit_scores``/``hit_ids`` hold the
-    shard's IVF top-k of the recall queries at each nprobe (float32 / int64 [P, q, k]);
-    ``exact_scores``/``exact_ids`` its brute-force top-k ([q, k]).
+    where a shard is written (``.faiss``; its re-rank store beside it as ``.pids.npy`` and
+    ``.vectors.npy`` when ``k_factors`` is given). ``hit_scores``/``hit_ids`` hold the shard's
+    top-k of the recall queries at each nprobe and k_factor (float32 / int64 [P, F, q, k]; without
+    re-rank F = 1 and the scores are the index's); ``exact_scores``/``exact_ids`` its brute-force
+    top-k ([q, k]); ``rerank`` a JSON {pids: {path, bytes, sha256}, vectors: {...}} or "".
     """
+    import json
+
     from dpr_lib import storage
     from dpr_lib.spark import spark_schema
 
@@ -299,45 +400,77 @@ def build_shards(spark, packed, trained: bytes, num_shards: int, dim: int, out_u
     bc_queries = spark.sparkContext.broadcast(queries.astype(np.float32))
     urls = {s: out_url_of(s) for s in range(num_shards)}
 
+    def upload(local: str, url: str) -> dict:
+        storage.upload_file_atomic(local, url, storage_options, attempts=retries)
+        return {"path": url, "bytes": os.path.getsize(local), "sha256": storage.sha256_file(local)}
+
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         q = bc_queries.value
         shards: dict[int, dict] = {}
-        for batch in batches:
-            for row in batch.to_pylist():
-                s = row["shard"]
-                p = np.frombuffer(row["pids"], dtype=np.int64)
-                v = np.frombuffer(row["vectors"], dtype=np.float32).reshape(-1, dim)
-                check_finite(v, p)
-                st = shards.get(int(s))
-                if st is None:
-                    st = shards[int(s)] = {
-                        "index": deserialize(bc_index.value), "pids": [],
-                        "exact": (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))}
-                for start in range(0, len(p), add_batch):
-                    st["index"].add_with_ids(np.ascontiguousarray(v[start:start + add_batch]),
-                                             np.ascontiguousarray(p[start:start + add_batch], dtype=np.int64))
-                st["pids"].append(p)
-                scores = q @ v.T
-                st["exact"] = merge_topk([st["exact"][0], scores], [st["exact"][1], np.broadcast_to(p, scores.shape)], k)
-        for s, st in shards.items():
-            all_pids = np.concatenate(st["pids"])
-            uniq, counts = np.unique(all_pids, return_counts=True)
-            if (counts > 1).any():
-                raise InputError(f"duplicate pids in the Embeddings table: {uniq[counts > 1][:5].tolist()}")
-            idx = st["index"]
-            data = serialize(idx)
-            storage.write_bytes_atomic(urls[s], data, storage_options, attempts=retries)
-            all_s, all_i = [], []
-            for nprobe in nprobes:
-                set_nprobe(idx, nprobe)
-                sc, ids = idx.search(q, k)
-                all_s.append(sc)
-                all_i.append(ids)
-            yield pa.RecordBatch.from_pylist([{
-                "shard": s, "vectors": int(len(all_pids)), "bytes": len(data), "sha256": storage.sha256_bytes(data),
-                "path": urls[s], "hit_scores": _npy(np.stack(all_s)), "hit_ids": _npy(np.stack(all_i)),
-                "exact_scores": _npy(st["exact"][0]), "exact_ids": _npy(st["exact"][1])}], schema=SHARD_RESULT)
-            del data, st["index"]
+        try:
+            for batch in batches:
+                for row in batch.to_pylist():
+                    s = row["shard"]
+                    p = np.frombuffer(row["pids"], dtype=np.int64)
+                    v = np.frombuffer(row["vectors"], dtype=np.float32).reshape(-1, dim)
+                    check_finite(v, p)
+                    st = shards.get(int(s))
+                    if st is None:
+                        st = shards[int(s)] = {
+                            "index": deserialize(bc_index.value), "pids": [],
+                            "store": RerankStoreWriter(dim) if k_factors else None,
+                            "exact": (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))}
+                    for start in range(0, len(p), add_batch):
+                        st["index"].add_with_ids(np.ascontiguousarray(v[start:start + add_batch]),
+                                                 np.ascontiguousarray(p[start:start + add_batch], dtype=np.int64))
+                    if st["store"] is not None:
+                        st["store"].add(p, v)
+                    st["pids"].append(p)
+                    scores = q @ v.T
+                    st["exact"] = merge_topk([st["exact"][0], scores],
+                                             [st["exact"][1], np.broadcast_to(p, scores.shape)], k)
+            for s, st in shards.items():
+                all_pids = np.concatenate(st["pids"])
+                uniq, counts = np.unique(all_pids, return_counts=True)
+                if (counts > 1).any():
+                    raise InputError(f"duplicate pids in the Embeddings table: {uniq[counts > 1][:5].tolist()}")
+                idx = st["index"]
+                data = serialize(idx)
+                storage.write_bytes_atomic(urls[s], data, storage_options, attempts=retries)
+                store_meta = ""
+                if st["store"] is not None:
+                    pids_path, vecs_path = st["store"].finish()
+                    base = urls[s][: -len(".faiss")] if urls[s].endswith(".faiss") else urls[s]
+                    store_meta = json.dumps({"pids": upload(pids_path, base + ".pids.npy"),
+                                             "vectors": upload(vecs_path, base + ".vectors.npy")})
+                    store_pids = np.load(pids_path, mmap_mode="r")
+                    store_vecs = np.load(vecs_path, mmap_mode="r")
+                all_s, all_i = [], []
+                for nprobe in nprobes:
+                    set_nprobe(idx, nprobe)
+                    if st["store"] is None:
+                        sc, ids = idx.search(q, k)
+                        all_s.append([sc])
+                        all_i.append([ids])
+                        continue
+                    _, cand = idx.search(q, k * max(k_factors))
+                    per_kf = [rerank(q, np.ascontiguousarray(cand[:, :k * kf]), store_pids, store_vecs, k)
+                              for kf in k_factors]
+                    all_s.append([r[0] for r in per_kf])
+                    all_i.append([r[1] for r in per_kf])
+                yield pa.RecordBatch.from_pylist([{
+                    "shard": s, "vectors": int(len(all_pids)), "bytes": len(data),
+                    "sha256": storage.sha256_bytes(data), "path": urls[s], "rerank": store_meta,
+                    "hit_scores": _npy(np.array(all_s, np.float32)), "hit_ids": _npy(np.array(all_i, np.int64)),
+                    "exact_scores": _npy(st["exact"][0]), "exact_ids": _npy(st["exact"][1])}], schema=SHARD_RESULT)
+                del data, st["index"]
+                if st["store"] is not None:
+                    del store_pids, store_vecs
+                    st["store"].close()
+        finally:
+            for st in shards.values():
+                if st.get("store") is not None:
+                    st["store"].close()
 
     df = packed.repartition(num_shards, "shard").sortWithinPartitions("shard")
     rows = [r.asDict() for r in df.mapInArrow(run, spark_schema(SHARD_RESULT)).collect()]
@@ -346,6 +479,7 @@ def build_shards(spark, packed, trained: bytes, num_shards: int, dim: int, out_u
     for r in rows:
         for key in ("hit_scores", "hit_ids", "exact_scores", "exact_ids"):
             r[key] = _unnpy(r[key])
+        r["rerank"] = json.loads(r["rerank"]) if r["rerank"] else None
     return sorted(rows, key=lambda r: r["shard"])
 
 

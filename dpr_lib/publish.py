@@ -256,24 +256,30 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
     queries, query_pids = queries
     k_search = k if query_pids is None else k + 1  # room to drop the query's own pid
     nprobes = [p for p in ix.NPROBES if p <= max(1, plan.nlist)]
+    with_store = ix.wants_rerank(plan.factory, icfg.rerank)
+    k_factors = ([icfg.k_factor] if icfg.k_factor else list(ix.K_FACTORS)) if with_store else None
     t = time.time()
     with task_errors():
         shards = ix.build_shards(spark, ix.packed_vectors(spark, source, dim, num_shards), trained_bytes, num_shards, dim,
                                  lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k_search, nprobes,
-                                 icfg.add_batch, opts, cfg.publish.retries)
+                                 icfg.add_batch, opts, cfg.publish.retries, k_factors)
     timings["add_write"] = time.time() - t
     t = time.time()
     _, exact_i = ix.merge_topk([s["exact_scores"] for s in shards], [s["exact_ids"] for s in shards], k_search)
     exact_i = ix.drop_ids(exact_i, query_pids, k)
-    recall_by_nprobe = {}
-    for j, nprobe in enumerate(nprobes):
-        _, found = ix.merge_topk([s["hit_scores"][j] for s in shards], [s["hit_ids"][j] for s in shards], k_search)
-        recall_by_nprobe[nprobe] = round(ix.recall_at_k(ix.drop_ids(found, query_pids, k), exact_i), 4)
+    recall_by = {}  # (nprobe, k_factor) -> recall@k; k_factor 0 = no re-rank
+    for j, p in enumerate(nprobes):
+        for f, kf in enumerate(k_factors or [0]):
+            _, found = ix.merge_topk([s["hit_scores"][j][f] for s in shards], [s["hit_ids"][j][f] for s in shards],
+                                     k_search)
+            recall_by[(p, kf)] = round(ix.recall_at_k(ix.drop_ids(found, query_pids, k), exact_i), 4)
+    # The smallest nprobe, then the smallest k_factor, reaching the target (forced values fixed).
+    candidates = [(p, kf) for (p, kf) in recall_by if not icfg.nprobe or p == icfg.nprobe]
+    reaching = sorted(c for c in candidates if recall_by[c] >= icfg.recall_target)
+    nprobe, k_factor = reaching[0] if reaching else (max(candidates) if candidates else (icfg.nprobe, 0))
     if icfg.nprobe:
         nprobe = icfg.nprobe
-    else:
-        reaching = [p for p in nprobes if recall_by_nprobe[p] >= icfg.recall_target]
-        nprobe = reaching[0] if reaching else nprobes[-1]
+    recall_by_nprobe = {p: recall_by[(p, kf)] for (p, kf) in recall_by if kf == k_factor}
     timings["recall"] = time.time() - t
     if reuse_from and recall_by_nprobe.get(nprobe, 0) < icfg.recall_target:
         fs, vpath = storage.get_fs(vurl, opts)
@@ -290,6 +296,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
     timings["docstore"] = time.time() - t
 
     vectors = sum(s["vectors"] for s in shards)
+    code_bytes = ix.code_size(ix.deserialize(trained_bytes))
     passages_docstore = sum(d["rows"] for d in docstore)
     if vectors != n:
         raise InputError(f"accounting: {n} embeddings but {vectors} vectors in shards; not publishing")
@@ -307,6 +314,13 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         "quantizer": quantizer,
         "train_size": plan.train_size,
         "nprobe": nprobe,
+        "k_factor": k_factor or None,
+        "rerank": {"store": "float16", "k_factor": k_factor,
+                   "recall_by_nprobe_k_factor": {f"{p}/{kf}": r for (p, kf), r in recall_by.items()}}
+        if with_store else None,
+        "memory": {"resident_bytes_per_passage": code_bytes + ix.ID_BYTES,
+                   "disk_bytes_per_passage": 2 * dim + ix.ID_BYTES if with_store else 0,
+                   "flat_float32_bytes_per_passage": 4 * dim},
         "recall": {"k": k, "target": icfg.recall_target, "queries": len(queries),
                    "query_source": "questions" if query_pids is None else "stored vectors, self excluded",
                    "by_nprobe": {str(p): r for p, r in recall_by_nprobe.items()},
@@ -315,9 +329,13 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         "trained": {"path": "trained.faiss", "bytes": len(trained_bytes),
                     "sha256": storage.sha256_bytes(trained_bytes)},
         "shards": [{"index": s["shard"], "path": _relative(s["path"], vurl), "vectors": s["vectors"],
-                    "bytes": s["bytes"], "sha256": s["sha256"]} for s in shards],
+                    "bytes": s["bytes"], "sha256": s["sha256"],
+                    **({"rerank": {part: {**meta, "path": _relative(meta["path"], vurl)}
+                                   for part, meta in s["rerank"].items()}} if s["rerank"] else {})}
+                   for s in shards],
         "docstore": docstore,
         "totals": {"vectors": vectors, "shards": len(shards), "bytes": sum(s["bytes"] for s in shards),
+                   "rerank_bytes": sum(m["bytes"] for s in shards if s["rerank"] for m in s["rerank"].values()),
                    "docstore_rows": passages_docstore},
         "source": {"passages": cfg.path("passages"), "embeddings": emb_url},
         "counts": {"embeddings": n, "vectors_published": vectors},

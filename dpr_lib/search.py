@@ -27,7 +27,7 @@ import numpy as np
 from dpr_lib import schemas, storage
 from dpr_lib.config import EncoderConfig, join_url
 from dpr_lib.errors import DprError, IncompatibleIndexError, IndexIntegrityError, InputError
-from dpr_lib.index import merge_topk, set_nprobe
+from dpr_lib.index import merge_topk, rerank, set_nprobe
 
 log = logging.getLogger("dpr_lib.search")
 
@@ -117,7 +117,8 @@ class ShardedIndex:
     """The shards of one version (or a subset), searchable as one index."""
 
     def __init__(self, index: str, cache_dir: str | None = None, shards: list[int] | None = None,
-                 mmap: bool = False, nprobe: int | None = None, storage_options: dict | None = None):
+                 mmap: bool = False, nprobe: int | None = None, storage_options: dict | None = None,
+                 k_factor: int | None = None):
         import faiss
 
         self.manifest, self.version_url = open_manifest(index, storage_options)
@@ -135,6 +136,9 @@ class ShardedIndex:
         self.nprobe = int(nprobe or self.manifest.get("nprobe") or 1)
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         self.shards = []
+        self.stores: list[tuple[np.ndarray, np.ndarray]] = []
+        rerank = self.manifest.get("rerank")
+        self.k_factor = int(k_factor or (rerank or {}).get("k_factor") or 1) if rerank else 0
         for e in entries:
             path = self.cache.fetch(join_url(self.version_url, _safe_relpath(e["path"])), e["sha256"], ".faiss")
             try:
@@ -145,22 +149,58 @@ class ShardedIndex:
                 raise IncompatibleIndexError(f"shard {e['path']} has dimension {idx.d}, manifest says {self.dim}")
             set_nprobe(idx, self.nprobe)
             self.shards.append(idx)
+            if rerank:
+                self.stores.append(self._open_store(e, idx.ntotal))
         self.ntotal = sum(s.ntotal for s in self.shards)
         self._docstore = sorted(self.manifest.get("docstore", []), key=lambda d: d["min_pid"])
         self._docstore_files: dict[str, object] = {}
         log.info("loaded version %s: %d shards, %d vectors, nprobe %d", self.version, len(self.shards),
                  self.ntotal, self.nprobe)
 
+    def _open_store(self, entry: dict, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shard's re-rank store, verified and memory-mapped read-only (``.npy``, no pickle)."""
+        store = entry.get("rerank") or {}
+        if set(store) != {"pids", "vectors"}:
+            raise IndexIntegrityError(f"shard {entry['path']}: the manifest lists no complete re-rank store")
+        local = {part: self.cache.fetch(join_url(self.version_url, _safe_relpath(meta["path"])), meta["sha256"],
+                                        f".{part}.npy") for part, meta in store.items()}
+        try:
+            pids = np.load(local["pids"], mmap_mode="r", allow_pickle=False)
+            vecs = np.load(local["vectors"], mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            raise IndexIntegrityError(f"re-rank store of {entry['path']} is not a plain .npy array: {exc}") from None
+        if pids.dtype != np.int64 or vecs.ndim != 2 or vecs.shape != (len(pids), self.dim) or len(pids) != ntotal:
+            raise IndexIntegrityError(
+                f"re-rank store of {entry['path']} does not match its shard: pids {pids.dtype} {pids.shape}, "
+                f"vectors {vecs.dtype} {vecs.shape}, shard has {ntotal} vectors of d={self.dim}")
+        return pids, vecs
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k over the loaded shards. queries: float32 [n, d] -> (scores float32 [n, k], pids int64 [n, k]);
-        pid -1 marks a missing hit when fewer than k vectors are loaded."""
+        pid -1 marks a missing hit when fewer than k vectors are loaded. With a re-rank store, each
+        shard's top k x k_factor candidates are re-scored exactly from the memory-mapped vectors."""
         if not isinstance(k, (int, np.integer)) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise InputError(f"queries must have shape [n, {self.dim}], got {list(q.shape)}")
-        results = [s.search(q, k) for s in self.shards]
+        if self.stores:
+            results = [rerank(q, s.search(q, k * self.k_factor)[1], pids, vecs, k)
+                       for s, (pids, vecs) in zip(self.shards, self.stores)]
+        else:
+            results = [s.search(q, k) for s in self.shards]
         return merge_topk([r[0] for r in results], [r[1] for r in results], k)
+
+    def memory(self) -> dict:
+        """Bytes held: FAISS shards in RAM (codes + ids + quantizer) and the mapped re-rank stores on disk."""
+        import faiss
+
+        ram = 0
+        for s in self.shards:
+            ivf = faiss.try_extract_index_ivf(s)
+            ram += (ivf.code_size + 8) * s.ntotal if ivf is not None else 0
+        disk = sum(p.nbytes + v.nbytes for p, v in self.stores)
+        return {"codes_and_ids_bytes": int(ram), "rerank_store_bytes": int(disk), "vectors": int(self.ntotal)}
 
     def lookup(self, pids) -> dict[int, dict]:
         """{pid: {doc_id, title, text}} for the given pids, reading only the row groups that hold them."""
@@ -199,10 +239,10 @@ class Searcher:
 
     def __init__(self, index: str, encoder_cfg: EncoderConfig | None = None, cache_dir: str | None = None,
                  shards: list[int] | None = None, mmap: bool = False, nprobe: int | None = None,
-                 storage_options: dict | None = None, max_k: int = 1000):
+                 storage_options: dict | None = None, max_k: int = 1000, k_factor: int | None = None):
         from dpr_lib.encode import get_encoder, resolve_spec
 
-        self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options)
+        self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options, k_factor)
         self.max_k = max_k
         spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question",
                             storage_options=storage_options)
@@ -262,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nprobe", type=int, default=0, help="override the manifest's nprobe")
     parser.add_argument("--shards", default="", help="comma-separated shard numbers to load (default: all)")
     parser.add_argument("--mmap", action="store_true", help="memory-map shards")
+    parser.add_argument("--k-factor", type=int, default=0, help="override the manifest's re-rank factor")
     parser.add_argument("--conf", default=None, help="YAML config (encoder, cache, endpoint)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -271,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.conf, args.overrides)
         shards = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
         searcher = Searcher(args.index, cfg.encoder, cfg.path("cache_dir"), shards, args.mmap or cfg.search.mmap,
-                            args.nprobe or cfg.search.nprobe or None, cfg.storage_options(), cfg.search.max_k)
+                            args.nprobe or cfg.search.nprobe or None, cfg.storage_options(), cfg.search.max_k,
+                            args.k_factor or cfg.search.k_factor or None)
         results = searcher.ask(args.questions, args.k)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -247,3 +247,55 @@ def test_cli_json_and_text(spark, encoded, tmp_path):
                          timeout=300)
     assert bad.returncode == IndexIntegrityError.exit_code
     assert bad.stderr.startswith("error: no index published") and "Traceback" not in bad.stderr
+
+
+def test_compact_shards_rerank_from_disk_equals_exact_on_candidates(spark, encoded, tmp_path, s3_endpoint):
+    """IVF-PQ codes in RAM + a float16 re-rank store per shard on the S3 server: the manifest lists
+    the store with sha256, the loader maps it and re-ranks each shard's candidates exactly."""
+    cfg = make_config(tmp_path, *encoder_of(encoded), f"paths.passages={encoded.path('passages')}",
+                      f"paths.embeddings={encoded.path('embeddings')}", "index.num_shards=2",
+                      "index.factory=IVF4,PQ8x4", "paths.index_root=s3://dpr-test/compact",
+                      f"publish.endpoint_url={s3_endpoint}")
+    manifest = build_index(spark, cfg)
+    opts = cfg.storage_options()
+    assert manifest["rerank"]["store"] == "float16" and manifest["k_factor"] in (1, 2, 4, 8, 16, 32)
+    assert manifest["memory"]["resident_bytes_per_passage"] == 4 + 8  # PQ8x4: 4-byte codes + the id
+    assert manifest["memory"]["disk_bytes_per_passage"] == 2 * 32 + 8
+    assert set(manifest["rerank"]["recall_by_nprobe_k_factor"]) >= {"1/1", "4/32"}
+    vurl = f"s3://dpr-test/compact/versions/{manifest['version']}"
+    for shard in manifest["shards"]:
+        for part in ("pids", "vectors"):
+            meta = shard["rerank"][part]
+            assert meta["path"] == shard["path"].replace(".faiss", f".{part}.npy")
+            assert storage.sha256_file(f"{vurl}/{meta['path']}", storage_options=opts) == meta["sha256"]
+
+    loaded = ShardedIndex("s3://dpr-test/compact", cache_dir=str(tmp_path / "cache"), storage_options=opts,
+                          k_factor=4)
+    assert loaded.k_factor == 4 and len(loaded.stores) == 2
+    assert all(isinstance(v, np.memmap) and v.dtype == np.float16 for _, v in loaded.stores)
+    vectors, pids = all_vectors(cfg)
+    queries = vectors[:20] + np.random.default_rng(1).standard_normal(vectors[:20].shape).astype(np.float32) * 0.1
+    got_s, got_i = loaded.search(queries, 5)
+    # expected: the union of every shard's top 5x4 PQ candidates, re-scored exactly (float16 vectors)
+    by_pid = dict(zip(pids.tolist(), vectors.astype(np.float16).astype(np.float32)))
+    for row, q in enumerate(queries):
+        cands = {int(p) for s in loaded.shards for p in s.search(q[None], 20)[1][0] if p >= 0}
+        exact = sorted(cands, key=lambda p: (-float(q @ by_pid[p]), p))[:5]
+        assert got_i[row].tolist() == exact
+        np.testing.assert_allclose(got_s[row], [q @ by_pid[p] for p in exact], rtol=1e-4, atol=1e-5)
+    # with every list probed and every vector a candidate, re-ranking is exact search
+    full = ShardedIndex("s3://dpr-test/compact", cache_dir=str(tmp_path / "cache"), storage_options=opts,
+                        nprobe=4, k_factor=64)
+    _, all_i = full.search(queries, 5)
+    brute = pids[np.argsort(-(queries @ vectors.astype(np.float16).astype(np.float32).T), axis=1, kind="stable")[:, :5]]
+    assert all_i.tolist() == brute.tolist()
+
+    # a corrupted store is refused by sha256 (cache and source)
+    key = manifest["shards"][0]["rerank"]["vectors"]["path"]
+    import s3fs
+    fs = s3fs.S3FileSystem(**opts)
+    data = bytearray(fs.cat(f"dpr-test/compact/versions/{manifest['version']}/{key}"))
+    data[-1] ^= 0xFF
+    fs.pipe(f"dpr-test/compact/versions/{manifest['version']}/{key}", bytes(data))
+    with pytest.raises(IndexIntegrityError, match="sha256"):
+        ShardedIndex("s3://dpr-test/compact", cache_dir=str(tmp_path / "cache2"), storage_options=opts)
