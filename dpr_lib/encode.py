@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -249,6 +250,9 @@ class Encoder:
         self.model.to(self.device).eval()
         self.truncated = 0
         self.encoded = 0
+        # One caller at a time: a fast tokenizer's truncation state is not thread-safe ("Already
+        # borrowed"), and torch already uses every core for one batch. Services call from threads.
+        self._lock = threading.Lock()
 
     def _load_dpr(self):
         from transformers import DPRContextEncoder, DPRQuestionEncoder
@@ -293,6 +297,10 @@ class Encoder:
         n = len(texts)
         if n == 0:
             return np.zeros((0, self.spec.dim), dtype=np.float32)
+        with self._lock:
+            return self._encode(titles, texts, n)
+
+    def _encode(self, titles: list[str] | None, texts: list[str], n: int) -> np.ndarray:
         ids, types = self.tokenize(titles, texts)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         out = np.empty((n, self.spec.dim), dtype=np.float32)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,6 +155,7 @@ class ShardedIndex:
         self.ntotal = sum(s.ntotal for s in self.shards)
         self._docstore = sorted(self.manifest.get("docstore", []), key=lambda d: d["min_pid"])
         self._docstore_files: dict[str, object] = {}
+        self._docstore_lock = threading.Lock()  # lookups may come from several service threads
         log.info("loaded version %s: %d shards, %d vectors, nprobe %d", self.version, len(self.shards),
                  self.ntotal, self.nprobe)
 
@@ -204,7 +206,6 @@ class ShardedIndex:
 
     def lookup(self, pids) -> dict[int, dict]:
         """{pid: {doc_id, title, text}} for the given pids, reading only the row groups that hold them."""
-        import pyarrow.parquet as pq
 
         wanted = sorted({int(p) for p in pids if int(p) >= 0})
         starts = [d["min_pid"] for d in self._docstore]
@@ -214,6 +215,13 @@ class ShardedIndex:
             if i >= 0 and pid <= self._docstore[i]["max_pid"]:
                 by_file.setdefault(i, []).append(pid)
         out: dict[int, dict] = {}
+        with self._docstore_lock:
+            self._read_docstore(by_file, out)
+        return out
+
+    def _read_docstore(self, by_file: dict[int, list[int]], out: dict[int, dict]) -> None:
+        import pyarrow.parquet as pq
+
         for i, file_pids in by_file.items():
             entry = self._docstore[i]
             pf = self._docstore_files.get(entry["path"])
@@ -231,7 +239,6 @@ class ShardedIndex:
             for row in pf.read_row_groups(groups).to_pylist():
                 if row["pid"] in want:
                     out[row["pid"]] = {"doc_id": row["doc_id"], "title": row["title"], "text": row["text"]}
-        return out
 
 
 class Searcher:

@@ -1,0 +1,318 @@
+"""Reference search service (``dpr-serve``): the published shards behind HTTP, swapping to each
+new version without downtime.
+
+- ``POST /search`` ``{"questions": [...], "k": 10}`` -> ``{"version", "results": [{"question",
+  "hits": [{pid, score, doc_id, title, text}]}]}``; bad requests get a 400 with a readable message.
+- ``GET /health``: 200 once a version is loaded and warmed up (503 before), with the version, the
+  vectors served and the last version that failed to load, if any.
+- ``GET /metrics``: Prometheus text (requests and latency per endpoint, the loaded version,
+  vectors, swaps, failed versions, resident and anonymous memory).
+
+**Swaps.** A background thread reads ``LATEST`` every ``serve.poll_s``. A new version is
+downloaded (sha256-verified), loaded and warmed up beside the current one, then published to
+request handlers by replacing one reference: a request takes that reference when it starts and
+finishes on the version it started with; the old version is freed when its last request ends.
+Versions load one at a time, so memory peaks at the old plus the new version, never more. A
+version that fails to download, verify or load is reported (``/health``, ``/metrics``, the log)
+and the service keeps serving the current one; it is retried after ``max(60 s, 10 x poll_s)``.
+"""
+
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from dpr_lib.config import Config, join_url
+from dpr_lib.errors import DprError, InputError
+
+log = logging.getLogger("dpr_lib.serve")
+
+WARMUP_QUESTIONS = ["what is this about?", "who wrote it and when?", "how does it work?",
+                    "where is it located?"]
+
+
+@dataclass
+class Loaded:
+    version: str
+    searcher: object  # dpr_lib.search.Searcher
+    loaded_at: float
+    load_seconds: float
+    blobs: frozenset  # sha256 of the cache files it uses
+
+
+def _blobs_of(manifest: dict) -> frozenset:
+    shas = {e["sha256"] for e in manifest.get("docstore", [])}
+    for shard in manifest.get("shards", []):
+        shas.add(shard["sha256"])
+        shas.update(m["sha256"] for m in (shard.get("rerank") or {}).values())
+    return frozenset(shas)
+
+
+class IndexHolder:
+    """The version being served, and the loader thread that replaces it."""
+
+    def __init__(self, cfg: Config, index_root: str, shards: list[int] | None = None):
+        self.cfg = cfg
+        self.root = index_root
+        self.shards = shards
+        self.opts = cfg.storage_options()
+        self.cache_dir = cfg.path("cache_dir")
+        self.current: Loaded | None = None
+        self.failed: dict | None = None  # {"version", "error", "at"}
+        self.swaps = 0
+        self.failures = 0
+        self._released: list[frozenset] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------- loading
+    def load(self, version: str) -> Loaded:
+        from dpr_lib.publish import MANIFEST, version_url
+        from dpr_lib.search import Searcher
+
+        t0 = time.time()
+        scfg = self.cfg.search
+        searcher = Searcher(join_url(version_url(self.root, version), MANIFEST), self.cfg.encoder, self.cache_dir,
+                            self.shards, scfg.mmap, scfg.nprobe or None, self.opts,
+                            max_k=max(self.cfg.serve.max_k, scfg.max_k), k_factor=scfg.k_factor or None)
+        n = self.cfg.serve.warmup_queries
+        if n:
+            questions = (WARMUP_QUESTIONS * (n // len(WARMUP_QUESTIONS) + 1))[:n]
+            searcher.ask(questions, min(10, self.cfg.serve.max_k))  # touches encoder, shards, stores, docstore
+        return Loaded(version, searcher, time.time(), round(time.time() - t0, 3), _blobs_of(searcher.index.manifest))
+
+    def poll_once(self) -> bool:
+        """Load and swap to LATEST if it is new; True when a swap happened."""
+        from dpr_lib.publish import read_latest
+
+        try:
+            latest = read_latest(self.root, self.opts)
+        except Exception as exc:  # noqa: BLE001 - storage down: keep serving, report
+            self._fail("LATEST", f"cannot read LATEST: {exc}")
+            return False
+        if latest is None or (self.current and latest == self.current.version):
+            return False
+        retry_after = max(60.0, 10 * self.cfg.serve.poll_s)
+        if self.failed and self.failed["version"] == latest and time.time() - self.failed["at"] < retry_after:
+            return False
+        log.info("loading version %s (serving %s)", latest, self.current.version if self.current else "nothing")
+        try:
+            new = self.load(latest)
+        except Exception as exc:  # noqa: BLE001 - any failure to load keeps the old version
+            self._fail(latest, str(exc) if isinstance(exc, DprError) else f"{type(exc).__name__}: {exc}")
+            return False
+        old, self.current = self.current, new  # the swap: one reference, read once per request
+        self.failed = None  # what failed was older than what now serves
+        if old is not None:
+            self.swaps += 1
+            self._release(old, new)
+        log.info("serving version %s (%d vectors, loaded in %.1fs)", new.version, new.searcher.index.ntotal,
+                 new.load_seconds)
+        return True
+
+    def _fail(self, version: str, error: str) -> None:
+        self.failures += 1
+        self.failed = {"version": version, "error": error, "at": time.time()}
+        log.error("version %s not loaded, still serving %s: %s", version,
+                  self.current.version if self.current else "nothing", error)
+
+    def _release(self, old: Loaded, new: Loaded) -> None:
+        """Forget the old version (requests still on it keep it alive until they end) and remove
+        cache files of the version released before it that neither live version uses."""
+        self._released.append(old.blobs)
+        if len(self._released) < 2:
+            return
+        stale = self._released.pop(0) - old.blobs - new.blobs
+        blob_dir = os.path.join(self.cache_dir, "blobs")
+        for name in os.listdir(blob_dir) if os.path.isdir(blob_dir) else []:
+            if name.split(".")[0] in stale:
+                try:
+                    os.remove(os.path.join(blob_dir, name))
+                except OSError:
+                    pass
+
+    # -------------------------------------------------------------- thread
+    def start(self) -> None:
+        def loop():
+            while not self._stop.is_set():
+                try:
+                    self.poll_once()
+                except Exception:  # noqa: BLE001 - the poller must survive anything
+                    log.exception("poll failed")
+                self._stop.wait(self.cfg.serve.poll_s)
+
+        self._thread = threading.Thread(target=loop, name="dpr-index-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+
+# ------------------------------------------------------------------ request checks
+
+def parse_search(body: bytes, cfg: Config) -> tuple[list[str], int]:
+    """(questions, k) from a /search body; InputError with a readable message otherwise."""
+    try:
+        payload = json.loads(body or b"")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InputError('request body must be a JSON object like {"questions": ["..."], "k": 10}')
+    unknown = sorted(set(payload) - {"questions", "k"})
+    if unknown:
+        raise InputError(f"unknown field(s) {unknown}; expected 'questions' and optionally 'k'")
+    questions = payload.get("questions")
+    if not isinstance(questions, list) or not questions:
+        raise InputError("'questions' must be a non-empty list of strings")
+    if len(questions) > cfg.serve.max_batch:
+        raise InputError(f"at most {cfg.serve.max_batch} questions per request (serve.max_batch), got {len(questions)}")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str) or not q.strip():
+            raise InputError(f"question {i} is empty or not a string")
+        if len(q) > cfg.serve.max_question_chars:
+            raise InputError(f"question {i} has {len(q)} characters; the limit is {cfg.serve.max_question_chars} "
+                             "(serve.max_question_chars)")
+    k = payload.get("k", cfg.search.k)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg.serve.max_k:
+        raise InputError(f"'k' must be an integer from 1 to {cfg.serve.max_k} (serve.max_k), got {k!r}")
+    return [q.strip() for q in questions], k
+
+
+def _memory() -> dict[str, int]:
+    """Resident and anonymous (private, not file-backed) memory of this process, bytes (Linux)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+# ------------------------------------------------------------------ the app
+
+def create_app(holder: IndexHolder, start_poller: bool = True):
+    import contextlib
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from starlette.concurrency import run_in_threadpool
+
+    cfg = holder.cfg
+    registry = CollectorRegistry()
+    requests = Counter("dpr_requests", "HTTP requests", ["endpoint", "code"], registry=registry)
+    latency = Histogram("dpr_request_seconds", "Request latency", ["endpoint"], registry=registry,
+                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+    g_info = Gauge("dpr_index_info", "The index version being served (value 1)", ["version"], registry=registry)
+    g_vectors = Gauge("dpr_index_vectors", "Vectors served", registry=registry)
+    g_ready = Gauge("dpr_index_ready", "1 once a version is loaded", registry=registry)
+    g_swaps = Gauge("dpr_index_swaps", "Version swaps since start", registry=registry)
+    g_failures = Gauge("dpr_index_failed_loads", "Versions that failed to load since start", registry=registry)
+    g_failing = Gauge("dpr_index_failed_version_pending", "1 while the newest version failed to load",
+                      registry=registry)
+    g_mem = Gauge("dpr_process_memory_bytes", "Process memory", ["kind"], registry=registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if start_poller:
+            holder.start()
+        yield
+        holder.stop()
+
+    app = FastAPI(title="dpr-serve", lifespan=lifespan)
+
+    def error(code: int, message: str, endpoint: str, t0: float) -> JSONResponse:
+        requests.labels(endpoint, str(code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return JSONResponse({"error": message}, status_code=code)
+
+    @app.post("/search")
+    async def search(request: Request):
+        t0 = time.perf_counter()
+        try:
+            questions, k = parse_search(await request.body(), cfg)
+        except InputError as exc:
+            return error(400, str(exc), "search", t0)
+        loaded = holder.current  # this request finishes on this version, whatever swaps meanwhile
+        if loaded is None:
+            return error(503, "no index version loaded yet", "search", t0)
+        try:
+            results = await run_in_threadpool(loaded.searcher.ask, questions, k)
+        except InputError as exc:
+            return error(400, str(exc), "search", t0)
+        except Exception as exc:  # noqa: BLE001 - a readable 500, the service stays up
+            log.exception("search failed")
+            return error(500, f"search failed: {type(exc).__name__}: {exc}", "search", t0)
+        body = {"version": loaded.version, "results": [
+            {"question": q, "hits": [asdict(h) for h in hits]} for q, hits in zip(questions, results)]}
+        requests.labels("search", "200").inc()
+        latency.labels("search").observe(time.perf_counter() - t0)
+        return JSONResponse(body)
+
+    @app.get("/health")
+    async def health():
+        loaded = holder.current
+        body = {"status": "ready" if loaded else "loading", "version": loaded.version if loaded else None,
+                "vectors": loaded.searcher.index.ntotal if loaded else 0, "swaps": holder.swaps,
+                "failed_version": holder.failed}
+        return JSONResponse(body, status_code=200 if loaded else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        loaded = holder.current
+        g_info.clear()
+        if loaded:
+            g_info.labels(loaded.version).set(1)
+        g_vectors.set(loaded.searcher.index.ntotal if loaded else 0)
+        g_ready.set(1 if loaded else 0)
+        g_swaps.set(holder.swaps)
+        g_failures.set(holder.failures)
+        g_failing.set(1 if holder.failed else 0)
+        for key, value in _memory().items():
+            g_mem.labels({"VmRSS": "resident", "RssAnon": "anonymous", "RssFile": "file"}[key]).set(value)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from dpr_lib.cli import setup_logging
+    from dpr_lib.config import load_config
+
+    parser = argparse.ArgumentParser(prog="dpr-serve", description="Serve a published DPR index over HTTP.")
+    parser.add_argument("--index", required=True, help="index root (follows LATEST), local or s3://...")
+    parser.add_argument("--host", default=None, help="bind address (default serve.host)")
+    parser.add_argument("--port", type=int, default=0, help="port (default serve.port)")
+    parser.add_argument("--shards", default="", help="comma-separated shard numbers to serve (default: all)")
+    parser.add_argument("--conf", default=None, help="YAML config (encoder, cache, endpoint, serve.*)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    setup_logging(False)
+    try:
+        cfg = load_config(args.conf, args.overrides)
+        shards = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
+    except (DprError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    holder = IndexHolder(cfg, args.index, shards)
+    host, port = args.host or cfg.serve.host, args.port or cfg.serve.port
+    log.info("dpr-serve on http://%s:%d, index %s (polling every %.0fs)", host, port, args.index, cfg.serve.poll_s)
+    uvicorn.run(create_app(holder), host=host, port=port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""dpr-serve for real: the CLI started as a process on 127.0.0.1, the index on the moto S3 server,
+queried over HTTP by httpx; a swap while concurrent clients run; a corrupt version refused."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import _free_port, make_config, synthetic_docs, write_jsonl
+
+from dpr_lib import storage
+from dpr_lib.corpus import shard_corpus
+from dpr_lib.encode import encode_passages
+from dpr_lib.publish import build_index, set_latest
+
+ROOT = "s3://dpr-test/serve"
+
+
+@pytest.fixture(scope="module")
+def service(spark, tmp_path_factory, tiny_bert_dir, s3_endpoint):
+    tmp = tmp_path_factory.mktemp("serve")
+    overrides = [f"encoder.model={tiny_bert_dir}", f"publish.endpoint_url={s3_endpoint}", f"paths.index_root={ROOT}",
+                 "index.num_shards=2", "index.factory=IVF4,PQ8x4"]
+    cfg = make_config(tmp, f"corpus.input={write_jsonl(tmp / 'c.jsonl', synthetic_docs(80, seed=4))}", *overrides)
+    shard_corpus(spark, cfg)
+    encode_passages(spark, cfg)
+    first = build_index(spark, cfg)
+    port = _free_port()
+    log_path = tmp / "serve.log"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "dpr-serve"), "--index", ROOT, "--port", str(port),
+           "--set", f"paths.cache_dir={tmp}/serve-cache", "--set", "serve.poll_s=0.3", "--set", "serve.max_batch=8",
+           "--set", "serve.max_k=20", "--set", "serve.max_question_chars=200"] + \
+          [a for o in overrides[:2] for a in ("--set", o)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=30)
+    deadline = time.time() + 120
+    while True:
+        try:
+            if client.get("/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("dpr-serve did not become ready:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.3)
+    yield {"cfg": cfg, "client": client, "url": url, "first": first, "log": log_path, "spark": spark}
+    client.close()
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_search_over_http(service):
+    client = service["client"]
+    health = client.get("/health").json()
+    assert health["status"] == "ready" and health["version"] == service["first"]["version"]
+    assert health["vectors"] == service["first"]["totals"]["vectors"]
+    r = client.post("/search", json={"questions": ["fact3 alpha", "bravo fact7"], "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == service["first"]["version"]
+    assert [x["question"] for x in body["results"]] == ["fact3 alpha", "bravo fact7"]
+    for res in body["results"]:
+        assert len(res["hits"]) == 5
+        assert all(set(h) == {"pid", "score", "doc_id", "title", "text"} and h["text"] for h in res["hits"])
+        scores = [h["score"] for h in res["hits"]]
+        assert scores == sorted(scores, reverse=True)
+    metrics = client.get("/metrics").text
+    assert f'dpr_index_info{{version="{service["first"]["version"]}"}} 1.0' in metrics
+    assert 'dpr_requests_total{code="200",endpoint="search"}' in metrics
+    assert "dpr_request_seconds_bucket" in metrics and 'dpr_process_memory_bytes{kind="anonymous"}' in metrics
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"{not json", "not valid JSON"),
+    (b'["q"]', "must be a JSON object"),
+    (json.dumps({"questions": []}).encode(), "non-empty list"),
+    (json.dumps({"questions": ["  "]}).encode(), "question 0 is empty"),
+    (json.dumps({"questions": ["x" * 201]}).encode(), "the limit is 200"),
+    (json.dumps({"questions": ["q"] * 9}).encode(), "at most 8 questions"),
+    (json.dumps({"questions": ["q"], "k": 0}).encode(), "'k' must be an integer from 1 to 20"),
+    (json.dumps({"questions": ["q"], "k": 21}).encode(), "'k' must be an integer from 1 to 20"),
+    (json.dumps({"questions": ["q"], "k": "5"}).encode(), "'k' must be an integer"),
+    (json.dumps({"questions": ["q"], "top": 5}).encode(), "unknown field"),
+])
+def test_bad_requests_get_400_and_the_service_stays_up(service, payload, message):
+    client = service["client"]
+    r = client.post("/search", content=payload, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+    assert client.post("/search", json={"questions": ["alpha"], "k": 1}).status_code == 200
+
+
+def test_swap_under_load_fails_no_request(service):
+    """Four clients send requests while a new version is published; every response succeeds and
+    names the version that answered; a client never goes back to the old version."""
+    client, cfg, spark = service["client"], service["cfg"], service["spark"]
+    old = client.get("/health").json()["version"]
+    seen: list[list[str]] = [[] for _ in range(4)]
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load(i):
+        with httpx.Client(base_url=service["url"], timeout=30) as c:
+            for n in range(400):
+                if stop.is_set():
+                    break
+                try:
+                    r = c.post("/search", json={"questions": [f"fact{n % 80} query"], "k": 3})
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text}")
+                    else:
+                        seen[i].append(r.json()["version"])
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    new = build_index(spark, cfg)["version"]
+    deadline = time.time() + 90
+    while client.get("/health").json()["version"] != new and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # keep the load on the new version for a moment
+    stop.set()
+    for t in threads:
+        t.join()
+    assert client.get("/health").json()["version"] == new, service["log"].read_text()[-2000:]
+    assert failures == []
+    for versions in seen:
+        assert versions and set(versions) <= {old, new}
+        first_new = versions.index(new) if new in versions else len(versions)
+        assert all(v == new for v in versions[first_new:]), "a client went back to the old version"
+    assert any(new in v for v in seen)
+    assert client.get("/health").json()["swaps"] >= 1
+
+
+def _publish_broken(cfg, serving: str, bad_version: str, missing: bool) -> None:
+    """A copy of the serving version whose shard bytes do not match the manifest (corrupt in
+    transit) or whose shards were never uploaded (half-published)."""
+    opts = cfg.storage_options()
+    vurl = f"{ROOT}/versions/{serving}"
+    manifest = json.loads(storage.read_bytes(f"{vurl}/manifest.json", opts))
+    for entry in manifest["shards"]:
+        entry["sha256"] = f"{len(bad_version):02x}" * 32  # content no cache holds
+        if not missing:
+            data = bytearray(storage.read_bytes(f"{vurl}/{entry['path']}", opts))
+            data[len(data) // 2] ^= 0xFF
+            storage.write_bytes_atomic(f"{ROOT}/versions/{bad_version}/{entry['path']}", bytes(data), opts)
+    manifest["version"] = bad_version
+    storage.write_bytes_atomic(f"{ROOT}/versions/{bad_version}/manifest.json", json.dumps(manifest).encode(), opts)
+    set_latest(ROOT, bad_version, opts)
+
+
+@pytest.mark.parametrize("missing, reason", [(False, "is corrupt: sha256"), (True, "listed in the manifest but missing")])
+def test_broken_new_version_is_refused_and_the_old_one_kept(service, missing, reason):
+    client, cfg = service["client"], service["cfg"]
+    serving = client.get("/health").json()["version"]
+    bad_version = "29991231T000000Z-missing" if missing else "29991231T000000Z-corrupt"
+    _publish_broken(cfg, serving, bad_version, missing)
+    try:
+        deadline = time.time() + 30
+        health = client.get("/health").json()
+        while (health["failed_version"] or {}).get("version") != bad_version and time.time() < deadline:
+            time.sleep(0.2)
+            health = client.get("/health").json()
+        assert health["status"] == "ready" and health["version"] == serving
+        assert health["failed_version"]["version"] == bad_version
+        assert reason in health["failed_version"]["error"]
+        assert "dpr_index_failed_version_pending 1.0" in client.get("/metrics").text
+        r = client.post("/search", json={"questions": ["alpha"], "k": 2})
+        assert r.status_code == 200 and r.json()["version"] == serving
+    finally:
+        set_latest(ROOT, serving, cfg.storage_options())
