@@ -109,6 +109,11 @@ def train_quantizer(sample: np.ndarray, factory: str, seed: int = 1234):
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.cp.seed = seed
+        ivf = faiss.downcast_index(ivf)
+        if hasattr(ivf, "do_polysemous_training"):
+            # index_factory turns on polysemous training for "PQm"; it serves Hamming filtering,
+            # which inner-product search never uses, and took 97 s of a 98 s IVF41,PQ64 training here.
+            ivf.do_polysemous_training = False
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index
 
