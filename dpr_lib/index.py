@@ -33,6 +33,7 @@ NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MIN_POINTS_PER_LIST = 39  # below this FAISS's k-means warns and centroids are poor
 ID_BYTES = 8              # FAISS stores an int64 id beside every code in the inverted lists
 K_FACTORS = (1, 2, 4, 8, 16, 32)
+PQ_MIN_TRAIN = 256 * MIN_POINTS_PER_LIST  # 8-bit PQ codebooks: 256 centroids per sub-quantizer
 RERANK_DTYPE = np.float16
 
 
@@ -62,8 +63,7 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
         if nlist and n < nlist:
             raise InputError(f"index.factory {factory} needs at least nlist={nlist} vectors to train, "
                              f"the Embeddings table has {n}; lower nlist or use index.factory=auto")
-        train = min(n, max_train_sample, max(nlist * train_per_list, 256 * MIN_POINTS_PER_LIST
-                                             if "PQ" in factory else 0) or n)
+        train = min(n, max_train_sample, max(nlist * train_per_list, PQ_MIN_TRAIN if "PQ" in factory else 0) or n)
         return IndexPlan(factory, nlist, train, "index.factory from config")
     nlist = 2 ** math.ceil(math.log2(max(4 * math.sqrt(n), 1)))
     nlist = max(min_nlist, min(nlist, n // MIN_POINTS_PER_LIST))
@@ -73,6 +73,10 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
         code, why = "Flat", "exact float32 codes (no per-vector memory budget below 4*d bytes)"
     elif budget >= dim:
         code, why = "SQ8", f"8-bit scalar codes + 8-byte ids fit the budget of {bytes_per_vector} B/vector"
+    elif budget >= 1 and n < PQ_MIN_TRAIN:
+        code, why = "SQ8", (f"{n} vectors are too few to train 256-centroid PQ codebooks (needs "
+                            f"{PQ_MIN_TRAIN}); 8-bit scalar codes until then (over the budget of "
+                            f"{bytes_per_vector} B/vector, {n * (dim + ID_BYTES)} bytes in all)")
     elif budget >= 1:
         m = max(x for x in _divisors(dim) if x <= budget)
         code, why = f"PQ{m}", f"PQ with {m}-byte codes + 8-byte ids fits the budget of {bytes_per_vector} B/vector"
@@ -81,7 +85,7 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
                          f"{ID_BYTES}-byte id: use at least {ID_BYTES + 1}")
     train = nlist * train_per_list
     if code.startswith("PQ"):
-        train = max(train, 256 * MIN_POINTS_PER_LIST)
+        train = max(train, PQ_MIN_TRAIN)
     train = min(train, max_train_sample, n)
     reason = (f"n={n}, d={dim}: nlist={nlist} (power of two >= 4*sqrt(n), >= {MIN_POINTS_PER_LIST} "
               f"points per list); {why}")
@@ -114,7 +118,11 @@ def train_quantizer(sample: np.ndarray, factory: str, seed: int = 1234):
             # index_factory turns on polysemous training for "PQm"; it serves Hamming filtering,
             # which inner-product search never uses, and took 97 s of a 98 s IVF41,PQ64 training here.
             ivf.do_polysemous_training = False
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    try:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    except RuntimeError as exc:
+        detail = next((line for line in str(exc).splitlines() if "Error" in line), str(exc)).strip()
+        raise InputError(f"cannot train index.factory {factory!r} on {len(sample)} vectors: {detail}") from None
     return index
 
 

@@ -13,9 +13,17 @@ def test_auto_rule():
     assert p.factory == "IVF4096,Flat" and 4 * 1000 <= p.nlist <= 16 * 1000
     assert p.train_size == 200_000  # capped by max_train_sample
     assert choose_factory(1_000_000, 768, max_train_sample=10**6).train_size == 4096 * 64
-    assert choose_factory(1_000_000, 768, bytes_per_vector=1000).factory == "IVF4096,SQ8"
-    assert choose_factory(1_000_000, 768, bytes_per_vector=64).factory == "IVF4096,PQ64"
-    assert choose_factory(1_000_000, 384, bytes_per_vector=50).factory == "IVF4096,PQ48"
+    # the budget holds the code and the 8-byte id
+    assert choose_factory(1_000_000, 768, bytes_per_vector=776).factory == "IVF4096,SQ8"
+    assert choose_factory(1_000_000, 768, bytes_per_vector=775).factory == "IVF4096,PQ384"
+    assert choose_factory(1_000_000, 768, bytes_per_vector=72).factory == "IVF4096,PQ64"
+    assert choose_factory(1_000_000, 384, bytes_per_vector=96).factory == "IVF4096,PQ64"
+    assert choose_factory(1_000_000, 384, bytes_per_vector=50).factory == "IVF4096,PQ32"
+    # too few vectors for 256-centroid PQ codebooks: scalar codes, said in the reason
+    tiny = choose_factory(5000, 384, bytes_per_vector=96)
+    assert tiny.factory.endswith(",SQ8") and "too few to train" in tiny.reason
+    with pytest.raises(InputError, match="leaves no room for a code"):
+        choose_factory(1_000_000, 384, bytes_per_vector=8)
     small = choose_factory(1000, 384)
     assert small.nlist == 1000 // 39 and small.train_size == 1000
 
@@ -24,6 +32,12 @@ def test_explicit_factory_needs_enough_vectors():
     with pytest.raises(InputError, match="needs at least nlist=1024 vectors to train, the Embeddings table has 50"):
         choose_factory(50, 16, factory="IVF1024,Flat")
     assert choose_factory(5000, 16, factory="IVF64,Flat").nlist == 64
+
+
+def test_untrainable_factory_is_a_clear_error():
+    x = np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32)
+    with pytest.raises(InputError, match=r"cannot train index.factory 'IVF2,PQ4' on 100 vectors: .*256"):
+        train_quantizer(x, "IVF2,PQ4")
 
 
 def test_merge_topk_hand_case():
