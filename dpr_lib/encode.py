@@ -115,6 +115,31 @@ def weights_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _fp32() -> dict:
+    """Load weights as float32 whatever dtype the checkpoint was saved in (transformers 5 would
+    keep the checkpoint's): encoder.dtype alone decides the compute precision."""
+    import torch
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no usable torch CUDA build
+        return False
+
+
+def gpu_token_budget(total_bytes: int, configured: int) -> int:
+    """Tokens per batch on a GPU: the configured budget sized for CPUs is far too small for a GPU;
+    scale it with the card's memory (16k tokens per 10 GB, 16k..256k), never below the config."""
+    return max(configured, min(262_144, max(16_384, 16_384 * (total_bytes // (10 << 30)))))
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -182,7 +207,11 @@ def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage",
         normalize_b = normalize == "true"
     dtype = ecfg.dtype
     if dtype == "auto":
-        dtype = "bf16" if cpu_has_native_bf16() else "fp32"
+        # Decided once, on the driver (the dtype is part of the fingerprint): bf16 where the
+        # encoding runs on GPUs (encoder.device=cuda, or auto with CUDA here) or on a CPU with
+        # native bf16, else fp32.
+        on_gpu = ecfg.device == "cuda" or (ecfg.device == "auto" and cuda_available())
+        dtype = "bf16" if on_gpu or cpu_has_native_bf16() else "fp32"
     elif dtype == "bf16" and not cpu_has_native_bf16() and ecfg.device != "cuda":
         log.warning("encoder.dtype=bf16 requested but this CPU has no native bf16 (avx512_bf16/amx): "
                     "using fp32, which is faster and exact here")
@@ -236,7 +265,7 @@ class Encoder:
             if spec.family == "dpr":
                 self.model = self._load_dpr()
             else:
-                self.model = AutoModel.from_pretrained(spec.model_dir)
+                self.model = AutoModel.from_pretrained(spec.model_dir, **_fp32())
         except EncoderError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -248,6 +277,12 @@ class Encoder:
                 f"{vocab}: tokenizer and weights do not match")
         self.device = self._pick_device()
         self.model.to(self.device).eval()
+        self.token_budget = spec.token_budget
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            self.token_budget = gpu_token_budget(props.total_memory, spec.token_budget)
+            log.info("encoding on %s (%s, %.0f GiB, %s, %d tokens per batch)", self.device, props.name,
+                     props.total_memory / 2**30, spec.dtype, self.token_budget)
         self.truncated = 0
         self.encoded = 0
         # One caller at a time: a fast tokenizer's truncation state is not thread-safe ("Already
@@ -264,7 +299,7 @@ class Encoder:
             cls = DPRQuestionEncoder
         else:
             cls = DPRQuestionEncoder if self.spec.role == "question" else DPRContextEncoder
-        return cls.from_pretrained(self.spec.model_dir)
+        return cls.from_pretrained(self.spec.model_dir, **_fp32())
 
     def _pick_device(self):
         torch = self.torch
@@ -272,7 +307,8 @@ class Encoder:
         if want in ("auto", "cuda") and torch.cuda.is_available():
             gpu = os.environ.get("DPR_GPU_ADDRESS")
             return torch.device(f"cuda:{gpu}" if gpu else "cuda")
-        if want == "cuda":
+        if want == "cuda" and not _CPU_FALLBACK_LOGGED:
+            _CPU_FALLBACK_LOGGED.append(True)  # once per process
             log.warning("encoder.device=cuda but CUDA is not available: encoding on CPU")
         return torch.device("cpu")
 
@@ -304,7 +340,7 @@ class Encoder:
         ids, types = self.tokenize(titles, texts)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         out = np.empty((n, self.spec.dim), dtype=np.float32)
-        for batch in length_batches(lengths, self.spec.token_budget):
+        for batch in length_batches(lengths, self.token_budget):
             out[batch] = self._forward([ids[i] for i in batch], [types[i] for i in batch])
         self.encoded += n
         return out
@@ -342,6 +378,7 @@ class Encoder:
 
 
 _ENCODERS: dict[EncoderSpec, Encoder] = {}
+_CPU_FALLBACK_LOGGED: list[bool] = []
 
 
 def get_encoder(spec: EncoderSpec) -> Encoder:
