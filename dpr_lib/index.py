@@ -141,11 +141,25 @@ def code_size(index) -> int:
     return int(ivf.code_size) if ivf is not None else int(index.sa_code_size())
 
 
+RERANK_BLOCK_FLOATS = 1 << 22  # candidate vectors gathered at once: 16 MB of float32
+
+
 def rerank(queries: np.ndarray, cand_ids: np.ndarray, store_pids: np.ndarray, store_vecs: np.ndarray,
            k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k among candidates [n, m] (pid -1 = none): every candidate is re-scored as
     q . v with v its stored vector (store_pids sorted; store_vecs may be a read-only memmap, of
-    which only the candidates' rows are read)."""
+    which only the candidates' rows are read). Queries go in blocks, so the gathered vectors
+    never exceed RERANK_BLOCK_FLOATS whatever the batch size."""
+    n, m = cand_ids.shape
+    block = max(1, RERANK_BLOCK_FLOATS // max(1, m * queries.shape[1]))
+    if n > block:
+        parts = [_rerank_block(queries[i:i + block], cand_ids[i:i + block], store_pids, store_vecs, k)
+                 for i in range(0, n, block)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return _rerank_block(queries, cand_ids, store_pids, store_vecs, k)
+
+
+def _rerank_block(queries, cand_ids, store_pids, store_vecs, k):
     n, m = cand_ids.shape
     flat = cand_ids.reshape(-1)
     valid = flat >= 0

@@ -110,3 +110,23 @@ def test_pack_batch_keeps_every_vector_with_its_pid_in_its_shard():
     assert sorted(got) == sorted(pids.tolist())
     np.testing.assert_array_equal(np.stack([got[int(p)] for p in pids]), vecs)
     assert set(np.unique(shard_of(pids, 4)).tolist()) == {0, 1, 2, 3}, "the hash spreads pids over all shards"
+
+
+def test_rerank_in_blocks_equals_one_block(monkeypatch):
+    from dpr_lib import index as ix
+
+    rng = np.random.default_rng(0)
+    pids = np.sort(rng.choice(10**6, 500, replace=False)).astype(np.int64)
+    vecs = rng.standard_normal((500, 16)).astype(np.float16)
+    q = rng.standard_normal((37, 16)).astype(np.float32)
+    cand = pids[rng.integers(0, 500, (37, 20))]
+    cand[0, 3] = -1          # no candidate
+    cand[1, 0] = 7_777_777   # not in the store
+    whole = ix.rerank(q, cand, pids, vecs, 5)
+    monkeypatch.setattr(ix, "RERANK_BLOCK_FLOATS", 16 * 20 * 3)  # 3 queries per block
+    blocks = ix.rerank(q, cand, pids, vecs, 5)
+    assert (whole[1] == blocks[1]).all() and np.allclose(whole[0], blocks[0])
+    exact = (q[1] @ vecs.astype(np.float32).T)
+    row = [p for p in cand[1].tolist() if p in set(pids.tolist())]
+    want = sorted(set(row), key=lambda p: (-exact[np.searchsorted(pids, p)], p))[:5]
+    assert whole[1][1].tolist() == want
