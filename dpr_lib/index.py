@@ -188,7 +188,8 @@ class RerankStoreWriter:
         import tempfile
 
         self.dim = dim
-        self.dir = tempfile.mkdtemp(prefix="dpr-rerank-")
+        local_dirs = [d for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(",") if d and os.path.isdir(d)]
+        self.dir = tempfile.mkdtemp(prefix="dpr-rerank-", dir=local_dirs[0] if local_dirs else None)
         self._pids = open(f"{self.dir}/pids.raw", "wb")
         self._vecs = open(f"{self.dir}/vecs.raw", "wb")
         self.n = 0

@@ -276,7 +276,8 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
     # The smallest nprobe, then the smallest k_factor, reaching the target (forced values fixed).
     candidates = [(p, kf) for (p, kf) in recall_by if not icfg.nprobe or p == icfg.nprobe]
     reaching = sorted(c for c in candidates if recall_by[c] >= icfg.recall_target)
-    nprobe, k_factor = reaching[0] if reaching else (max(candidates) if candidates else (icfg.nprobe, 0))
+    nprobe, k_factor = reaching[0] if reaching else (
+        max(candidates) if candidates else (icfg.nprobe, max(k_factors) if k_factors else 0))
     if icfg.nprobe:
         nprobe = icfg.nprobe
     recall_by_nprobe = {p: recall_by[(p, kf)] for (p, kf) in recall_by if kf == k_factor}

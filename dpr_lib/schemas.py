@@ -42,4 +42,6 @@ META_FINGERPRINT = b"dpr.fingerprint"
 META_SOURCE_SHA256 = b"dpr.source_sha256"
 META_DIM = b"dpr.dim"
 
-MANIFEST_FORMAT_VERSION = 1
+# 2: adds k_factor, memory and per-shard re-rank stores; a reader of 1 would search compact
+# shards without re-ranking, so it must refuse them (and a service keeps its current version).
+MANIFEST_FORMAT_VERSION = 2

@@ -95,7 +95,11 @@ class IndexHolder:
         except Exception as exc:  # noqa: BLE001 - storage down: keep serving, report
             self._fail("LATEST", f"cannot read LATEST: {exc}")
             return False
-        if latest is None or (self.current and latest == self.current.version):
+        if latest is None:
+            if self.current is None and not self.failed:
+                self._fail("LATEST", f"no index published under {self.root} yet (LATEST is missing)")
+            return False
+        if self.current and latest == self.current.version:
             return False
         retry_after = max(60.0, 10 * self.cfg.serve.poll_s)
         if self.failed and self.failed["version"] == latest and time.time() - self.failed["at"] < retry_after:

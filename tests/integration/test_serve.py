@@ -177,3 +177,11 @@ def test_broken_new_version_is_refused_and_the_old_one_kept(service, missing, re
         assert r.status_code == 200 and r.json()["version"] == serving
     finally:
         set_latest(ROOT, serving, cfg.storage_options())
+
+
+def test_holder_reports_an_index_root_with_nothing_published(tmp_path):
+    from dpr_lib.serve import IndexHolder
+
+    holder = IndexHolder(make_config(tmp_path), str(tmp_path / "empty-root"))
+    assert holder.poll_once() is False and holder.current is None
+    assert "LATEST is missing" in holder.failed["error"]
