@@ -25,7 +25,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("py4j", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock", "faiss", "werkzeug"):
+    for noisy in ("py4j", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock", "faiss", "werkzeug",
+                  "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
