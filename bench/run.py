@@ -87,6 +87,15 @@ def squad_jsonl(path: str, limit: int) -> int:
     return min(limit, len(docs))
 
 
+def squad_questions(name: str, limit: int, per_paragraph: int | None = None) -> list[str]:
+    """The first ``limit`` questions of a SQuAD file (at most ``per_paragraph`` from each paragraph)."""
+    questions = []
+    for art in json.load(open(os.path.join(SQUAD, name)))["data"]:
+        for para in art["paragraphs"]:
+            questions.extend(qa["question"] for qa in para["qas"][:per_paragraph])
+    return questions[:limit]
+
+
 def model_flops_per_token(model_dir: str, tokens: float) -> float:
     """2 * non-embedding parameters per token + attention (QK^T and AV): 4 * layers * T * d."""
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
@@ -303,11 +312,7 @@ def bench_search_single(enc_cfg, results: dict) -> None:
     """p50 latency of one question end to end (encode + search + docstore lookup) on the SQuAD index."""
     from dpr_lib.search import Searcher
 
-    questions = []
-    for art in json.load(open(os.path.join(SQUAD, "dev-v1.1-part-a.json")))["data"]:
-        for para in art["paragraphs"]:
-            questions.extend(qa["question"] for qa in para["qas"][:1])
-    questions = questions[: 20 if QUICK else 100]
+    questions = squad_questions("dev-v1.1-part-a.json", 20 if QUICK else 100, per_paragraph=1)
     searcher = Searcher(enc_cfg.path("index_root"), enc_cfg.encoder, cache_dir=os.path.join(WORK, "cache"))
     searcher.ask(questions[:2], 10)
     lat = []
@@ -393,11 +398,7 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
     full = run_nightly(spark, cfg_for("full"))
     full_s = time.perf_counter() - t
 
-    questions = []
-    for art in json.load(open(os.path.join(SQUAD, "train-v1.1-subset.json")))["data"]:
-        for para in art["paragraphs"]:
-            questions.extend(qa["question"] for qa in para["qas"][:1])
-    questions = questions[: 50 if QUICK else 300]
+    questions = squad_questions("train-v1.1-subset.json", 50 if QUICK else 300, per_paragraph=1)
     cfg = cfg_for("full")
     q = Encoder(resolve_spec(cfg.encoder, cfg.path("cache_dir"))).encode(None, questions)
     def agreement(nprobe=None) -> float:
@@ -449,14 +450,6 @@ print(json.dumps({{"imported": imported, "loaded": _memory()["RssAnon"], "vector
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def squad_questions(limit: int) -> list[str]:
-    questions = []
-    for art in json.load(open(os.path.join(SQUAD, "dev-v1.1-part-a.json")))["data"]:
-        for para in art["paragraphs"]:
-            questions.extend(qa["question"] for qa in para["qas"])
-    return questions[:limit]
-
-
 def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     """Compact shards: memory slope per passage (N vs 4N), recall vs exact on real questions, top-20
     loss through the evaluation job; the HTTP service: QPS, p99, and three swaps under load."""
@@ -478,7 +471,7 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     # recall@10 >= 0.95, about 3).
     compact = [f"index.bytes_per_vector={SERVE_BUDGET}", "index.num_shards=2", "index.recall_target=0.995",
                "index.recall_k=20"]
-    qtexts = squad_questions(200 if QUICK else 1000)
+    qtexts = squad_questions("dev-v1.1-part-a.json", 200 if QUICK else 1000)
     qvecs = get_encoder(resolve_spec(enc_cfg.encoder, enc_cfg.path("cache_dir"), role="question")).encode(None, qtexts)
 
     # 1. Memory per passage: the slope between N and 4N vectors, and recall at 4N on real questions.

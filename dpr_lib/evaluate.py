@@ -104,8 +104,12 @@ class Dataset:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def _bad(skipped: dict, reason: str, where: str, what: str) -> None:
+def _count(skipped: dict, reason: str) -> None:
     skipped[reason] = skipped.get(reason, 0) + 1
+
+
+def _bad(skipped: dict, reason: str, where: str, what: str) -> None:
+    _count(skipped, reason)
     if skipped[reason] <= 3:
         log.warning("skipped %s (%s): %s", where, reason, what)
 
@@ -170,7 +174,7 @@ def load_squad(path: str, work_dir: str) -> Dataset:
                 answers = [x.get("text") for x in qa.get("answers") or [] if isinstance(x, dict)]
                 answers = [x for x in answers if isinstance(x, str) and answer_keys([x])]
                 if not answers:
-                    skipped["question_without_answers"] = skipped.get("question_without_answers", 0) + 1
+                    _count(skipped, "question_without_answers")
                     continue
                 questions.append(Question(str(qa.get("id") or f"{a}.{p}.{j}"), qa["question"].strip(),
                                           list(dict.fromkeys(answers)), frozenset({doc_id})))
@@ -201,7 +205,7 @@ def _read_qa_tsv(path: str, skipped: dict) -> list[Question]:
                 continue
             answers = [a for a in answers if isinstance(a, str) and answer_keys([a])] if isinstance(answers, list) else []
             if not answers:
-                skipped["question_without_answers"] = skipped.get("question_without_answers", 0) + 1
+                _count(skipped, "question_without_answers")
                 continue
             questions.append(Question(f"q{line_no}", parts[0].strip(), answers))
     return questions
@@ -241,7 +245,7 @@ def load_dpr(path: str, work_dir: str, passages: str | None = None) -> Dataset:
                     if key == "positive_ctxs":
                         gold.add(cid)
             if not answers:
-                skipped["question_without_answers"] = skipped.get("question_without_answers", 0) + 1
+                _count(skipped, "question_without_answers")
                 continue
             questions.append(Question(str(rec.get("id") or rec.get("qid") or i), rec["question"].strip(), answers,
                                       frozenset(gold)))

@@ -28,7 +28,7 @@ import numpy as np
 from dpr_lib import schemas, storage
 from dpr_lib.config import EncoderConfig, join_url
 from dpr_lib.errors import DprError, IncompatibleIndexError, IndexIntegrityError, InputError
-from dpr_lib.index import merge_topk, rerank, set_nprobe
+from dpr_lib.index import ID_BYTES, code_size, merge_topk, rerank, set_nprobe
 
 log = logging.getLogger("dpr_lib.search")
 
@@ -194,13 +194,8 @@ class ShardedIndex:
         return merge_topk([r[0] for r in results], [r[1] for r in results], k)
 
     def memory(self) -> dict:
-        """Bytes held: FAISS shards in RAM (codes + ids + quantizer) and the mapped re-rank stores on disk."""
-        import faiss
-
-        ram = 0
-        for s in self.shards:
-            ivf = faiss.try_extract_index_ivf(s)
-            ram += (ivf.code_size + 8) * s.ntotal if ivf is not None else 0
+        """Bytes held: codes + ids of the FAISS shards in RAM, and the mapped re-rank stores on disk."""
+        ram = sum((code_size(s) + ID_BYTES) * s.ntotal for s in self.shards)
         disk = sum(p.nbytes + v.nbytes for p, v in self.stores)
         return {"codes_and_ids_bytes": int(ram), "rerank_store_bytes": int(disk), "vectors": int(self.ntotal)}
 

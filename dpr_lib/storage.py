@@ -105,14 +105,7 @@ def upload_file_atomic(local: str, url: str, storage_options: dict | None = None
     (local: staged copy renamed into place; object stores: one PUT, visible only when complete)."""
     fs, path = get_fs(url, storage_options)
     if is_local(url):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        staged = f"{path}.{uuid.uuid4().hex}.tmp"
-        try:
-            retry(lambda: shutil.copyfile(local, staged), f"write {url}", attempts)
-            os.replace(staged, path)
-        finally:
-            if os.path.exists(staged):
-                os.remove(staged)
+        _via_temp(path, ".tmp", lambda staged: shutil.copyfile(local, staged), f"write {url}", attempts)
     else:
         retry(lambda: fs.put_file(local, path), f"upload {url}", attempts)
 
@@ -131,10 +124,16 @@ def exists(url: str, storage_options: dict | None = None, attempts: int = 5) -> 
 def download(url: str, dest: str, storage_options: dict | None = None, attempts: int = 5) -> None:
     """Copy ``url`` to the local file ``dest`` through a temporary file (never a partial ``dest``)."""
     fs, path = get_fs(url, storage_options)
+    _via_temp(dest, ".part", lambda tmp: fs.get_file(path, tmp), f"download {url}", attempts)
+
+
+def _via_temp(dest: str, suffix: str, write: Callable[[str], object], what: str, attempts: int) -> None:
+    """``write(tmp)`` (retried) into a unique temp file beside the local path ``dest``, then rename
+    it into place: ``dest`` is the old file or the whole new one, never a partial one."""
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    tmp = f"{dest}.{uuid.uuid4().hex}.part"
+    tmp = f"{dest}.{uuid.uuid4().hex}{suffix}"
     try:
-        retry(lambda: fs.get_file(path, tmp), f"download {url}", attempts)
+        retry(lambda: write(tmp), what, attempts)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
