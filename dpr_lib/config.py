@@ -182,6 +182,59 @@ class NightlyConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Training data mining (jobs/build_training_data.py) and the bi-encoder trainer (jobs/train_encoder.py)."""
+
+    mine_k: int = 30
+    """BM25 candidates per question when mining positives and hard negatives."""
+    hard_negatives_kept: int = 10
+    """Hard negatives written per question (top BM25 passages without an answer)."""
+    model: str = ""
+    """Start from this model (dir or fsspec URL); empty: encoder.model (the bundled model when empty too)."""
+    shared_encoder: bool = False
+    """One set of weights for questions and passages; false trains two encoders as DPR does."""
+    batch_size: int = 32
+    """Questions per global batch (split evenly across processes)."""
+    hard_negatives: int = 1
+    """Hard negatives per question in a batch, drawn from the top hard_negative_pool of each question."""
+    hard_negative_pool: int = 5
+    epochs: float = 1.0
+    """Passes over the training questions (fractions allowed)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = epochs decide)."""
+    lr: float = 2e-5
+    warmup_steps: int = 100
+    """Linear warm-up, then linear decay to 0 at the last step."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 2.0
+    similarity: str = "auto"
+    """dot | cosine | auto (cosine when the encoder L2-normalises its vectors, as the index then does)."""
+    scale: float = 20.0
+    """Scores are multiplied by this for cosine similarity (a temperature of 1/scale)."""
+    dropout: float = -1.0
+    """Dropout of the encoders while training; < 0 keeps the model's own."""
+    dtype: str = "fp32"
+    """fp32 | bf16 (autocast)."""
+    max_question_length: int = 64
+    seed: int = 42
+    val_fraction: float = 0.05
+    """Held-out questions for validation (average rank and top-k of the positive among their passages)."""
+    val_every: int = 200
+    """Validate every this many steps (and at the end); 0 = only at the end."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_processes: int = 1
+    """Training processes under TorchDistributor (DDP over gloo on CPU); passage embeddings are
+    all-gathered so every question sees the whole global batch as negatives."""
+    local_mode: bool = True
+    """TorchDistributor local_mode: processes on the driver (true) or in Spark barrier tasks (false)."""
+    threads: int = 0
+    """Torch threads per process; 0 = the machine's cores / num_processes."""
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -192,6 +245,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def path(self, name: str) -> str:
         """A derived path: the configured value or <work_dir>/<name>."""
@@ -222,6 +276,8 @@ _CHOICES = {
     "encoder.dtype": {"auto", "fp32", "bf16"},
     "encoder.device": {"auto", "cpu", "cuda"},
     "index.rerank": {"auto", "none", "float16"},
+    "train.similarity": {"auto", "dot", "cosine"},
+    "train.dtype": {"fp32", "bf16"},
 }
 _POSITIVE = {
     "corpus.words", "corpus.num_files", "corpus.split_bytes", "corpus.max_doc_bytes",
@@ -231,10 +287,15 @@ _POSITIVE = {
     "publish.keep_versions", "publish.docstore_row_group", "publish.retries",
     "search.k", "search.max_k", "nightly.retrain_growth", "serve.port", "serve.poll_s", "serve.max_batch",
     "serve.max_k", "serve.max_question_chars", "nightly.stale_lock_s", "nightly.keep_runs",
+    "train.mine_k", "train.batch_size", "train.hard_negative_pool", "train.epochs", "train.lr",
+    "train.max_question_length", "train.keep_checkpoints", "train.log_every", "train.num_processes",
+    "train.scale", "train.max_grad_norm",
 }
 _NON_NEGATIVE = {"corpus.overlap", "corpus.default_corpus_limit", "encoder.threads",
                  "index.num_shards", "index.bytes_per_vector", "index.nprobe", "search.nprobe",
-                 "index.k_factor", "search.k_factor", "serve.warmup_queries"}
+                 "index.k_factor", "search.k_factor", "serve.warmup_queries",
+                 "train.hard_negatives_kept", "train.hard_negatives", "train.max_steps", "train.warmup_steps",
+                 "train.weight_decay", "train.val_every", "train.checkpoint_every", "train.threads"}
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -321,6 +382,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"index.recall_target must be within (0, 1], got {cfg.index.recall_target}")
     if cfg.search.k > cfg.search.max_k:
         raise ConfigError(f"search.k must be <= search.max_k ({cfg.search.max_k}), got {cfg.search.k}")
+    if not 0.0 <= cfg.train.val_fraction < 1.0:
+        raise ConfigError(f"train.val_fraction must be within [0, 1), got {cfg.train.val_fraction}")
+    if cfg.train.batch_size % cfg.train.num_processes:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.num_processes "
+                          f"({cfg.train.num_processes})")
+    if cfg.train.dropout >= 1.0:
+        raise ConfigError(f"train.dropout must be < 1, got {cfg.train.dropout}")
     if not cfg.paths.work_dir:
         raise ConfigError("paths.work_dir must not be empty")
     return cfg

@@ -361,8 +361,8 @@ def write_stats(cfg: Config, stage: str, stats: dict) -> str:
     return url
 
 
-def publish_spark_output(tmp_url: str, final_url: str) -> list[str]:
-    """Move Spark's part files from ``tmp_url`` to ``final_url`` as part-NNNNN.parquet, replacing
+def publish_spark_output(tmp_url: str, final_url: str, suffix: str = ".parquet") -> list[str]:
+    """Move Spark's part files from ``tmp_url`` to ``final_url`` as part-NNNNN<suffix>, replacing
     what was there. Files keep Spark's partition order, so range-partitioned output stays ordered."""
     fs, tmp_path = storage.get_fs(tmp_url)
     _, final_path = storage.get_fs(final_url)
@@ -372,7 +372,7 @@ def publish_spark_output(tmp_url: str, final_url: str) -> list[str]:
     fs.makedirs(final_path, exist_ok=True)
     out = []
     for i, p in enumerate(parts):
-        dest = f"{final_path}/part-{i:05d}.parquet"
+        dest = f"{final_path}/part-{i:05d}{suffix}"
         fs.mv(p, dest)
         out.append(dest)
     fs.rm(tmp_path, recursive=True)

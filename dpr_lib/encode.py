@@ -249,7 +249,7 @@ class Encoder:
 
     def __init__(self, spec: EncoderSpec):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.spec = spec
         self.torch = torch
@@ -261,15 +261,7 @@ class Encoder:
             raise EncoderError(f"cannot load the tokenizer of {spec.model_dir}: {exc}") from exc
         if not self.tokenizer.is_fast:
             raise EncoderError(f"{spec.model_dir}: a fast tokenizer is required (tokenizer.json or vocab.txt)")
-        try:
-            if spec.family == "dpr":
-                self.model = self._load_dpr()
-            else:
-                self.model = AutoModel.from_pretrained(spec.model_dir, **_fp32())
-        except EncoderError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise EncoderError(f"cannot load model weights from {spec.model_dir}: {exc}") from exc
+        self.model = load_model(spec)
         vocab = self.model.config.vocab_size
         if len(self.tokenizer) > vocab:
             raise EncoderError(
@@ -289,43 +281,23 @@ class Encoder:
         # borrowed"), and torch already uses every core for one batch. Services call from threads.
         self._lock = threading.Lock()
 
-    def _load_dpr(self):
-        from transformers import DPRContextEncoder, DPRQuestionEncoder
-
-        archs = _read_json(os.path.join(self.spec.model_dir, "config.json")).get("architectures") or []
-        if "DPRContextEncoder" in archs:
-            cls = DPRContextEncoder
-        elif "DPRQuestionEncoder" in archs:
-            cls = DPRQuestionEncoder
-        else:
-            cls = DPRQuestionEncoder if self.spec.role == "question" else DPRContextEncoder
-        return cls.from_pretrained(self.spec.model_dir, **_fp32())
-
     def _pick_device(self):
         torch = self.torch
         want = self.spec.device
+        gpu = os.environ.get("DPR_GPU_ADDRESS", "")
         if want in ("auto", "cuda") and torch.cuda.is_available():
-            gpu = os.environ.get("DPR_GPU_ADDRESS")
-            return torch.device(f"cuda:{gpu}" if gpu else "cuda")
-        if want == "cuda" and not _CPU_FALLBACK_LOGGED:
+            return torch.device(cuda_device(gpu, torch.cuda.device_count()))
+        if (want == "cuda" or gpu) and not _CPU_FALLBACK_LOGGED:
             _CPU_FALLBACK_LOGGED.append(True)  # once per process
-            log.warning("encoder.device=cuda but CUDA is not available: encoding on CPU")
+            why = f"Spark assigned GPU {gpu}" if gpu else "encoder.device=cuda"
+            log.warning("%s but CUDA is not available in this Python (%s, torch %s): encoding on CPU", why,
+                        sys.executable, torch.__version__)
         return torch.device("cpu")
 
     def tokenize(self, titles: list[str] | None, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids and type ids, truncated to max_length (keeping the final [SEP]); counts truncations."""
-        limit = self.spec.max_length
-        if titles is None:
-            enc = self.tokenizer(texts, truncation=True, max_length=limit + 1, add_special_tokens=True)
-        else:
-            enc = self.tokenizer(titles, texts, truncation=True, max_length=limit + 1, add_special_tokens=True)
-        ids = enc["input_ids"]
-        types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
-        for i, row in enumerate(ids):
-            if len(row) > limit:
-                self.truncated += 1
-                ids[i] = row[:limit - 1] + row[-1:]
-                types[i] = types[i][:limit - 1] + types[i][-1:]
+        ids, types, truncated = tokenize(self.tokenizer, titles, texts, self.spec.max_length)
+        self.truncated += truncated
         return ids, types
 
     def encode(self, titles: list[str] | None, texts: list[str]) -> np.ndarray:
@@ -347,43 +319,106 @@ class Encoder:
 
     def _forward(self, ids: list[list[int]], types: list[list[int]]) -> np.ndarray:
         torch = self.torch
-        width = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id or 0
-        arr = np.full((len(ids), width), pad, dtype=np.int64)
-        typ = np.zeros((len(ids), width), dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for r, (row, trow) in enumerate(zip(ids, types)):
-            arr[r, :len(row)] = row
-            typ[r, :len(trow)] = trow
-            mask[r, :len(row)] = 1
-        input_ids = torch.from_numpy(arr).to(self.device)
-        attn = torch.from_numpy(mask).to(self.device)
-        kwargs = {"input_ids": input_ids, "attention_mask": attn}
-        if self.spec.family == "dpr" or "token_type_ids" in self.tokenizer.model_input_names:
-            kwargs["token_type_ids"] = torch.from_numpy(typ).to(self.device)
+        kwargs = model_inputs(self.tokenizer, ids, types, self.device, self.spec.family == "dpr")
+        attn = kwargs["attention_mask"]
         use_bf16 = self.spec.dtype == "bf16"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            outputs = self.model(**kwargs)
-            if self.spec.pooling == "pooler":
-                vec = outputs.pooler_output.float()
-            elif self.spec.pooling == "cls":
-                vec = outputs.last_hidden_state[:, 0].float()
-            else:
-                hidden = outputs.last_hidden_state.float()
-                m = attn.unsqueeze(-1).to(hidden.dtype)
-                vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-            if self.spec.normalize:
-                vec = torch.nn.functional.normalize(vec, dim=-1)
+            vec = pool(self.model(**kwargs), attn, self.spec.pooling, self.spec.normalize)
         return vec.cpu().numpy()
 
 
-_ENCODERS: dict[EncoderSpec, Encoder] = {}
+def cuda_device(address: str, count: int) -> str:
+    """The torch device of a Spark-assigned GPU address ("" = the default GPU); an address this
+    node does not have is an error naming both, not a crash deep in CUDA."""
+    if not address:
+        return "cuda"
+    if not address.isdigit() or int(address) >= count:
+        raise EncoderError(f"Spark assigned GPU address {address!r}, but this node has {count} CUDA device(s) "
+                           f"(0..{count - 1}): check the GPU discovery script and spark.*.resource.gpu.* settings")
+    return f"cuda:{address}"
+
+
+def load_model(spec: EncoderSpec, **overrides):
+    """The transformers model of ``spec`` in float32 (DPR context/question encoders by their
+    architecture, else AutoModel); ``overrides`` go to its config (e.g. dropout)."""
+    from transformers import AutoModel, DPRContextEncoder, DPRQuestionEncoder
+
+    try:
+        if spec.family != "dpr":
+            return AutoModel.from_pretrained(spec.model_dir, **_fp32(), **overrides)
+        archs = _read_json(os.path.join(spec.model_dir, "config.json")).get("architectures") or []
+        if "DPRContextEncoder" in archs:
+            cls = DPRContextEncoder
+        elif "DPRQuestionEncoder" in archs:
+            cls = DPRQuestionEncoder
+        else:
+            cls = DPRQuestionEncoder if spec.role == "question" else DPRContextEncoder
+        return cls.from_pretrained(spec.model_dir, **_fp32(), **overrides)
+    except Exception as exc:  # noqa: BLE001
+        raise EncoderError(f"cannot load model weights from {spec.model_dir}: {exc}") from exc
+
+
+def model_inputs(tokenizer, ids: list[list[int]], types: list[list[int]], device, with_types: bool = False) -> dict:
+    """Padded input_ids / attention_mask (/ token_type_ids) tensors on ``device``."""
+    import torch
+
+    width = max(len(x) for x in ids)
+    arr = np.full((len(ids), width), tokenizer.pad_token_id or 0, dtype=np.int64)
+    typ = np.zeros((len(ids), width), dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for r, (row, trow) in enumerate(zip(ids, types)):
+        arr[r, :len(row)] = row
+        typ[r, :len(trow)] = trow
+        mask[r, :len(row)] = 1
+    kwargs = {"input_ids": torch.from_numpy(arr).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+    if with_types or "token_type_ids" in tokenizer.model_input_names:
+        kwargs["token_type_ids"] = torch.from_numpy(typ).to(device)
+    return kwargs
+
+
+def tokenize(tokenizer, titles: list[str] | None, texts: list[str], limit: int) -> tuple[list, list, int]:
+    """Token ids, type ids (title + text as a pair, or text alone) truncated to ``limit`` tokens
+    keeping the final [SEP], and the number of truncated sequences. Training and encoding share it."""
+    if titles is None:
+        enc = tokenizer(texts, truncation=True, max_length=limit + 1, add_special_tokens=True)
+    else:
+        enc = tokenizer(titles, texts, truncation=True, max_length=limit + 1, add_special_tokens=True)
+    ids = enc["input_ids"]
+    types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
+    truncated = 0
+    for i, row in enumerate(ids):
+        if len(row) > limit:
+            truncated += 1
+            ids[i] = row[:limit - 1] + row[-1:]
+            types[i] = types[i][:limit - 1] + types[i][-1:]
+    return ids, types, truncated
+
+
+def pool(outputs, attn, pooling: str, normalize: bool):
+    """The passage/question vector of a model's outputs (float32): pooler, [CLS] or masked mean,
+    optionally L2-normalised. Training and encoding share it, so a trained model encodes as trained."""
+    import torch
+
+    if pooling == "pooler":
+        vec = outputs.pooler_output.float()
+    elif pooling == "cls":
+        vec = outputs.last_hidden_state[:, 0].float()
+    else:
+        hidden = outputs.last_hidden_state.float()
+        m = attn.unsqueeze(-1).to(hidden.dtype)
+        vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return torch.nn.functional.normalize(vec, dim=-1) if normalize else vec
+
+
+_ENCODERS: dict[tuple[EncoderSpec, str], Encoder] = {}
 _CPU_FALLBACK_LOGGED: list[bool] = []
 
 
 def get_encoder(spec: EncoderSpec) -> Encoder:
-    """The encoder for ``spec``, loaded once per Python process (Spark reuses Python workers)."""
-    enc = _ENCODERS.get(spec)
+    """The encoder for ``spec``, loaded once per Python process (Spark reuses Python workers) and
+    per assigned GPU (a reused worker may be handed a task with another GPU address)."""
+    key = (spec, os.environ.get("DPR_GPU_ADDRESS", ""))
+    enc = _ENCODERS.get(key)
     if enc is None:
         local = spec
         if not os.path.isdir(spec.model_dir):
@@ -394,7 +429,7 @@ def get_encoder(spec: EncoderSpec) -> Encoder:
             if weights_sha256(local.model_dir) != spec.weights_sha256:
                 raise EncoderError(f"the model at {spec.model_url or 'the bundled path'} on this executor is not "
                                    "the one the driver fingerprinted (weights differ)")
-        enc = _ENCODERS[spec] = Encoder(local)
+        enc = _ENCODERS[key] = Encoder(local)
     return enc
 
 
@@ -453,11 +488,13 @@ def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float
     t0 = time.time()
     source_sha = storage.sha256_file(in_url)
     stats = {"file": in_url, "output": out_url, "rows": 0, "truncated": 0, "skipped": False,
-             "python": sys.executable, "seconds": 0.0}
+             "python": sys.executable, "gpu": os.environ.get("DPR_GPU_ADDRESS", ""), "device": "",
+             "seconds": 0.0}
     if _is_complete(out_url, spec.fingerprint_id(), source_sha):
         stats["skipped"] = True
         return stats
     encoder = get_encoder(spec)
+    stats["device"] = str(encoder.device)
     truncated0 = encoder.truncated
     fs, path = storage.get_fs(in_url)
     schema = schemas.embeddings_schema(spec.dim).with_metadata(embeddings_metadata(spec, source_sha))
@@ -527,6 +564,8 @@ def encode_passages(spark, cfg: Config) -> dict:
             gpus = ctx.resources().get("gpu") if hasattr(ctx, "resources") else None
             if gpus is not None and gpus.addresses:
                 os.environ["DPR_GPU_ADDRESS"] = gpus.addresses[0]
+            else:
+                os.environ.pop("DPR_GPU_ADDRESS", None)
             if spec.threads == 0:
                 task_spec = dataclasses.replace(spec, threads=max(1, cpus))
         for batch in batches:
@@ -549,6 +588,8 @@ def encode_passages(spark, cfg: Config) -> dict:
         "passages_per_s": round(encoded / seconds, 2) if encoded else 0.0,
         "embeddings_url": out_dir, "fingerprint": spec.fingerprint(),
         "executor_python": sorted({r["python"] for r in results}),
+        "devices": sorted({f"{r['device']} (spark gpu {r['gpu']})" if r["gpu"] else r["device"]
+                           for r in results if r["device"]}),
         "tasks": results, "seconds": round(seconds, 3),
     }
     stats["stats_url"] = write_stats(cfg, "encode_passages", stats)
@@ -559,7 +600,7 @@ def encode_passages(spark, cfg: Config) -> dict:
 
 _TASK_STATS = pa.schema([("file", pa.string()), ("output", pa.string()), ("rows", pa.int64()),
                          ("truncated", pa.int64()), ("skipped", pa.bool_()), ("python", pa.string()),
-                         ("seconds", pa.float64())])
+                         ("gpu", pa.string()), ("device", pa.string()), ("seconds", pa.float64())])
 
 
 def check_embeddings(files: list[str], expected_fingerprint: dict | None = None) -> tuple[dict, int]:

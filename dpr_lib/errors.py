@@ -41,3 +41,9 @@ class StorageError(DprError):
     """Object storage failed after retries, or a path is not writable."""
 
     exit_code = 7
+
+
+class ExecutorEnvironmentError(DprError):
+    """Executors cannot import what the jobs need (a packed environment missing a dependency)."""
+
+    exit_code = 8

@@ -38,7 +38,72 @@ def get_session(cfg: Config):
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DPR_SPARK_LOG_LEVEL", "WARN"))
     log.info("Spark %s, master %s", spark.version, spark.sparkContext.master)
+    if not is_local_master(spark.sparkContext.master):
+        check_executors(spark)
     return spark
+
+
+def is_local_master(master: str) -> bool:
+    """``local``/``local[N]``: executors are this process's own interpreter (``local-cluster`` is not)."""
+    return master == "local" or master.startswith("local[")
+
+
+EXECUTOR_MODULES = ("dpr_lib", "torch", "transformers", "faiss", "pyarrow", "numpy", "fsspec", "s3fs")
+
+# Run on executors before any stage. It must not need dpr_lib to be unpickled (an archive missing
+# dpr_lib is one of the failures it reports), so it is compiled here and shipped by value.
+_PROBE_SOURCE = """
+def probe(_):
+    import importlib, os, socket, sys
+    missing = {}
+    for name in MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            missing[name] = f"{type(exc).__name__}: {exc}"
+    yield {"python": sys.executable, "host": socket.gethostname(), "cwd": os.getcwd(), "missing": missing}
+"""
+
+
+def _probe_function():
+    import builtins
+
+    namespace = {"__builtins__": builtins, "__name__": "dpr_executor_probe", "MODULES": EXECUTOR_MODULES}
+    exec(compile(_PROBE_SOURCE, "<dpr executor probe>", "exec"), namespace)  # noqa: S102 - our own constant
+    return namespace["probe"]
+
+
+def check_executors(spark, tasks: int = 0) -> list[dict]:
+    """Import the product's modules on the executors (``tasks`` small tasks, default one per core)
+    and fail with the missing module, the executor's Python and the shipped archive named, before
+    a stage fails deep inside a task with a bare ImportError. Returns what each task saw."""
+    from dpr_lib.errors import ExecutorEnvironmentError
+
+    sc = spark.sparkContext
+    n = tasks or max(2, sc.defaultParallelism)
+    try:
+        seen = sc.parallelize(range(n), n).mapPartitions(_probe_function()).collect()
+    except Exception as exc:  # noqa: BLE001 - the Python worker itself did not start
+        raise ExecutorEnvironmentError(
+            f"executors could not run Python ({_archive_hint(sc)}): {str(exc).splitlines()[0][:500]}") from exc
+    for s in seen:
+        if s["missing"]:
+            name, why = next(iter(s["missing"].items()))
+            raise ExecutorEnvironmentError(
+                f"executor Python {s['python']} on {s['host']} cannot import {name} ({why}); "
+                f"{_archive_hint(sc)}. Rebuild it with `make package` (all missing: {sorted(s['missing'])})")
+    pythons = sorted({s["python"] for s in seen})
+    log.info("executors run %s (%s)", ", ".join(pythons), _archive_hint(sc))
+    return seen
+
+
+def _archive_hint(sc) -> str:
+    conf = sc.getConf()
+    archives = conf.get("spark.archives", "") or conf.get("spark.yarn.dist.archives", "")
+    python = conf.get("spark.pyspark.python", "") or os.environ.get("PYSPARK_PYTHON", "")
+    if archives:
+        return f"environment shipped as {archives}, spark.pyspark.python={python or 'unset'}"
+    return f"no archive shipped (spark.archives unset), executor python {python or 'default'}"
 
 
 def spark_schema(arrow_schema):

@@ -91,6 +91,29 @@ def test_dataframe_input(spark, tmp_path):
         shard_corpus(spark, cfg, df=spark.createDataFrame([{"id": "x", "body": "y"}]))
 
 
+def test_temp_view_and_catalog_table_input(spark, tmp_path):
+    """Documents already in Spark: ``corpus.input=table:<name>`` reads a temporary view or a
+    catalog table (here saved with saveAsTable into a database located in a local warehouse dir)."""
+    docs = synthetic_docs(4)
+    spark.createDataFrame(docs).createOrReplaceTempView("dpr_docs_view")
+    view = shard_corpus(spark, make_config(tmp_path / "v", "corpus.input=table:dpr_docs_view"))
+    warehouse = tmp_path / "warehouse"
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS dpr_test LOCATION '{warehouse.as_uri()}'")
+    try:
+        spark.createDataFrame(docs).write.mode("overwrite").saveAsTable("dpr_test.docs")
+        assert any(p.name == "docs" for p in warehouse.iterdir())         # really written to the warehouse
+        table = shard_corpus(spark, make_config(tmp_path / "t", "corpus.input=table:spark_catalog.dpr_test.docs"))
+    finally:
+        spark.sql("DROP DATABASE IF EXISTS dpr_test CASCADE")
+    assert view["passages"] == table["passages"] == 8 and view["rejects"] == table["rejects"] == 0
+    cols = ["pid", "doc_id", "chunk", "content_hash"]
+    a = read_passages(make_config(tmp_path / "v")).select(cols).sort_by("pid")
+    b = read_passages(make_config(tmp_path / "t")).select(cols).sort_by("pid")
+    assert a.equals(b)
+    with pytest.raises(InputError, match="names table 'dpr_test.nope', which is not in the session's catalog"):
+        shard_corpus(spark, make_config(tmp_path / "x", "corpus.input=table:dpr_test.nope"))
+
+
 BAD_LINES = [
     (b'{"id": "ok1", "title": "t", "text": "good text one"}', None),
     (b'{"id": "ok2", "title": "t", "text": "good text two"}', None),

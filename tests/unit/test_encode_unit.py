@@ -130,3 +130,13 @@ def test_nan_and_dimension_checks_name_the_pid():
         check_vectors(v, pids, 4)
     with pytest.raises(EncoderError, match=r"expected \[n, 8\]"):
         check_vectors(np.ones((3, 4), np.float32), pids, 8)
+
+
+def test_cuda_device_of_a_spark_gpu_address():
+    from dpr_lib.encode import cuda_device
+
+    assert cuda_device("", 0) == "cuda" and cuda_device("1", 2) == "cuda:1"
+    with pytest.raises(EncoderError, match=r"Spark assigned GPU address '2', but this node has 2 CUDA device\(s\)"):
+        cuda_device("2", 2)
+    with pytest.raises(EncoderError, match="address 'gpu-a'"):
+        cuda_device("gpu-a", 4)

@@ -1,0 +1,165 @@
+"""Training data mining (Spark, BM25) and the bi-encoder trainer (TorchDistributor, gloo) for real."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+from conftest import SHARED, make_config
+
+from dpr_lib.errors import InputError
+from dpr_lib.evaluate import has_answer
+
+SQUAD_TRAIN = os.path.join(SHARED, "data", "squad", "train-v1.1-subset.json")
+
+
+UNANSWERABLE = "zzqx-not-in-any-passage"
+
+
+def _small_squad(path, articles: int = 2) -> str:
+    """Two real SQuAD articles; the first question's answer is replaced by a string no passage has."""
+    with open(SQUAD_TRAIN, encoding="utf-8") as fh:
+        data = json.load(fh)
+    data["data"] = data["data"][:articles]
+    data["data"][0]["paragraphs"][0]["qas"][0]["answers"] = [{"text": UNANSWERABLE, "answer_start": 0}]
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _read_jsonl(url: str) -> list[dict]:
+    return [json.loads(line) for f in sorted(glob.glob(os.path.join(url, "*.jsonl"))) for line in open(f)]
+
+
+@pytest.fixture(scope="module")
+def mined(spark, tmp_path_factory):
+    from dpr_lib.train_data import build_training_data
+
+    tmp = tmp_path_factory.mktemp("mined")
+    cfg = make_config(tmp, "train.mine_k=20", "train.hard_negatives_kept=4")
+    stats = build_training_data(spark, cfg, _small_squad(tmp / "squad.json"), "squad", str(tmp / "out"))
+    return stats, _read_jsonl(stats["data_url"])
+
+
+def _toy_records(n: int) -> list[dict]:
+    """Questions that share a rare word with their positive only (learnable by a tiny model)."""
+    recs = []
+    for i in range(n):
+        recs.append({"question": f"where is token{i} kept",
+                     "answers": [f"token{i}"],
+                     "positive_ctxs": [{"title": f"doc {i}", "text": f"token{i} is kept in box {i} on shelf"}],
+                     "hard_negative_ctxs": [{"title": f"doc {i}b", "text": f"box {i} on shelf holds nothing"}]})
+    return recs
+
+
+@pytest.fixture()
+def toy_data(tmp_path):
+    path = tmp_path / "toy" / "part-00000.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join(json.dumps(r) for r in _toy_records(40)) + "\n")
+    return str(path.parent)
+
+
+def _cfg(tmp_path, tiny_bert_dir, *extra):
+    return make_config(tmp_path, f"encoder.model={tiny_bert_dir}", "encoder.pooling=mean", "train.batch_size=8",
+                       "train.val_fraction=0.1", "train.log_every=1", "train.dropout=0", "train.warmup_steps=0",
+                       *extra)
+
+
+def test_mined_positives_contain_an_answer_and_hard_negatives_do_not(mined):
+    stats, recs = mined
+    assert stats["records"] == len(recs) > 500
+    assert stats["records"] + stats["no_positive"] == stats["questions"]
+    with_hard = 0
+    for r in recs:
+        assert set(r) >= {"question", "answers", "positive_ctxs", "hard_negative_ctxs", "negative_ctxs"}
+        assert len(r["positive_ctxs"]) == 1 and has_answer(r["positive_ctxs"][0]["text"], r["answers"])
+        assert len(r["hard_negative_ctxs"]) <= 4
+        for h in r["hard_negative_ctxs"]:
+            assert not has_answer(h["text"], r["answers"])
+        scores = [h["score"] for h in r["hard_negative_ctxs"]]
+        assert scores == sorted(scores, reverse=True)            # the top BM25 passages first
+        with_hard += bool(r["hard_negative_ctxs"])
+    assert with_hard > 0.95 * len(recs)
+
+
+def test_mining_counts_and_keeps_questions_without_a_positive(mined):
+    stats, recs = mined
+    assert stats["no_positive_reasons"].get("no_gold_passage_contains_an_answer", 0) >= 1
+    rejected = _read_jsonl(os.path.join(os.path.dirname(stats["data_url"]), "no_positive"))
+    assert len(rejected) == stats["no_positive"]
+    assert any(r["answers"] == [UNANSWERABLE] and r["reason"] == "no_gold_passage_contains_an_answer"
+               for r in rejected)
+    assert not any(r["answers"] == [UNANSWERABLE] for r in recs)
+
+
+def test_mining_bm25_ranks_as_the_evaluation_bm25(mined):
+    """The distributed BM25 orders candidates as bm25s (the evaluation baseline) does."""
+    from dpr_lib.evaluate import Passages, bm25_topk
+
+    stats, recs = mined
+    table = Passages(stats["passages_table"])
+    sample = recs[:40]
+    _, ref = bm25_topk(table, [r["question"] for r in sample], 20)
+    for r, row in zip(sample, ref):
+        expected = [int(p) for p in row if not has_answer(table.texts[table.row_of[int(p)]], r["answers"])
+                    and table.doc_id(int(p)) != table.doc_id(int(r["positive_ctxs"][0]["passage_id"]))]
+        got = [int(h["passage_id"]) for h in r["hard_negative_ctxs"]]
+        assert got[:2] == expected[:2]
+
+
+def test_training_lowers_the_loss_and_the_checkpoint_encodes(spark, tmp_path, tiny_bert_dir, toy_data):
+    from conftest import synthetic_docs, write_jsonl
+
+    from dpr_lib.corpus import shard_corpus
+    from dpr_lib.encode import encode_passages
+    from dpr_lib.train import train_encoder
+
+    cfg = _cfg(tmp_path, tiny_bert_dir, "train.max_steps=12", "train.lr=2e-3")
+    out = str(tmp_path / "model")
+    result = train_encoder(spark, cfg, toy_data, out)
+    losses = result["losses"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+    assert result["validation"]["val_questions"] == 4
+    log_lines = [json.loads(x) for x in open(result["log"])]
+    assert [x["event"] for x in log_lines][0] == "start" and log_lines[-1]["event"] == "end"
+    assert any(x["event"] == "validation" for x in log_lines)
+    # The final checkpoint is an ordinary model directory the encode job loads.
+    docs = write_jsonl(tmp_path / "docs.jsonl", synthetic_docs(6))
+    ecfg = make_config(tmp_path, f"encoder.model={result['model']}", f"encoder.question_model={result['question_model']}",
+                       f"corpus.input={docs}")
+    shard_corpus(spark, ecfg)
+    stats = encode_passages(spark, ecfg)
+    assert stats["passages_encoded"] > 0 and stats["fingerprint"]["model_id"] == result["model"]
+    assert stats["fingerprint"]["pooling"] == "mean" and stats["fingerprint"]["dim"] == 32
+
+
+def test_two_processes_all_gather_give_the_loss_of_one(spark, tmp_path, tiny_bert_dir, toy_data):
+    """DDP over gloo, passage embeddings all-gathered: same losses (and so same updates) as one
+    process seeing the whole global batch."""
+    from dpr_lib.train import train_encoder
+
+    runs = {}
+    for n in (1, 2):
+        cfg = _cfg(tmp_path, tiny_bert_dir, "train.max_steps=3", "train.lr=1e-3", f"train.num_processes={n}")
+        runs[n] = train_encoder(spark, cfg, toy_data, str(tmp_path / f"model{n}"))
+    assert runs[2]["world_size"] == 2 and runs[1]["world_size"] == 1
+    assert runs[1]["losses"] == pytest.approx(runs[2]["losses"], abs=1e-5)
+    assert runs[1]["losses"][0] != pytest.approx(runs[1]["losses"][-1], abs=1e-3)   # the weights did move
+
+
+def test_resume_from_an_object_storage_checkpoint_continues_exactly(spark, tmp_path, tiny_bert_dir, toy_data,
+                                                                     s3_endpoint):
+    from dpr_lib.train import list_checkpoints, train_encoder
+
+    cfg = _cfg(tmp_path, tiny_bert_dir, "train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-3",
+               f"publish.endpoint_url={s3_endpoint}")
+    full = train_encoder(spark, cfg, toy_data, "s3://dpr-test/train-a")
+    ckpts = list_checkpoints("s3://dpr-test/train-a", cfg.storage_options())
+    assert [step for step, _ in ckpts] == [2]
+    resumed = train_encoder(spark, cfg, toy_data, str(tmp_path / "b"), resume=ckpts[0][1])
+    assert resumed["start_step"] == 2 and resumed["steps"] == 4
+    assert resumed["losses"] == pytest.approx(full["losses"][2:], abs=1e-5)
+    with pytest.raises(InputError, match="not a complete checkpoint"):
+        train_encoder(spark, cfg, toy_data, str(tmp_path / "c"), resume=str(tmp_path / "nowhere"))
