@@ -11,7 +11,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit lint bench eval train package cluster-test clean
+.PHONY: help install run test test-unit lint bench eval train train-eval package cluster-test clean
 SQUAD_DEV ?= ../shared/data/squad/dev-v1.1-part-a.json
 SQUAD_TRAIN ?= ../shared/data/squad/train-v1.1-subset.json
 # The recipe of `make train` (measured in README "Training"); any train.* key can be added with TRAIN_SET.
@@ -52,7 +52,11 @@ train:  ## mine SQuAD train-subset (BM25 hard negatives), fine-tune the encoder,
 	@test -f "$(SQUAD_TRAIN)" || { echo "make train: $(SQUAD_TRAIN) not found (set SQUAD_TRAIN=...)"; exit 2; }
 	$(PY) jobs/build_training_data.py --conf $(CONF) --dataset $(SQUAD_TRAIN) --format squad --out work/train/data
 	$(PY) jobs/train_encoder.py --conf $(CONF) $(TRAIN_SET) --data work/train/data/data --out work/train/model $(ARGS)
+	$(MAKE) train-eval
+
+train-eval:  ## evaluate the `make train` checkpoint on SQuAD dev part a -> work/train/eval/
 	$(PY) jobs/evaluate.py --conf $(CONF) --dataset $(SQUAD_DEV) --format squad --out work/train/eval \
+	  --fusion linear --set index.recall_target=0.99 \
 	  --set encoder.model=work/train/model/final/passage_encoder \
 	  --set encoder.question_model=work/train/model/final/question_encoder
 

@@ -236,6 +236,22 @@ def save_model_dir(side: _Side, dest: str, provenance: dict) -> None:
             shutil.copytree(src, os.path.join(dest, name), dirs_exist_ok=True)
         elif os.path.isfile(src):
             shutil.copy2(src, os.path.join(dest, name))
+    if side.spec.family != "dpr" and side.spec.pooling in ("mean", "cls"):
+        # The pooling and normalisation it was trained with, in the sentence-transformers files the
+        # encode job's `auto` settings read: the checkpoint encodes as trained without extra config.
+        os.makedirs(os.path.join(dest, "1_Pooling"), exist_ok=True)
+        with open(os.path.join(dest, "1_Pooling", "config.json"), "w", encoding="utf-8") as fh:
+            json.dump({"word_embedding_dimension": side.spec.dim,
+                       "pooling_mode_cls_token": side.spec.pooling == "cls",
+                       "pooling_mode_mean_tokens": side.spec.pooling == "mean"}, fh, indent=2)
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if side.spec.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            os.makedirs(os.path.join(dest, "2_Normalize"), exist_ok=True)
+        with open(os.path.join(dest, "modules.json"), "w", encoding="utf-8") as fh:
+            json.dump(modules, fh, indent=2)
     with open(os.path.join(dest, "dpr_training.json"), "w", encoding="utf-8") as fh:
         json.dump(provenance, fh, indent=2)
 
@@ -429,7 +445,14 @@ def train_worker(args: dict) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
-    losses, t_start, last_val = [], time.time(), {}
+    losses, last_val = [], {}
+    if rank == 0 and len(val_idx) and start_step == 0 and args["val_every"]:
+        first = validate(qside, pside, ts, val_idx, args)     # the starting model, for comparison
+        record({"event": "validation", "step": 0, **first})
+        log.info("validation of the starting model: %s", first)
+    if world > 1:
+        dist.barrier()
+    t_start = time.time()
     step = start_step
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
