@@ -619,6 +619,27 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
         proc.wait(timeout=30)
 
 
+# ---------------------------------------------------------------- cluster (issue 13)
+
+def bench_cluster(results: dict, details: dict) -> None:
+    """`make cluster-test`: the pipeline by spark-submit on local-cluster[2,1,2048] from the packed
+    environment, against the same pipeline in local[2] (both timed by the script, same run)."""
+    log("cluster: make cluster-test (package + local-cluster + local[2])")
+    t = time.time()
+    proc = subprocess.run(["make", "cluster-test"], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"make cluster-test failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    rep = json.load(open(os.path.join(REPO, "work-cluster", "cluster-test.json")))
+    results["cluster.make_cluster_test_s"] = round(time.time() - t, 1)
+    results["cluster.local_cluster_pipeline_s"] = rep["cluster"]["seconds"]
+    results["cluster.local2_pipeline_s"] = rep["local"]["seconds"]
+    results["cluster.pipeline_ratio_vs_local2"] = round(rep["cluster"]["seconds"] / rep["local"]["seconds"], 2)
+    results["cluster.executors"] = len(rep["cluster"]["executor_python"])
+    results["cluster.archive_mib"] = round(rep["archive_bytes"] / 2**20)
+    details["cluster"] = {"executor_python": rep["cluster"]["executor_python"],
+                          "stages": {"local-cluster": rep["cluster"]["stages"], "local[2]": rep["local"]["stages"]}}
+
+
 # ---------------------------------------------------------------- report
 
 ONLY = os.environ.get("BENCH_ONLY", "")  # e.g. "serve": encode (needed) + serve, merged into latest.json
@@ -676,6 +697,11 @@ def main() -> int:
     details: dict = {}
     mach = machine()
     log(f"machine: {mach}")
+    if ONLY == "cluster":
+        bench_cluster(results, details)
+        write_report(results, details, mach, time.time() - t0)
+        print(open(os.path.join(OUT, "latest.md")).read())
+        return 0
     spark = get_session(load_config(os.path.join(REPO, "conf", "local.yaml"),
                                     ["spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 6g}"]))
     enc_cfg, emb = bench_encode(spark, results, details, mach)
@@ -692,6 +718,8 @@ def main() -> int:
     spark.stop()
     if not ONLY:
         bench_driver_rss(emb, results, details)
+        if not QUICK:
+            bench_cluster(results, details)
     write_report(results, details, mach, time.time() - t0)
     log(f"done in {time.time() - t0:.0f}s -> {OUT}/latest.json")
     print(open(os.path.join(OUT, "latest.md")).read())

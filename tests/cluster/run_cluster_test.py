@@ -33,6 +33,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _executor_dirs() -> set[str]:
+    """Standalone workers' app directories (each executor unpacks the archive there, ~2 GB)."""
+    import glob
+
+    import pyspark
+
+    return set(glob.glob(os.path.join(os.path.dirname(pyspark.__file__), "work", "app-*")))
+
+
 def _write_conf(path: str, work: str, index_root: str, endpoint: str, docs: int) -> None:
     import yaml
 
@@ -119,8 +128,13 @@ def main() -> int:
     archive = os.path.abspath(args.archive)
     if not os.path.exists(archive):
         sys.exit(f"{archive} not found: run `make package` first")
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # the S3 server's access log
+    before = _executor_dirs()
 
     out = os.path.abspath(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -161,6 +175,8 @@ def main() -> int:
                                                                        endpoint)}
     finally:
         server.stop()
+    for app in _executor_dirs() - before:          # only after a pass: a failure keeps the executor logs
+        shutil.rmtree(app, ignore_errors=True)
     with open(os.path.join(out, "cluster-test.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2)
     c = report["cluster"]

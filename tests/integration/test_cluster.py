@@ -87,6 +87,7 @@ def test_each_encode_task_gets_its_own_spark_gpu_address_and_falls_back_to_cpu(t
 def test_an_archive_missing_a_dependency_fails_naming_the_module_and_the_archive(tmp_path):
     """An environment archive without the product (a bare venv, packed with venv-pack): the job
     stops before its first stage with the module, the executor's Python and the archive named."""
+    apps = set(glob.glob(os.path.join(_spark_home(), "work", "app-*")))
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
     archive = tmp_path / "bare_env.tar.gz"
@@ -104,3 +105,5 @@ def test_an_archive_missing_a_dependency_fails_naming_the_module_and_the_archive
     assert f"environment shipped as {archive.as_uri()}#env" in err and "Rebuild it with `make package`" in err
     assert "Traceback" not in output
     assert not os.path.exists(tmp_path / "work" / "passages")
+    for app in set(glob.glob(os.path.join(_spark_home(), "work", "app-*"))) - apps:
+        shutil.rmtree(app, ignore_errors=True)
