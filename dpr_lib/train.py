@@ -303,7 +303,10 @@ def _fmt_s(s: float) -> str:
 
 def validate(q: _Side, p: _Side, ts: TrainSet, val: np.ndarray, args: dict) -> dict:
     """Rank of each held-out question's positive among the held-out questions' passages
-    (positives + hard negatives): DPR's average-rank validation, plus top-k accuracy."""
+    (positives + hard negatives): DPR's average-rank validation, plus top-k accuracy.
+
+    Questions are held out, not passages: a held-out question's paragraph may be another training
+    question's positive, so this tracks training, and the evaluation job measures generalisation."""
     import torch
 
     ids = sorted({int(x) for qi in val for x in [ts.positives[qi][0], *ts.hard[qi][:args["hard_negatives"]]]})
@@ -364,6 +367,8 @@ def train_worker(args: dict) -> dict:
     else:
         qside = _Side(dataclasses.replace(args["qspec"], model_dir=qdir), args["dropout"])
         qside.spec = args["qspec"]
+    if args["resume"] and not storage.is_local(args["resume"]):
+        shutil.rmtree(local, ignore_errors=True)       # the downloaded checkpoint is loaded: drop the copy
     qside.model.train()
     pside.model.train()
     params = list(pside.model.parameters()) + ([] if args["shared"] else list(qside.model.parameters()))
