@@ -274,30 +274,32 @@ def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, pa
 
     def records(row):
         rec, reason = make_record(b_questions.value[row.qidx], [c.asDict() for c in row.cands], n_hard)
-        return reason, json.dumps(rec if reason is None else {**rec, "reason": reason}, ensure_ascii=False)
+        return reason, row.qidx, json.dumps(rec if reason is None else {**rec, "reason": reason}, ensure_ascii=False)
 
     made = grouped.rdd.map(records).cache()
     try:
-        _write_jsonl(spark, made.filter(lambda r: r[0] is None).map(lambda r: r[1]), join_url(out, "data"))
+        _write_jsonl(spark, made.filter(lambda r: r[0] is None).map(lambda r: r[2]), join_url(out, "data"))
         n_ok = made.filter(lambda r: r[0] is None).count()
         reasons = dict(made.filter(lambda r: r[0] is not None).map(lambda r: (r[0], 1)).reduceByKey(
             lambda a, b: a + b).collect())
-        seen = made.count()
+        # A question none of whose terms occurs in any passage (and without a gold passage) has no
+        # candidate row at all: it is written and counted like the others (ids: QA-sized, not corpus).
+        seen = set(made.map(lambda r: r[1]).collect())
+        lost = [json.dumps({**make_record(q, [], n_hard)[0], "reason": "no_bm25_candidate"}, ensure_ascii=False)
+                for i, q in enumerate(ds.questions) if i not in seen]
+        if lost:
+            reasons["no_bm25_candidate"] = len(lost)
         if reasons:
-            _write_jsonl(spark, made.filter(lambda r: r[0] is not None).map(lambda r: r[1]),
-                         join_url(out, "no_positive"))
+            rejected = made.filter(lambda r: r[0] is not None).map(lambda r: r[2])
+            _write_jsonl(spark, rejected.union(spark.sparkContext.parallelize(lost, 1)), join_url(out, "no_positive"))
     finally:
         made.unpersist()
-    # Questions whose every candidate scored 0 (no term in common with any passage) have no row.
-    if seen < len(ds.questions):
-        reasons["no_bm25_candidate"] = len(ds.questions) - seen
     timings["mine"] = round(time.time() - t, 1)
     stats = {
         "stage": "build_training_data", "dataset": os.path.abspath(dataset) if storage.is_local(dataset) else dataset,
         "format": fmt, "questions": len(ds.questions), "records": n_ok,
         "no_positive": sum(reasons.values()), "no_positive_reasons": reasons, "skipped": ds.skipped,
-        "passages": n, "passages_table": table_url, "corpus": {k_: v for k_, v in corpus.items() if k_ != "tasks"}
-        if isinstance(corpus, dict) else corpus,
+        "passages": n, "passages_table": table_url, "corpus": {k_: v for k_, v in corpus.items() if k_ != "tasks"},
         "mine_k": k, "hard_negatives_kept": n_hard, "data_url": join_url(out, "data"),
         "timings": timings, "seconds": round(time.time() - t0, 1),
     }

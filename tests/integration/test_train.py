@@ -163,3 +163,29 @@ def test_resume_from_an_object_storage_checkpoint_continues_exactly(spark, tmp_p
     assert resumed["losses"] == pytest.approx(full["losses"][2:], abs=1e-5)
     with pytest.raises(InputError, match="not a complete checkpoint"):
         train_encoder(spark, cfg, toy_data, str(tmp_path / "c"), resume=str(tmp_path / "nowhere"))
+
+
+def test_mining_dpr_questions_without_gold_counts_every_question(spark, tmp_path):
+    """DPR questions (no gold paragraph): the positive is the best BM25 passage with an answer;
+    a question whose answer is nowhere, and one sharing no term with any passage, are both
+    written to no_positive/ with their reason."""
+    from dpr_lib.train_data import build_training_data
+
+    docs = [{"id": "d1", "title": "Rivers", "text": "The Nile is the longest river in Africa and flows north."},
+            {"id": "d2", "title": "Rivers", "text": "The Amazon river carries the most water of any river."},
+            {"id": "d3", "title": "Mountains", "text": "Everest is the highest mountain above sea level."}]
+    passages = tmp_path / "psgs.jsonl"
+    passages.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    qa = tmp_path / "q.qa.csv"
+    qa.write_text("which river is the longest in africa\t['Nile']\n"
+                  "which river is the shortest\t['Danube']\n"
+                  "zyxw qvut\t['Everest']\n")
+    cfg = make_config(tmp_path, "train.mine_k=3")
+    stats = build_training_data(spark, cfg, str(qa), "dpr", str(tmp_path / "out"), passages=str(passages))
+    assert stats["questions"] == 3 and stats["records"] == 1
+    assert stats["no_positive_reasons"] == {"no_candidate_contains_an_answer": 1, "no_bm25_candidate": 1}
+    (rec,) = _read_jsonl(stats["data_url"])
+    assert rec["positive_ctxs"][0]["text"].startswith("The Nile")
+    assert [h["text"][:10] for h in rec["hard_negative_ctxs"]] == ["The Amazon"]   # shares "river"; no answer
+    rejected = _read_jsonl(os.path.join(str(tmp_path / "out"), "no_positive"))
+    assert sorted(r["reason"] for r in rejected) == ["no_bm25_candidate", "no_candidate_contains_an_answer"]
