@@ -232,6 +232,8 @@ class TrainConfig:
     """TorchDistributor local_mode: processes on the driver (true) or in Spark barrier tasks (false)."""
     threads: int = 0
     """Torch threads per process; 0 = the machine's cores / num_processes."""
+    device: str = "auto"
+    """auto | cpu | cuda: auto trains on the process's GPU (LOCAL_RANK) where CUDA works, else CPU."""
 
 
 @dataclass
@@ -278,6 +280,7 @@ _CHOICES = {
     "index.rerank": {"auto", "none", "float16"},
     "train.similarity": {"auto", "dot", "cosine"},
     "train.dtype": {"fp32", "bf16"},
+    "train.device": {"auto", "cpu", "cuda"},
 }
 _POSITIVE = {
     "corpus.words", "corpus.num_files", "corpus.split_bytes", "corpus.max_doc_bytes",
