@@ -318,10 +318,9 @@ def validate(q: _Side, p: _Side, ts: TrainSet, val: np.ndarray, args: dict) -> d
     q.model.eval()
     p.model.eval()
     with torch.no_grad():
-        pv = torch.cat([p.embed([ts.titles[x] for x in ids[i:i + 64]], [ts.texts[x] for x in ids[i:i + 64]],
-                                args["max_length"]) for i in range(0, len(ids), 64)])
-        qv = torch.cat([q.embed(None, [ts.questions[qi] for qi in val[i:i + 128]], args["max_question_length"])
-                        for i in range(0, len(val), 128)])
+        # embed() already runs in length-sorted chunks of a bounded token budget.
+        pv = p.embed([ts.titles[x] for x in ids], [ts.texts[x] for x in ids], args["max_length"])
+        qv = q.embed(None, [ts.questions[qi] for qi in val], args["max_question_length"])
         scores = qv @ pv.T
         target = torch.tensor([col[ts.positives[qi][0]] for qi in val], device=scores.device)
         best = scores[torch.arange(len(val), device=scores.device), target][:, None]
