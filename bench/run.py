@@ -228,7 +228,8 @@ def bench_index(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     emb_dir = os.path.join(WORK, "index", "embeddings")
     write_embeddings(emb_dir, vectors, emb.schema.metadata)
     overrides = [f"paths.work_dir={WORK}/index", f"paths.embeddings={emb_dir}",
-                 f"paths.passages={enc_cfg.path('passages')}", "index.num_shards=4"]
+                 f"paths.passages={enc_cfg.path('passages')}", "index.num_shards=4",
+                 "publish.docstore=false"]  # synthetic pids: vectors only, as the FAISS baseline
     cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), overrides)
     log(f"index: merge job on {N_VECTORS} synthetic vectors (real SQuAD embeddings + noise)")
     t = time.perf_counter()
@@ -336,7 +337,7 @@ from dpr_lib.publish import build_index
 from dpr_lib.spark import get_session
 cfg = load_config({os.path.join(REPO, 'conf', 'local.yaml')!r}, ['paths.work_dir={d}', 'paths.embeddings={emb_dir}',
     'paths.passages={os.path.join(WORK, 'encode', 'passages')}', 'index.max_train_sample={RSS_SAMPLE}',
-    'index.factory=IVF256,Flat', 'index.recall_queries=64'])
+    'index.factory=IVF256,Flat', 'index.recall_queries=64', 'publish.docstore=false'])
 build_index(get_session(cfg), cfg)
 print(json.dumps({{'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
@@ -484,7 +485,7 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
         write_embeddings(emb_dir, vectors, emb.schema.metadata)
         cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), compact + [
             f"paths.work_dir={WORK}/serve/idx-{n}", f"paths.embeddings={emb_dir}",
-            f"paths.passages={enc_cfg.path('passages')}"])
+            f"paths.passages={enc_cfg.path('passages')}", "publish.docstore=false"])
         log(f"serve: compact index of {n} vectors")
         manifests[n] = build_index(spark, cfg, question_vectors=qvecs)
         if n == small * 4:

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from typing import Callable
 
 from dpr_lib.config import Config, load_config
@@ -45,6 +46,14 @@ def run_job(description: str, body: Callable[[Config, argparse.Namespace], dict]
     except DprError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; published versions are unchanged, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen failure: traceback, then one clear line
+        traceback.print_exc()
+        print(f"error: unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+              " (the traceback above is for a bug report; published versions are unchanged)", file=sys.stderr)
+        return 1
     if result is not None:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -139,6 +140,9 @@ class PublishConfig:
     """Attempts for each storage operation on transient errors."""
     endpoint_url: str = ""
     """S3-compatible endpoint (MinIO, Ceph, ...). Credentials come from the standard AWS chain only."""
+    docstore: bool = True
+    """Publish the passages' texts with the version; false publishes vectors only (texts served from
+    elsewhere): the accounting then checks vectors against the Embeddings, not the Passages table."""
 
 
 @dataclass
@@ -394,7 +398,25 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.dropout must be < 1, got {cfg.train.dropout}")
     if not cfg.paths.work_dir:
         raise ConfigError("paths.work_dir must not be empty")
+    _no_credentials(cfg)
     return cfg
+
+
+_USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*@", re.IGNORECASE)
+
+
+def _no_credentials(cfg: Config) -> None:
+    """Credentials never live in config (it is logged, copied into reports and checked into repos):
+    a URL with ``user:secret@`` in any string key is refused, naming the key, not the value."""
+    for section in fields(cfg):
+        for f in fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            values = value.values() if isinstance(value, dict) else [value]
+            if any(isinstance(v, str) and _USERINFO.match(v.strip()) for v in values):
+                raise ConfigError(
+                    f"{section.name}.{f.name} contains credentials in a URL (user:secret@); give them through "
+                    "the standard chains instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+                    "an instance role, GOOGLE_APPLICATION_CREDENTIALS)")
 
 
 def _set_override(data: dict, assignment: str) -> None:

@@ -9,7 +9,9 @@ words (optionally overlapping), keeps the title with each passage, and writes Pa
 Invariants:
 - ``pid`` depends only on (doc_id, chunk): stable across runs and input partitionings.
   A pid shared by two different keys is an error, never a merge.
-- Every input record ends as a document or a reject: input_records = docs + rejects.
+- Every input record ends as a document or a reject: input_records = docs + rejects, counted
+  independently (records read; distinct doc ids in the written Passages; rows of the written
+  rejects) and checked before the Passages table is swapped in (``dpr_lib.accounting``).
 - Rejects (with the raw record and its location) are written before the reject-ratio check,
   and a failing check leaves the previous Passages table untouched.
 
@@ -31,9 +33,9 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpr_lib import schemas, storage
+from dpr_lib import accounting, schemas, storage
 from dpr_lib.config import Config, join_url
-from dpr_lib.errors import InputError
+from dpr_lib.errors import AccountingError, InputError
 
 log = logging.getLogger("dpr_lib.corpus")
 
@@ -430,8 +432,7 @@ def _shard_corpus(spark, cfg: Config, df=None) -> dict:
         by_reason = {r["reason"]: r["count"] for r in
                      spark.read.parquet(rejects_url).groupBy("reason").count().collect()}
         n_rejects = sum(by_reason.values())
-        n_docs = docs.count() - by_reason.get("duplicate_doc_id", 0)
-        n_input = n_docs + n_rejects
+        n_input = parsed.count()  # every record read, counted apart from docs and rejects
         if n_input == 0:
             raise InputError(f"corpus {input_url or 'dataframe'} has no records")
         ratio = n_rejects / n_input
@@ -454,6 +455,14 @@ def _shard_corpus(spark, cfg: Config, df=None) -> dict:
             storage.get_fs(tmp)[0].rm(storage.get_fs(tmp)[1], recursive=True)
             detail = "; ".join(f"pid {r['pid']}: {[tuple(k) for k in r['keys']]}" for r in collisions)
             raise InputError(f"pid collision between different (doc_id, chunk) keys: {detail}")
+        docs_written = spark.read.parquet(tmp).select("doc_id").distinct().count()
+        try:
+            accounting.check({"input_records": n_input, "docs": docs_written, "rejects": n_rejects},
+                             "corpus stage")
+        except AccountingError:
+            storage.get_fs(tmp)[0].rm(storage.get_fs(tmp)[1], recursive=True)
+            raise
+        n_docs = docs_written
         files = publish_spark_output(tmp, passages_url)
         n_passages = sum(pq.ParquetFile(storage.get_fs(passages_url)[0].open(f, "rb")).metadata.num_rows
                          for f in files)

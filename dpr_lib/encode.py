@@ -467,17 +467,20 @@ def embeddings_metadata(spec: EncoderSpec, source_sha: str) -> dict[bytes, bytes
             schemas.META_DIM: str(spec.dim).encode()}
 
 
-def _is_complete(out_url: str, fingerprint_id: str, source_sha: str) -> bool:
+def _complete_rows(out_url: str, fingerprint_id: str, source_sha: str) -> int | None:
+    """Rows of ``out_url`` when it is a complete Embeddings file of this source and encoder, else None."""
     fs, path = storage.get_fs(out_url)
     if not fs.exists(path):
-        return False
+        return None
     try:
         with fs.open(path, "rb") as fh:
-            meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
+            pf = pq.ParquetFile(fh)
+            meta, rows = pf.schema_arrow.metadata or {}, pf.metadata.num_rows
     except Exception:  # noqa: BLE001
-        return False
+        return None
     fp = json.loads(meta.get(schemas.META_FINGERPRINT, b"{}"))
-    return fp.get("id") == fingerprint_id and meta.get(schemas.META_SOURCE_SHA256, b"").decode() == source_sha
+    ok = fp.get("id") == fingerprint_id and meta.get(schemas.META_SOURCE_SHA256, b"").decode() == source_sha
+    return rows if ok else None
 
 
 def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float = 10.0) -> dict:
@@ -490,8 +493,9 @@ def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float
     stats = {"file": in_url, "output": out_url, "rows": 0, "truncated": 0, "skipped": False,
              "python": sys.executable, "gpu": os.environ.get("DPR_GPU_ADDRESS", ""), "device": "",
              "seconds": 0.0}
-    if _is_complete(out_url, spec.fingerprint_id(), source_sha):
-        stats["skipped"] = True
+    kept = _complete_rows(out_url, spec.fingerprint_id(), source_sha)
+    if kept is not None:
+        stats["skipped"], stats["rows"] = True, kept  # rows kept from an earlier run, not encoded now
         return stats
     encoder = get_encoder(spec)
     stats["device"] = str(encoder.device)
@@ -571,6 +575,7 @@ def encode_passages(spark, cfg: Config) -> dict:
         for batch in batches:
             for row in batch.to_pylist():
                 st = encode_file(task_spec, row["input"], row["output"])
+                st["attempt"] = ctx.attemptNumber() if ctx is not None else 0  # > 0: Spark retried the task
                 yield pa.RecordBatch.from_pylist([st], schema=_TASK_STATS)
 
     tasks = tasks_dataframe(spark, [{"input": i, "output": o} for i, o in zip(in_files, outs)],
@@ -584,7 +589,9 @@ def encode_passages(spark, cfg: Config) -> dict:
     stats = {
         "stage": "encode_passages", "files": len(results),
         "files_skipped": sum(r["skipped"] for r in results),
-        "passages_encoded": encoded, "truncated": sum(r["truncated"] for r in results),
+        "retried_tasks": sum(1 for r in results if r["attempt"]),
+        "passages_encoded": encoded, "passages_reused": sum(r["rows"] for r in results if r["skipped"]),
+        "truncated": sum(r["truncated"] for r in results),
         "passages_per_s": round(encoded / seconds, 2) if encoded else 0.0,
         "embeddings_url": out_dir, "fingerprint": spec.fingerprint(),
         "executor_python": sorted({r["python"] for r in results}),
@@ -600,7 +607,8 @@ def encode_passages(spark, cfg: Config) -> dict:
 
 _TASK_STATS = pa.schema([("file", pa.string()), ("output", pa.string()), ("rows", pa.int64()),
                          ("truncated", pa.int64()), ("skipped", pa.bool_()), ("python", pa.string()),
-                         ("gpu", pa.string()), ("device", pa.string()), ("seconds", pa.float64())])
+                         ("gpu", pa.string()), ("device", pa.string()), ("seconds", pa.float64()),
+                         ("attempt", pa.int64())])
 
 
 def check_embeddings(files: list[str], expected_fingerprint: dict | None = None) -> tuple[dict, int]:

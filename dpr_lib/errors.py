@@ -47,3 +47,9 @@ class ExecutorEnvironmentError(DprError):
     """Executors cannot import what the jobs need (a packed environment missing a dependency)."""
 
     exit_code = 8
+
+
+class AccountingError(DprError):
+    """Counts that must add up do not (records, passages, embeddings, vectors): nothing was published."""
+
+    exit_code = 9

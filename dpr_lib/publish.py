@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dpr_lib import accounting, schemas, storage
 from dpr_lib import index as ix
-from dpr_lib import schemas, storage
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import IncompatibleIndexError, InputError, StorageError
 
@@ -136,6 +136,16 @@ def write_docstore(spark, cfg: Config, vurl: str) -> list[dict]:
     return out
 
 
+def _count_rows(url: str) -> int:
+    """Rows of the Parquet files under ``url``, from their footers."""
+    total = 0
+    for f in storage.list_files(url, ".parquet"):
+        fs, path = storage.get_fs(f)
+        with fs.open(path, "rb") as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
 def _relative(url: str, vurl: str) -> str:
     return url[len(vurl):].lstrip("/") if url.startswith(vurl) else url
 
@@ -143,13 +153,17 @@ def _relative(url: str, vurl: str) -> str:
 # ---------------------------------------------------------------- the merge job
 
 def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None,
-                reuse_from: dict | None = None, question_vectors: np.ndarray | None = None) -> dict:
+                reuse_from: dict | None = None, question_vectors: np.ndarray | None = None,
+                counts: dict | None = None) -> dict:
     """Train, build shards and the docstore, write the manifest, then LATEST. Returns the manifest.
 
     Recall (and so the recommended nprobe) is measured on ``question_vectors`` when given (encoded
     real questions: what a service will be asked), else on stored vectors sampled from the table,
     each query's own pid excluded from both its exact and approximate top-k (a stored vector always
     finds itself in its own list, which would overstate recall by up to 1/k).
+
+    ``counts``: the run's corpus and encode counts for the accounting check (``dpr_lib.accounting``);
+    None reads them from the stages' stats in this work dir. The check runs before the manifest.
 
     ``reuse_from`` = {"trained": bytes, "manifest": previous manifest, "reason": str} skips training
     and adds the vectors to the previous version's quantizer; if the recall measured with it
@@ -228,7 +242,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     vurl = version_url(root, version)
     try:
         return _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
-                              quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0)
+                              quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts)
     except BaseException:
         # Nothing of a failed version may linger (LATEST never named it); best effort.
         try:
@@ -241,7 +255,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
 
 
 def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
-                   quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0) -> dict:
+                   quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts) -> dict:
     from dpr_lib.corpus import write_stats
     from dpr_lib.encode import resolve_spec
     from dpr_lib.spark import task_errors
@@ -290,17 +304,21 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         log.warning("%s: retraining", why)
         return build_index(spark, cfg, None if isinstance(source, list) else source,
                            {**(extra_manifest or {}), "retrain_reason": why},
-                           question_vectors=queries if query_pids is None else None)
+                           question_vectors=queries if query_pids is None else None, counts=counts)
     t = time.time()
-    with task_errors():
-        docstore = write_docstore(spark, cfg, vurl)
+    docstore = []
+    if cfg.publish.docstore:
+        with task_errors():
+            docstore = write_docstore(spark, cfg, vurl)
     timings["docstore"] = time.time() - t
 
     vectors = sum(s["vectors"] for s in shards)
     code_bytes = ix.code_size(ix.deserialize(trained_bytes))
     passages_docstore = sum(d["rows"] for d in docstore)
-    if vectors != n:
-        raise InputError(f"accounting: {n} embeddings but {vectors} vectors in shards; not publishing")
+    ledger = {**(accounting.from_stats(cfg) if counts is None else counts), "embeddings": n, "vectors": vectors}
+    if cfg.publish.docstore:
+        ledger.update(passages=_count_rows(cfg.path("passages")), docstore_rows=passages_docstore)
+    ledger = accounting.check(ledger, "merge job")
     manifest = {
         "format_version": schemas.MANIFEST_FORMAT_VERSION,
         "version": version,
@@ -340,6 +358,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
                    "docstore_rows": passages_docstore},
         "source": {"passages": cfg.path("passages"), "embeddings": emb_url},
         "counts": {"embeddings": n, "vectors_published": vectors},
+        "accounting": ledger,
         "timings": {k_: round(v, 3) for k_, v in timings.items()},
     }
     if extra_manifest:

@@ -27,7 +27,7 @@ import numpy as np
 
 from dpr_lib import schemas, storage
 from dpr_lib.config import EncoderConfig, join_url
-from dpr_lib.errors import DprError, IncompatibleIndexError, IndexIntegrityError, InputError
+from dpr_lib.errors import DprError, IncompatibleIndexError, IndexIntegrityError, InputError, StorageError
 from dpr_lib.index import ID_BYTES, code_size, merge_topk, rerank, set_nprobe
 
 log = logging.getLogger("dpr_lib.search")
@@ -102,10 +102,10 @@ class ShardCache:
             storage.download(url, tmp, self.storage_options)
         except FileNotFoundError:
             raise IndexIntegrityError(f"{url} is listed in the manifest but missing") from None
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise IndexIntegrityError(f"cannot store {url} in the cache {self.dir}: {exc}") from exc
+            raise StorageError(f"cannot store {url} in the cache {self.dir}: {exc}") from exc
         got = storage.sha256_file(tmp)
         if got != sha256:
             os.remove(tmp)

@@ -9,6 +9,7 @@ No pyspark import here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -26,6 +27,8 @@ T = TypeVar("T")
 
 # Not worth retrying: the caller's input is wrong, retrying cannot help.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
+# A full (or read-only) local disk does not get better within a backoff either.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -53,13 +56,25 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
             raise FileNotFoundError(f"{what}: {exc}") from exc
         except _PERMANENT as exc:
             raise StorageError(f"{what}: {exc}") from exc
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                if attempt == attempts:
+                    raise StorageError(f"{what} failed after {attempts} attempts: {exc}") from exc
+                _backoff(what, exc, attempt, attempts, base_delay)
+                continue
+            raise StorageError(f"{what}: local disk full or read-only ({exc.strerror}"
+                               f"{': ' + str(exc.filename) if exc.filename else ''})") from exc
         except Exception as exc:  # noqa: BLE001 - storage clients raise many types
             if attempt == attempts:
                 raise StorageError(f"{what} failed after {attempts} attempts: {exc}") from exc
-            delay = base_delay * (2 ** (attempt - 1))
-            log.warning("%s failed (%s), retry %d/%d in %.1fs", what, exc, attempt, attempts - 1, delay)
-            time.sleep(delay)
+            _backoff(what, exc, attempt, attempts, base_delay)
     raise AssertionError("unreachable")
+
+
+def _backoff(what: str, exc: BaseException, attempt: int, attempts: int, base_delay: float) -> None:
+    delay = base_delay * (2 ** (attempt - 1))
+    log.warning("%s failed (%s), retry %d/%d in %.1fs", what, exc, attempt, attempts - 1, delay)
+    time.sleep(delay)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -1,6 +1,8 @@
 import io
 import json
 
+import pytest
+from badinput import JSONL_CASES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,24 +65,20 @@ def test_byte_range_splits_read_every_line_once(lines, cuts):
     assert got == [line + b"\n" for line in lines]
 
 
-def test_jsonl_reject_classes():
-    def reason(line):
-        return parse_jsonl_line("f", 0, line, 1000)["reason"]
+@pytest.mark.parametrize("case,line,reason", [c for c in JSONL_CASES if c[2] != "duplicate_doc_id"],
+                         ids=[c[0] for c in JSONL_CASES if c[2] != "duplicate_doc_id"])
+def test_jsonl_reject_classes_of_the_shared_bad_input_corpus(case, line, reason):
+    rec = parse_jsonl_line("f", 0, line, 1000)
+    assert rec["reason"] == reason, rec
+    if reason is None:
+        assert all(ord(c) >= 32 for c in rec["text"] + rec["title"]), "control characters are cleaned"
+    else:
+        assert rec["raw"] and rec["detail"]
 
-    assert reason(b'{"id": "a", "title": "t", "text": "hello world"}') is None
-    assert reason(b'{"id": 7, "text": "int ids are fine"}') is None
-    assert reason(b'{"id": "a", "text": ') == "malformed_json"
-    assert reason(b'[1, 2]') == "malformed_json"
-    assert reason(b'{"title": "t", "text": "x"}') == "missing_id"
-    assert reason(b'{"id": null, "text": "x"}') == "missing_id"
-    assert reason(b'{"id": "a", "text": null}') == "missing_text"
-    assert reason(b'{"id": "a", "text": 5}') == "wrong_type"
-    assert reason(b'{"id": [1], "text": "x"}') == "wrong_type"
-    assert reason(b'{"id": "a", "title": 3, "text": "x"}') == "wrong_type"
-    assert reason(b'{"id": "a", "text": "   \\t "}') == "empty_text"
-    assert reason(b'{"id": "a", "text": "\\u0000\\u0001"}') == "empty_text"
-    assert reason(b'{"id": "a", "text": "\xff\xfe bad"}') == "invalid_utf8"
-    assert reason(json.dumps({"id": "a", "text": "x" * 2000}).encode()) == "too_large"
+
+def test_int_ids_are_fine_and_oversized_text_is_too_large():
+    assert parse_jsonl_line("f", 0, b'{"id": 7, "text": "int ids are fine"}', 1000)["reason"] is None
+    assert parse_jsonl_line("f", 0, json.dumps({"id": "a", "text": "x" * 2000}).encode(), 1000)["reason"] == "too_large"
 
 
 def test_jsonl_reject_keeps_raw_record_and_location():
