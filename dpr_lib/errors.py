@@ -2,7 +2,12 @@
 
 
 class DprError(Exception):
-    """Base class: every error the product raises on purpose."""
+    """Base class: every error the product raises on purpose.
+
+    Exit codes: 1 other, 2 config, 3 input, 4 encoder, 5 incompatible index, 6 index integrity,
+    7 storage, 8 nightly lock held by another run (dpr_lib.nightly.LockError), 9 accounting,
+    10 executor environment.
+    """
 
     exit_code = 1
 
@@ -46,7 +51,7 @@ class StorageError(DprError):
 class ExecutorEnvironmentError(DprError):
     """Executors cannot import what the jobs need (a packed environment missing a dependency)."""
 
-    exit_code = 8
+    exit_code = 10
 
 
 class AccountingError(DprError):

@@ -97,7 +97,7 @@ def test_an_archive_missing_a_dependency_fails_naming_the_module_and_the_archive
                     "--conf", f"spark.pyspark.driver.python={sys.executable}",
                     os.path.join(REPO, "jobs", "shard_corpus.py"), "--conf", os.path.join(REPO, "conf", "local.yaml"),
                     "--set", f"paths.work_dir={tmp_path}/work"])
-    assert proc.returncode == 8, proc.stderr[-3000:]
+    assert proc.returncode == 10, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr        # spark-submit merges the driver's stderr into stdout
     err = next(line for line in output.splitlines() if line.startswith("error: "))
     assert err.startswith("error: executor Python ") and "/env/bin/python" in err
