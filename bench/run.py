@@ -643,7 +643,7 @@ def bench_cluster(results: dict, details: dict) -> None:
 
 # ---------------------------------------------------------------- report
 
-ONLY = os.environ.get("BENCH_ONLY", "")  # e.g. "serve": encode (needed) + serve, merged into latest.json
+ONLY = os.environ.get("BENCH_ONLY", "")  # "serve" / "index": encode (needed) + that part, merged into latest.json
 
 
 def write_report(results: dict, details: dict, mach: dict, seconds: float) -> None:
@@ -714,13 +714,15 @@ def main() -> int:
         bench_search_single(enc_cfg, results)
         bench_index(spark, enc_cfg, emb, results, details)
         bench_nightly(spark, results, details)
+    if ONLY == "index":
+        bench_index(spark, enc_cfg, emb, results, details)
     if ONLY in ("", "serve"):
         bench_serve(spark, enc_cfg, emb, results, details)
     spark.stop()
-    if not ONLY:
+    if ONLY in ("", "index"):
         bench_driver_rss(emb, results, details)
-        if not QUICK:
-            bench_cluster(results, details)
+    if not ONLY and not QUICK:
+        bench_cluster(results, details)
     write_report(results, details, mach, time.time() - t0)
     log(f"done in {time.time() - t0:.0f}s -> {OUT}/latest.json")
     print(open(os.path.join(OUT, "latest.md")).read())

@@ -4,9 +4,12 @@
 - ``train_quantizer``: on the driver, from a sample only (driver memory = sample + constant).
 - ``build_shards``: executors clone the broadcast trained index, add their shard's vectors in
   bounded batches with pids as FAISS ids, write the shard, and search the recall queries in it.
-  The same single pass over the table checks dimensions, finiteness and duplicate pids (all
-  copies of a pid hash to one shard) and computes the exact top-k of the recall queries by brute
-  force over the batches it adds, so recall needs no second pass.
+  Embeddings files feed it without a shuffle (each shard task reads its own row groups, see
+  ``plan_pieces``); a DataFrame is hashed to shards by pid through Spark's shuffle. The same
+  single pass checks dimensions and finiteness and computes the exact top-k of the recall queries
+  by brute force over the batches it adds, so recall needs no second pass. Duplicate pids are
+  caught per shard (hash sharding: all copies of a pid meet) or, for files, by the sampling pass
+  (no duplicates inside a file, and file pid ranges that do not overlap).
 
 All shards share one quantizer, so per-shard top-k lists merge exactly (``merge_topk``).
 FAISS and numpy only at module level; pyspark is imported inside the Spark runners.
@@ -284,6 +287,22 @@ def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple
     return top_s.astype(np.float32), top_i.astype(np.int64)
 
 
+def topk_block(scores: np.ndarray, pids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k of a score block ([q, n] against the n vectors ``pids``), exactly as
+    ``merge_topk`` would order it (ties broken by pid), without sorting whole rows: a partition
+    picks k candidates per row; rows where more than k scores tie at the k-th are sorted whole."""
+    n = scores.shape[1]
+    if n <= k:
+        return merge_topk([scores], [np.broadcast_to(pids, scores.shape)], k)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    cand = np.take_along_axis(scores, part, axis=1)
+    top_s, top_i = merge_topk([cand], [pids[part]], k)
+    tied = np.flatnonzero((scores >= cand.min(axis=1, keepdims=True)).sum(axis=1) > k)
+    if len(tied):
+        top_s[tied], top_i[tied] = merge_topk([scores[tied]], [np.broadcast_to(pids, (len(tied), n))], k)
+    return top_s, top_i
+
+
 def drop_ids(ids: np.ndarray, drop: np.ndarray | None, k: int) -> np.ndarray:
     """Each row of ``ids`` [q, m] without the id ``drop[row]``, first k kept (-1 padded). ``drop``
     None: the first k columns."""
@@ -347,52 +366,36 @@ def _file_batches(url: str, batch_rows: int, columns=("pid", "vector")) -> Itera
         yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=list(columns))
 
 
-def packed_vectors(spark, source, dim: int, num_shards: int, batch_rows: int = 8192):
-    """DataFrame (shard, pids, vectors) of the whole table; ``source`` is a list of Embeddings
-    Parquet files (read by pyarrow in one task per file, the fast path) or a DataFrame."""
-    from dpr_lib.spark import spark_schema, tasks_dataframe
+def packed_vectors(spark, df, dim: int, num_shards: int):
+    """DataFrame (shard, pids, vectors) of a (pid, vector) DataFrame, hashed to shards by pid."""
+    from dpr_lib.spark import spark_schema
 
-    if isinstance(source, list):
-        def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-            for b in batches:
-                for url in b.column("path").to_pylist():
-                    for batch in _file_batches(url, batch_rows):
-                        yield from pack_batch(batch, dim, num_shards)
-
-        tasks = tasks_dataframe(spark, [{"path": f} for f in source], "path string")
-        return tasks.mapInArrow(run, spark_schema(PACKED))
-
-    def run_df(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             yield from pack_batch(batch, dim, num_shards)
 
-    return source.select("pid", "vector").mapInArrow(run_df, spark_schema(PACKED))
+    return df.select("pid", "vector").mapInArrow(run, spark_schema(PACKED))
 
 
-def sample_vectors(spark, source, dim: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A Bernoulli sample (pids int64 [m], vectors float32 [m, d]) of the table, drawn on executors;
-    only the sample reaches the driver."""
-    packed = packed_vectors(spark, source, dim, 1)
-    schema = PACKED
+def sample_vectors(spark, df, dim: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Bernoulli sample (pids int64 [m], vectors float32 [m, d]) of a (pid, vector) DataFrame,
+    drawn on executors; only the sample reaches the driver."""
+    from dpr_lib.spark import spark_schema
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         ctx = TaskContext.get()
         rng = np.random.default_rng([seed, ctx.partitionId() if ctx else 0])
-        for b in batches:
-            for row in b.to_pylist():
-                pids = np.frombuffer(row["pids"], dtype=np.int64)
-                keep = rng.random(len(pids)) < fraction
-                if keep.any():
-                    vecs = np.frombuffer(row["vectors"], dtype=np.float32).reshape(-1, dim)
-                    yield pa.RecordBatch.from_pylist([{"shard": 0, "pids": pids[keep].tobytes(),
-                                                       "vectors": np.ascontiguousarray(vecs[keep]).tobytes()}],
-                                                     schema=schema)
+        for batch in batches:
+            keep = np.flatnonzero(rng.random(batch.num_rows) < fraction)
+            if len(keep):
+                picked = batch.take(pa.array(keep))
+                yield pa.RecordBatch.from_pylist([{
+                    "shard": 0, "pids": picked.column("pid").to_numpy().astype(np.int64).tobytes(),
+                    "vectors": np.ascontiguousarray(vectors_of(picked, dim)).tobytes()}], schema=PACKED)
 
-    from dpr_lib.spark import spark_schema
-
-    rows = packed.mapInArrow(run, spark_schema(schema)).toArrow()
+    rows = df.select("pid", "vector").mapInArrow(run, spark_schema(PACKED)).toArrow()
     if rows.num_rows == 0:
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
     pids = np.concatenate([np.frombuffer(b, dtype=np.int64) for b in rows.column("pids").to_pylist()])
@@ -407,56 +410,114 @@ SHARD_RESULT = pa.schema([("shard", pa.int32()), ("vectors", pa.int64()), ("byte
                           ("exact_ids", pa.binary())])
 
 
-def build_shards(spark, packed, trained: bytes, num_shards: int, dim: int, out_url_of,
+def build_shards(spark, source, trained: bytes, num_shards: int, dim: int, out_url_of,
                  queries: np.ndarray, k: int, nprobes: list[int], add_batch: int,
-                 storage_options: dict, retries: int, k_factors: list[int] | None = None) -> list[dict]:
+                 storage_options: dict, retries: int, k_factors: list[int] | None = None,
+                 pieces: list[list[dict]] | None = None) -> list[dict]:
     """Build every shard on executors; return per-shard {shard, vectors, bytes, sha256, path, rerank, hit_*, exact_*}.
 
-    ``packed`` is ``packed_vectors(...)`` with the same ``num_shards``. ``out_url_of(shard)`` names
-    where a shard is written (``.faiss``; its re-rank store beside it as ``.pids.npy`` and
-    ``.vectors.npy`` when ``k_factors`` is given). ``hit_scores``/``hit_ids`` hold the shard's
-    top-k of the recall queries at each nprobe and k_factor (float32 / int64 [P, F, q, k]; without
-    re-rank F = 1 and the scores are the index's); ``exact_scores``/``exact_ids`` its brute-force
-    top-k ([q, k]); ``rerank`` a JSON {pids: {path, bytes, sha256}, vectors: {...}} or "".
+    Two ways to feed the shard tasks:
+
+    - ``pieces`` (Embeddings files, see :func:`plan_pieces`): one task per shard reads its own
+      Parquet row groups with pyarrow. Nothing crosses Spark's shuffle and every byte is read once.
+    - otherwise ``source`` is a DataFrame: rows are hashed to shards by pid (:func:`shard_of`) and
+      repartitioned through Spark's shuffle as packed bytes (:func:`packed_vectors`).
+
+    ``out_url_of(shard)`` names where a shard is written (``.faiss``; its re-rank store beside it
+    as ``.pids.npy`` and ``.vectors.npy`` when ``k_factors`` is given). ``hit_scores``/``hit_ids``
+    hold the shard's top-k of the recall queries at each nprobe and k_factor (float32 / int64
+    [P, F, q, k]; without re-rank F = 1 and the scores are the index's); ``exact_scores``/
+    ``exact_ids`` its brute-force top-k ([q, k]); ``rerank`` a JSON {pids: {path, bytes, sha256},
+    vectors: {...}} or "".
     """
     import json
 
-    from dpr_lib import storage
-    from dpr_lib.spark import spark_schema
+    from dpr_lib.spark import spark_schema, tasks_dataframe
 
     bc_index = spark.sparkContext.broadcast(trained)
     bc_queries = spark.sparkContext.broadcast(queries.astype(np.float32))
     urls = {s: out_url_of(s) for s in range(num_shards)}
+    builder = _ShardTask(bc_index, bc_queries, urls, dim, k, nprobes, add_batch, storage_options, retries,
+                         k_factors)
 
-    def upload(local: str, url: str) -> dict:
-        storage.upload_file_atomic(local, url, storage_options, attempts=retries)
+    if pieces is not None:
+        def run_pieces(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for b in batches:
+                for row in b.to_pylist():
+                    chunks = ((row["shard"], p, v) for p, v in _read_pieces(json.loads(row["pieces"]), dim, add_batch))
+                    yield from builder(chunks)
+
+        tasks = tasks_dataframe(spark, [{"shard": s, "pieces": json.dumps(pieces[s])} for s in range(num_shards)],
+                                "shard int, pieces string")
+        out = tasks.mapInArrow(run_pieces, spark_schema(SHARD_RESULT))
+    else:
+        def run_packed(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            def chunks():
+                for batch in batches:
+                    for row in batch.to_pylist():
+                        p = np.frombuffer(row["pids"], dtype=np.int64)
+                        yield row["shard"], p, np.frombuffer(row["vectors"], dtype=np.float32).reshape(-1, dim)
+            yield from builder(chunks())
+
+        packed = packed_vectors(spark, source, dim, num_shards)
+        out = packed.repartition(num_shards, "shard").sortWithinPartitions("shard").mapInArrow(
+            run_packed, spark_schema(SHARD_RESULT))
+    rows = [r.asDict() for r in out.collect()]
+    bc_index.unpersist()
+    bc_queries.unpersist()
+    for r in rows:
+        for key in ("hit_scores", "hit_ids", "exact_scores", "exact_ids"):
+            r[key] = _unnpy(r[key])
+        r["rerank"] = json.loads(r["rerank"]) if r["rerank"] else None
+    return sorted(rows, key=lambda r: r["shard"])
+
+
+class _ShardTask:
+    """The work of a shard task, whatever feeds it: (shard, pids, vectors) chunks in -> for each
+    shard, its index written (and re-rank store), its recall hits and exact top-k out."""
+
+    def __init__(self, bc_index, bc_queries, urls, dim, k, nprobes, add_batch, storage_options, retries, k_factors):
+        self.bc_index, self.bc_queries, self.urls = bc_index, bc_queries, urls
+        self.dim, self.k, self.nprobes, self.add_batch = dim, k, nprobes, add_batch
+        self.storage_options, self.retries, self.k_factors = storage_options, retries, k_factors
+
+    def _upload(self, local: str, url: str) -> dict:
+        from dpr_lib import storage
+
+        storage.upload_file_atomic(local, url, self.storage_options, attempts=self.retries)
         return {"path": url, "bytes": os.path.getsize(local), "sha256": storage.sha256_file(local)}
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        q = bc_queries.value
+    def __call__(self, chunks: Iterator[tuple[int, np.ndarray, np.ndarray]]) -> Iterator[pa.RecordBatch]:
+        import json
+
+        import faiss
+        from pyspark import TaskContext
+
+        from dpr_lib import storage
+
+        ctx = TaskContext.get()
+        # FAISS's OpenMP would start one thread per core in every concurrent task: oversubscribed,
+        # its spinning threads slow everything down. One task = its spark.task.cpus threads.
+        faiss.omp_set_num_threads(max(1, int(ctx.cpus()) if ctx is not None and hasattr(ctx, "cpus") else 1))
+        q, k, k_factors = self.bc_queries.value, self.k, self.k_factors
         shards: dict[int, dict] = {}
         try:
-            for batch in batches:
-                for row in batch.to_pylist():
-                    s = row["shard"]
-                    p = np.frombuffer(row["pids"], dtype=np.int64)
-                    v = np.frombuffer(row["vectors"], dtype=np.float32).reshape(-1, dim)
-                    check_finite(v, p)
-                    st = shards.get(int(s))
-                    if st is None:
-                        st = shards[int(s)] = {
-                            "index": deserialize(bc_index.value), "pids": [],
-                            "store": RerankStoreWriter(dim) if k_factors else None,
-                            "exact": (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))}
-                    for start in range(0, len(p), add_batch):
-                        st["index"].add_with_ids(np.ascontiguousarray(v[start:start + add_batch]),
-                                                 np.ascontiguousarray(p[start:start + add_batch], dtype=np.int64))
-                    if st["store"] is not None:
-                        st["store"].add(p, v)
-                    st["pids"].append(p)
-                    scores = q @ v.T
-                    st["exact"] = merge_topk([st["exact"][0], scores],
-                                             [st["exact"][1], np.broadcast_to(p, scores.shape)], k)
+            for s, p, v in chunks:
+                check_finite(v, p)
+                st = shards.get(int(s))
+                if st is None:
+                    st = shards[int(s)] = {
+                        "index": deserialize(self.bc_index.value), "pids": [],
+                        "store": RerankStoreWriter(self.dim) if k_factors else None,
+                        "exact": (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))}
+                for start in range(0, len(p), self.add_batch):
+                    st["index"].add_with_ids(np.ascontiguousarray(v[start:start + self.add_batch]),
+                                             np.ascontiguousarray(p[start:start + self.add_batch], dtype=np.int64))
+                if st["store"] is not None:
+                    st["store"].add(p, v)
+                st["pids"].append(p)
+                block = topk_block(q @ v.T, p, k)
+                st["exact"] = merge_topk([st["exact"][0], block[0]], [st["exact"][1], block[1]], k)
             for s, st in shards.items():
                 all_pids = np.concatenate(st["pids"])
                 uniq, counts = np.unique(all_pids, return_counts=True)
@@ -464,17 +525,28 @@ def build_shards(spark, packed, trained: bytes, num_shards: int, dim: int, out_u
                     raise InputError(f"duplicate pids in the Embeddings table: {uniq[counts > 1][:5].tolist()}")
                 idx = st["index"]
                 data = serialize(idx)
-                storage.write_bytes_atomic(urls[s], data, storage_options, attempts=retries)
+                storage.write_bytes_atomic(self.urls[s], data, self.storage_options, attempts=self.retries)
                 store_meta = ""
                 if st["store"] is not None:
                     pids_path, vecs_path = st["store"].finish()
-                    base = urls[s][: -len(".faiss")] if urls[s].endswith(".faiss") else urls[s]
-                    store_meta = json.dumps({"pids": upload(pids_path, base + ".pids.npy"),
-                                             "vectors": upload(vecs_path, base + ".vectors.npy")})
+                    url = self.urls[s]
+                    base = url[: -len(".faiss")] if url.endswith(".faiss") else url
+                    store_meta = json.dumps({"pids": self._upload(pids_path, base + ".pids.npy"),
+                                             "vectors": self._upload(vecs_path, base + ".vectors.npy")})
                     store_pids = np.load(pids_path, mmap_mode="r")
                     store_vecs = np.load(vecs_path, mmap_mode="r")
                 all_s, all_i = [], []
-                for nprobe in nprobes:
+                exact_sets = np.sort(st["exact"][1], axis=1)
+                # With exact codes (IVF-Flat, no pre-transform), once every query finds its exact
+                # top-k in this shard, more probes only scan vectors that score lower: the results
+                # of larger nprobes are the same, so they are not recomputed. (Lossy codes could
+                # let a newly scanned vector overtake; they are searched at every nprobe.)
+                exact_codes = st["store"] is None and type(faiss.downcast_index(idx)) is faiss.IndexIVFFlat
+                for nprobe in self.nprobes:
+                    if exact_codes and all_i and (np.sort(all_i[-1][0], axis=1) == exact_sets).all():
+                        all_s.append(all_s[-1])
+                        all_i.append(all_i[-1])
+                        continue
                     set_nprobe(idx, nprobe)
                     if st["store"] is None:
                         sc, ids = idx.search(q, k)
@@ -488,7 +560,7 @@ def build_shards(spark, packed, trained: bytes, num_shards: int, dim: int, out_u
                     all_i.append([r[1] for r in per_kf])
                 yield pa.RecordBatch.from_pylist([{
                     "shard": s, "vectors": int(len(all_pids)), "bytes": len(data),
-                    "sha256": storage.sha256_bytes(data), "path": urls[s], "rerank": store_meta,
+                    "sha256": storage.sha256_bytes(data), "path": self.urls[s], "rerank": store_meta,
                     "hit_scores": _npy(np.array(all_s, np.float32)), "hit_ids": _npy(np.array(all_i, np.int64)),
                     "exact_scores": _npy(st["exact"][0]), "exact_ids": _npy(st["exact"][1])}], schema=SHARD_RESULT)
                 del data, st["index"]
@@ -500,15 +572,151 @@ def build_shards(spark, packed, trained: bytes, num_shards: int, dim: int, out_u
                 if st.get("store") is not None:
                     st["store"].close()
 
-    df = packed.repartition(num_shards, "shard").sortWithinPartitions("shard")
-    rows = [r.asDict() for r in df.mapInArrow(run, spark_schema(SHARD_RESULT)).collect()]
-    bc_index.unpersist()
-    bc_queries.unpersist()
-    for r in rows:
-        for key in ("hit_scores", "hit_ids", "exact_scores", "exact_ids"):
-            r[key] = _unnpy(r[key])
-        r["rerank"] = json.loads(r["rerank"]) if r["rerank"] else None
-    return sorted(rows, key=lambda r: r["shard"])
+
+# ---------------------------------------------------------------- Embeddings files: no shuffle
+
+def file_layout(files: list[str]) -> list[dict]:
+    """Per Embeddings file, from its footer: {path, rows, row_groups: [rows per row group]}."""
+    import pyarrow.parquet as pq
+
+    from dpr_lib import storage
+
+    out = []
+    for f in files:
+        fs, path = storage.get_fs(f)
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+        out.append({"path": f, "rows": meta.num_rows,
+                    "row_groups": [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]})
+    return out
+
+
+def plan_pieces(layout: list[dict], num_shards: int) -> list[list[dict]]:
+    """Split the files' row groups, in file order, into ``num_shards`` contiguous runs of about
+    equal rows: shard s gets [{path, row_groups: [...]}, ...]. Every row is in exactly one shard
+    (balanced to within one row group); with pid-sorted files each shard is a pid range."""
+    total = sum(f["rows"] for f in layout)
+    pieces: list[list[dict]] = [[] for _ in range(num_shards)]
+    done = 0
+    for f in layout:
+        for g, rows in enumerate(f["row_groups"]):
+            s = min(num_shards - 1, (done + rows // 2) * num_shards // max(total, 1))
+            if pieces[s] and pieces[s][-1]["path"] == f["path"]:
+                pieces[s][-1]["row_groups"].append(g)
+            else:
+                pieces[s].append({"path": f["path"], "row_groups": [g]})
+            done += rows
+    return pieces
+
+
+def _read_pieces(pieces: list[dict], dim: int, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    from dpr_lib import storage
+
+    for piece in pieces:
+        fs, path = storage.get_fs(piece["path"])
+        with fs.open(path, "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, row_groups=piece["row_groups"],
+                                                         columns=["pid", "vector"]):
+                yield batch.column("pid").to_numpy().astype(np.int64), vectors_of(batch, dim)
+
+
+SAMPLE_RESULT = pa.schema([("path", pa.string()), ("pids", pa.binary()), ("vectors", pa.binary()),
+                           ("min_pid", pa.int64()), ("max_pid", pa.int64()), ("duplicates", pa.string())])
+
+
+def sample_files(spark, layout: list[dict], dim: int, size: int, seed: int, spill_dir: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Exactly ``size`` rows sampled without replacement, drawn on executors (one task per file,
+    each file contributing in proportion to its rows). Each task also checks its file for
+    duplicate pids and reports its pid range. Returns (pids, vectors, [{path, min_pid, max_pid}]).
+
+    ``spill_dir``: a directory the driver can read (local mode): tasks leave their sample there as
+    ``.npy`` instead of sending it through Spark's result path (a copy through the JVM less)."""
+    from dpr_lib.spark import spark_schema, tasks_dataframe
+
+    total = sum(f["rows"] for f in layout)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(total, size=min(size, total), replace=False)) if total else np.zeros(0, np.int64)
+    starts = np.cumsum([0] + [f["rows"] for f in layout])
+    tasks = []
+    for i, f in enumerate(layout):
+        local = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
+        tasks.append({"index": i, "path": f["path"], "rows": _npy(local.astype(np.int64))})
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import pyarrow.parquet as pq
+
+        from dpr_lib import storage
+
+        for b in batches:
+            for row in b.to_pylist():
+                want = _unnpy(row["rows"])
+                all_pids, got_p, got_v, offset = [], [], [], 0
+                fs, path = storage.get_fs(row["path"])
+                with fs.open(path, "rb") as fh:  # streamed: memory = one batch + the file's pids + its sample
+                    for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=["pid", "vector"]):
+                        pids = batch.column("pid").to_numpy().astype(np.int64)
+                        all_pids.append(pids)
+                        sel = want[(want >= offset) & (want < offset + len(pids))] - offset
+                        if len(sel):
+                            got_p.append(pids[sel])
+                            got_v.append(vectors_of(batch.take(pa.array(sel)), dim))
+                        offset += len(pids)
+                uniq, counts = np.unique(np.concatenate(all_pids or [np.zeros(0, np.int64)]), return_counts=True)
+                got_p = np.concatenate(got_p or [np.zeros(0, np.int64)])
+                got_v = np.concatenate(got_v or [np.zeros((0, dim), np.float32)])
+                if spill_dir:
+                    name = os.path.join(spill_dir, f"{row['index']:06d}")
+                    np.save(name + ".pids.npy", got_p)
+                    np.save(name + ".vectors.npy", got_v)
+                    got_p, got_v = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+                yield pa.RecordBatch.from_pylist([{
+                    "path": row["path"], "pids": got_p.tobytes(), "vectors": got_v.tobytes(),
+                    "min_pid": int(uniq[0]) if len(uniq) else None, "max_pid": int(uniq[-1]) if len(uniq) else None,
+                    "duplicates": ",".join(map(str, uniq[counts > 1][:5].tolist()))}], schema=SAMPLE_RESULT)
+
+    rows = tasks_dataframe(spark, tasks, "index int, path string, rows binary").mapInArrow(
+        run, spark_schema(SAMPLE_RESULT)).toArrow()
+    dups = [d for d in rows.column("duplicates").to_pylist() if d]
+    if dups:
+        raise InputError(f"duplicate pids in the Embeddings table: {dups[0]}")
+    if spill_dir:
+        parts = [os.path.join(spill_dir, f"{i:06d}") for i in range(len(layout))]
+        pids = np.concatenate([np.load(p + ".pids.npy") for p in parts] or [np.zeros(0, np.int64)])
+        vecs = np.concatenate([np.load(p + ".vectors.npy") for p in parts] or [np.zeros((0, dim), np.float32)])
+    else:
+        pids = np.concatenate([np.frombuffer(b, dtype=np.int64) for b in rows.column("pids").to_pylist()] or
+                              [np.zeros(0, np.int64)])
+        vecs = np.concatenate([np.frombuffer(b, dtype=np.float32).reshape(-1, dim)
+                               for b in rows.column("vectors").to_pylist()] or [np.zeros((0, dim), np.float32)])
+    ranges = [{"path": p, "min_pid": lo, "max_pid": hi} for p, lo, hi in
+              zip(rows.column("path").to_pylist(), rows.column("min_pid").to_pylist(),
+                  rows.column("max_pid").to_pylist()) if lo is not None]
+    return pids, vecs, ranges
+
+
+def check_disjoint_files(spark, ranges: list[dict]) -> None:
+    """Files without duplicates inside, whose pid ranges do not overlap, hold unique pids. Files
+    that overlap (Embeddings not written by the encode job) are checked with a pid-only group-by."""
+    ordered = sorted(ranges, key=lambda r: r["min_pid"])
+    if all(a["max_pid"] < b["min_pid"] for a, b in zip(ordered, ordered[1:])):
+        return
+    from pyspark.sql import functions as F
+
+    from dpr_lib.spark import tasks_dataframe
+
+    def pids_of(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            for url in b.column("path").to_pylist():
+                for batch in _file_batches(url, 65536, columns=("pid",)):
+                    yield pa.RecordBatch.from_arrays([batch.column("pid").cast(pa.int64())], names=["pid"])
+
+    dup = (tasks_dataframe(spark, [{"path": r["path"]} for r in ranges], "path string")
+           .mapInArrow(pids_of, "pid long").groupBy("pid").count().filter(F.col("count") > 1).limit(5).collect())
+    if dup:
+        raise InputError(f"duplicate pids in the Embeddings table: {[r['pid'] for r in dup]}")
 
 
 EXACT_RESULT = pa.schema([("scores", pa.binary()), ("ids", pa.binary())])
@@ -534,8 +742,8 @@ def exact_topk(spark, files: list[str], queries: np.ndarray, k: int, dim: int,
                     pids = batch.column("pid").to_numpy().astype(np.int64)
                     vecs = vectors_of(batch, dim)
                     check_finite(vecs, pids)
-                    scores = q @ vecs.T
-                    best = merge_topk([best[0], scores], [best[1], np.broadcast_to(pids, scores.shape)], k)
+                    block = topk_block(q @ vecs.T, pids, k)
+                    best = merge_topk([best[0], block[0]], [best[1], block[1]], k)
                 yield pa.RecordBatch.from_pylist([{"scores": _npy(best[0]), "ids": _npy(best[1])}],
                                                  schema=EXACT_RESULT)
 

@@ -14,6 +14,7 @@ complete; a failure at any point leaves LATEST (and the version it names) untouc
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -136,6 +137,18 @@ def write_docstore(spark, cfg: Config, vurl: str) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def _driver_spill_dir(spark):
+    """A temporary directory that tasks can write and the driver read: local mode only (else None)."""
+    from dpr_lib.spark import is_local_master
+
+    if not is_local_master(spark.sparkContext.master):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="dpr-sample-") as d:
+        yield d
+
+
 def _count_rows(url: str) -> int:
     """Rows of the Parquet files under ``url``, from their footers."""
     total = 0
@@ -205,14 +218,20 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     num_shards = icfg.num_shards or max(1, -(-n // icfg.max_vectors_per_shard))
     log.info("index: %d vectors of d=%d -> %s, %d shards (%s)", n, dim, plan.factory, num_shards, plan.reason)
 
-    # Sample on the executors, collect only the sample.
+    # Sample on the executors, collect only the sample: the driver holds the sample plus a
+    # constant, whatever the table's size.
     t = time.time()
     sample_size = max(plan.train_size, min(n, icfg.recall_queries))
-    fraction = min(1.0, 1.2 * sample_size / n)
-    # ~1.2x the sample comes back and the driver trims it (seeded): the driver holds the sample
-    # plus a constant, whatever the table's size.
+    pieces = None
     with task_errors():
-        sample_pids, sample = ix.sample_vectors(spark, source, dim, fraction, icfg.seed)
+        if isinstance(source, list):  # files: exactly sample_size rows; no shuffle anywhere
+            layout = ix.file_layout(source)
+            with _driver_spill_dir(spark) as spill:
+                sample_pids, sample, ranges = ix.sample_files(spark, layout, dim, sample_size, icfg.seed, spill)
+            ix.check_disjoint_files(spark, ranges)
+            pieces = ix.plan_pieces(layout, num_shards)
+        else:  # a DataFrame: a ~1.2x Bernoulli sample, trimmed here (seeded)
+            sample_pids, sample = ix.sample_vectors(spark, source, dim, min(1.0, 1.2 * sample_size / n), icfg.seed)
     ix.check_finite(sample, sample_pids)
     if len(sample) > sample_size:
         keep = np.sort(np.random.default_rng(icfg.seed).choice(len(sample), sample_size, replace=False))
@@ -242,7 +261,8 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     vurl = version_url(root, version)
     try:
         return _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
-                              quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts)
+                              quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts,
+                              pieces)
     except BaseException:
         # Nothing of a failed version may linger (LATEST never named it); best effort.
         try:
@@ -255,7 +275,8 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
 
 
 def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
-                   quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts) -> dict:
+                   quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts,
+                   pieces=None) -> dict:
     from dpr_lib.corpus import write_stats
     from dpr_lib.encode import resolve_spec
     from dpr_lib.spark import task_errors
@@ -274,9 +295,9 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
     k_factors = ([icfg.k_factor] if icfg.k_factor else list(ix.K_FACTORS)) if with_store else None
     t = time.time()
     with task_errors():
-        shards = ix.build_shards(spark, ix.packed_vectors(spark, source, dim, num_shards), trained_bytes, num_shards, dim,
+        shards = ix.build_shards(spark, source, trained_bytes, num_shards, dim,
                                  lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k_search, nprobes,
-                                 icfg.add_batch, opts, cfg.publish.retries, k_factors)
+                                 icfg.add_batch, opts, cfg.publish.retries, k_factors, pieces)
     timings["add_write"] = time.time() - t
     t = time.time()
     _, exact_i = ix.merge_topk([s["exact_scores"] for s in shards], [s["exact_ids"] for s in shards], k_search)
