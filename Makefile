@@ -56,7 +56,7 @@ train:  ## mine SQuAD train-subset (BM25 hard negatives), fine-tune the encoder,
 
 train-eval:  ## evaluate the `make train` checkpoint on SQuAD dev part a -> work/train/eval/
 	$(PY) jobs/evaluate.py --conf $(CONF) --dataset $(SQUAD_DEV) --format squad --out work/train/eval \
-	  --fusion linear --set index.recall_target=0.99 \
+	  --fusion linear \
 	  --set encoder.model=work/train/model/final/passage_encoder \
 	  --set encoder.question_model=work/train/model/final/question_encoder
 

@@ -117,6 +117,10 @@ class IndexConfig:
     """Upper bound of the training sample (vectors) held on the driver."""
     min_nlist: int = 1
     """Smallest nlist the auto rule may fall back to for small corpora."""
+    exact_below: int = 10_000
+    """The auto rule builds an exact index (IVF1,Flat: one list, every query scans all vectors)
+    below this many vectors with exact codes: a scan of 10k vectors costs about what probing an IVF
+    does there, and an IVF on so few vectors loses recall. 0 = always the IVF rule."""
     recall_k: int = 10
     """k of the recall check."""
     recall_target: float = 0.95
@@ -300,7 +304,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {"corpus.overlap", "corpus.default_corpus_limit", "encoder.threads",
                  "index.num_shards", "index.bytes_per_vector", "index.nprobe", "search.nprobe",
-                 "index.k_factor", "search.k_factor", "serve.warmup_queries",
+                 "index.k_factor", "search.k_factor", "serve.warmup_queries", "index.exact_below",
                  "train.hard_negatives_kept", "train.hard_negatives", "train.max_steps", "train.warmup_steps",
                  "train.weight_decay", "train.val_every", "train.checkpoint_every", "train.threads"}
 

@@ -53,11 +53,13 @@ def _divisors(d: int) -> list[int]:
 
 
 def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: int = 64,
-                   max_train_sample: int = 200_000, min_nlist: int = 1, factory: str = "auto") -> IndexPlan:
+                   max_train_sample: int = 200_000, min_nlist: int = 1, factory: str = "auto",
+                   exact_below: int = 0) -> IndexPlan:
     """The index rule. nlist = the power of two at or above 4*sqrt(n) (so within 4..8*sqrt(n)),
     lowered until every list gets >= 39 training points; codes from the memory budget per vector:
     0 or >= 4*d bytes -> Flat (exact), >= d -> SQ8, else PQ with the largest m <= budget dividing d.
     Training sample = nlist * train_per_list (PQ: at least 256*39), capped by max_train_sample and n.
+    Exact codes and fewer than ``exact_below`` vectors: IVF1,Flat, an exact index.
     """
     if n <= 0:
         raise InputError("no vectors to index: the Embeddings table is empty")
@@ -74,6 +76,10 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
     budget = bytes_per_vector - ID_BYTES  # the FAISS id stored beside every code
     if bytes_per_vector == 0 or bytes_per_vector >= 4 * dim:
         code, why = "Flat", "exact float32 codes (no per-vector memory budget below 4*d bytes)"
+        if n < exact_below:
+            return IndexPlan("IVF1,Flat", 1, min(n, max(train_per_list, 1)),
+                             f"n={n} < index.exact_below={exact_below}, d={dim}: one inverted list, every "
+                             f"query scans all vectors: exact search ({why})")
     elif budget >= dim:
         code, why = "SQ8", f"8-bit scalar codes + 8-byte ids fit the budget of {bytes_per_vector} B/vector"
     elif budget >= 1 and n < PQ_MIN_TRAIN:

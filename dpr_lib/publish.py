@@ -214,7 +214,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         plan = ix.IndexPlan(prev["factory"], prev["nlist"], 0, f"quantizer reused from version {prev['version']}")
     else:
         plan = ix.choose_factory(n, dim, icfg.bytes_per_vector, icfg.train_per_list, icfg.max_train_sample,
-                                 icfg.min_nlist, icfg.factory)
+                                 icfg.min_nlist, icfg.factory, icfg.exact_below)
     num_shards = icfg.num_shards or max(1, -(-n // icfg.max_vectors_per_shard))
     log.info("index: %d vectors of d=%d -> %s, %d shards (%s)", n, dim, plan.factory, num_shards, plan.reason)
 

@@ -109,8 +109,10 @@ def tiny_dpr_dir(tmp_path_factory) -> str:
 
 def make_config(tmp_path, *overrides: str) -> Config:
     """A Config for tests: everything under tmp_path, small files, the given overrides."""
+    # The IVF machinery (training, nprobe, recall) is what most tests exercise: small test corpora
+    # would otherwise get the exact index (index.exact_below), tested on its own.
     base = [f"paths.work_dir={tmp_path}/work", f"paths.cache_dir={tmp_path}/cache", "corpus.num_files=2",
-            "index.recall_queries=32"]
+            "index.recall_queries=32", "index.exact_below=0"]
     return load_config(None, base + list(overrides))
 
 

@@ -26,6 +26,21 @@ def test_auto_rule():
         choose_factory(1_000_000, 384, bytes_per_vector=8)
     small = choose_factory(1000, 384)
     assert small.nlist == 1000 // 39 and small.train_size == 1000
+    # below index.exact_below (exact codes only): one list, an exact index
+    exact = choose_factory(9_999, 384, exact_below=10_000)
+    assert exact.factory == "IVF1,Flat" and exact.nlist == 1 and "exact search" in exact.reason
+    assert choose_factory(10_000, 384, exact_below=10_000).nlist > 1
+    assert choose_factory(5000, 384, bytes_per_vector=96, exact_below=10_000).factory.endswith(",SQ8")
+
+
+def test_exact_index_finds_the_brute_force_top_k():
+    x = np.random.default_rng(3).standard_normal((3000, 32)).astype(np.float32)
+    index = deserialize(serialize(train_quantizer(x[:64], "IVF1,Flat")))
+    index.add_with_ids(x, np.arange(len(x), dtype=np.int64))
+    q = x[:50] + 0.1
+    _, found = index.search(q, 10)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    assert recall_at_k(found, exact) == 1.0
 
 
 def test_explicit_factory_needs_enough_vectors():
