@@ -598,20 +598,25 @@ def file_layout(files: list[str]) -> list[dict]:
 
 
 def plan_pieces(layout: list[dict], num_shards: int) -> list[list[dict]]:
-    """Split the files' row groups, in file order, into ``num_shards`` contiguous runs of about
-    equal rows: shard s gets [{path, row_groups: [...]}, ...]. Every row is in exactly one shard
-    (balanced to within one row group); with pid-sorted files each shard is a pid range."""
+    """Cut the files' rows, in file order, into ``num_shards`` contiguous runs of equal size (to
+    within one row): shard s gets [{path, groups: [[row_group, start, stop], ...]}, ...] with
+    start/stop rows inside the row group. Every row is in exactly one shard; with pid-sorted files
+    each shard is a pid range."""
     total = sum(f["rows"] for f in layout)
+    bounds = [total * s // num_shards for s in range(num_shards + 1)]
     pieces: list[list[dict]] = [[] for _ in range(num_shards)]
-    done = 0
+    offset = 0
     for f in layout:
         for g, rows in enumerate(f["row_groups"]):
-            s = min(num_shards - 1, (done + rows // 2) * num_shards // max(total, 1))
-            if pieces[s] and pieces[s][-1]["path"] == f["path"]:
-                pieces[s][-1]["row_groups"].append(g)
-            else:
-                pieces[s].append({"path": f["path"], "row_groups": [g]})
-            done += rows
+            lo, hi = offset, offset + rows
+            for s in range(num_shards):
+                a, b = max(lo, bounds[s]), min(hi, bounds[s + 1])
+                if a >= b:
+                    continue
+                if not pieces[s] or pieces[s][-1]["path"] != f["path"]:
+                    pieces[s].append({"path": f["path"], "groups": []})
+                pieces[s][-1]["groups"].append([g, a - lo, b - lo])
+            offset = hi
     return pieces
 
 
@@ -623,9 +628,15 @@ def _read_pieces(pieces: list[dict], dim: int, batch_rows: int) -> Iterator[tupl
     for piece in pieces:
         fs, path = storage.get_fs(piece["path"])
         with fs.open(path, "rb") as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, row_groups=piece["row_groups"],
-                                                         columns=["pid", "vector"]):
-                yield batch.column("pid").to_numpy().astype(np.int64), vectors_of(batch, dim)
+            pf = pq.ParquetFile(fh)
+            for g, start, stop in piece["groups"]:
+                offset = 0
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=["pid", "vector"]):
+                    a, b = max(start - offset, 0), min(stop - offset, batch.num_rows)
+                    offset += batch.num_rows
+                    if a < b:
+                        part = batch.slice(a, b - a)
+                        yield part.column("pid").to_numpy().astype(np.int64), vectors_of(part, dim)
 
 
 SAMPLE_RESULT = pa.schema([("path", pa.string()), ("pids", pa.binary()), ("vectors", pa.binary()),

@@ -145,3 +145,35 @@ def test_rerank_in_blocks_equals_one_block(monkeypatch):
     row = [p for p in cand[1].tolist() if p in set(pids.tolist())]
     want = sorted(set(row), key=lambda p: (-exact[np.searchsorted(pids, p)], p))[:5]
     assert whole[1][1].tolist() == want
+
+
+def test_shard_pieces_cover_every_row_once_and_balance(tmp_path):
+    """Shards of Embeddings files are contiguous row runs, cut inside row groups when needed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpr_lib.index import _read_pieces, file_layout, plan_pieces
+    from dpr_lib.schemas import embeddings_schema
+
+    files, pid = [], 0
+    for i, groups in enumerate([[7, 3], [1], [12, 5, 2]]):
+        path = str(tmp_path / f"part-{i}.parquet")
+        with pq.ParquetWriter(path, embeddings_schema(4)) as w:
+            for rows in groups:
+                pids = np.arange(pid, pid + rows, dtype=np.int64)
+                flat = pa.FixedSizeListArray.from_arrays(pa.array(np.repeat(pids, 4).astype(np.float32)), 4)
+                w.write_table(pa.Table.from_arrays([pa.array(pids), pa.array(["h"] * rows), flat],
+                                                   schema=embeddings_schema(4)))
+                pid += rows
+        files.append(path)
+    layout = file_layout(files)
+    assert [f["row_groups"] for f in layout] == [[7, 3], [1], [12, 5, 2]]
+    for n in (1, 2, 3, 4, 7, 40):
+        got = [np.concatenate([p for p, _ in _read_pieces(pieces, 4, 2)] or [np.zeros(0, np.int64)])
+               for pieces in plan_pieces(layout, n)]
+        assert np.array_equal(np.concatenate(got), np.arange(pid)), "every row once, in order"
+        sizes = [len(g) for g in got]
+        assert max(sizes) - min(sizes) <= 1, sizes
+        for pieces in plan_pieces(layout, n):  # vectors travel with their pids
+            for p, v in _read_pieces(pieces, 4, 3):
+                assert (v[:, 0] == p).all()
