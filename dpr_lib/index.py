@@ -663,24 +663,19 @@ def sample_files(spark, layout: list[dict], dim: int, size: int, seed: int, spil
         tasks.append({"index": i, "path": f["path"], "rows": _npy(local.astype(np.int64))})
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import pyarrow.parquet as pq
-
-        from dpr_lib import storage
-
         for b in batches:
             for row in b.to_pylist():
                 want = _unnpy(row["rows"])
                 all_pids, got_p, got_v, offset = [], [], [], 0
-                fs, path = storage.get_fs(row["path"])
-                with fs.open(path, "rb") as fh:  # streamed: memory = one batch + the file's pids + its sample
-                    for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=["pid", "vector"]):
-                        pids = batch.column("pid").to_numpy().astype(np.int64)
-                        all_pids.append(pids)
-                        sel = want[(want >= offset) & (want < offset + len(pids))] - offset
-                        if len(sel):
-                            got_p.append(pids[sel])
-                            got_v.append(vectors_of(batch.take(pa.array(sel)), dim))
-                        offset += len(pids)
+                # streamed: memory = one batch + the file's pids + its sample
+                for batch in _file_batches(row["path"], 8192):
+                    pids = batch.column("pid").to_numpy().astype(np.int64)
+                    all_pids.append(pids)
+                    sel = want[(want >= offset) & (want < offset + len(pids))] - offset
+                    if len(sel):
+                        got_p.append(pids[sel])
+                        got_v.append(vectors_of(batch.take(pa.array(sel)), dim))
+                    offset += len(pids)
                 uniq, counts = np.unique(np.concatenate(all_pids or [np.zeros(0, np.int64)]), return_counts=True)
                 got_p = np.concatenate(got_p or [np.zeros(0, np.int64)])
                 got_v = np.concatenate(got_v or [np.zeros((0, dim), np.float32)])

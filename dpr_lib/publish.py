@@ -151,12 +151,7 @@ def _driver_spill_dir(spark):
 
 def _count_rows(url: str) -> int:
     """Rows of the Parquet files under ``url``, from their footers."""
-    total = 0
-    for f in storage.list_files(url, ".parquet"):
-        fs, path = storage.get_fs(f)
-        with fs.open(path, "rb") as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
-    return total
+    return sum(f["rows"] for f in ix.file_layout(storage.list_files(url, ".parquet")))
 
 
 def _relative(url: str, vurl: str) -> str:
