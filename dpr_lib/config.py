@@ -183,6 +183,9 @@ class NightlyConfig:
     """Stop before publishing if the snapshot has this fraction fewer passages than the last run (0..1)."""
     retrain_growth: float = 2.0
     """Retrain the quantizer when the vector count exceeds this factor times the previous version's."""
+    max_nprobe_growth: float = 2.0
+    """Retrain when the reused quantizer needs more than this factor times the nprobe the previous
+    version served with to reach index.recall_target (it has drifted from the corpus)."""
     stale_lock_s: int = 6 * 3600
     """A lock older than this (seconds) is considered left by a dead run and taken over."""
     keep_runs: int = 2
@@ -296,7 +299,7 @@ _POSITIVE = {
     "index.max_vectors_per_shard", "index.train_per_list", "index.max_train_sample",
     "index.min_nlist", "index.recall_k", "index.recall_queries", "index.add_batch",
     "publish.keep_versions", "publish.docstore_row_group", "publish.retries",
-    "search.k", "search.max_k", "nightly.retrain_growth", "serve.port", "serve.poll_s", "serve.max_batch",
+    "search.k", "search.max_k", "nightly.retrain_growth", "nightly.max_nprobe_growth", "serve.port", "serve.poll_s", "serve.max_batch",
     "serve.max_k", "serve.max_question_chars", "nightly.stale_lock_s", "nightly.keep_runs",
     "train.mine_k", "train.batch_size", "train.hard_negative_pool", "train.epochs", "train.lr",
     "train.max_question_length", "train.keep_checkpoints", "train.log_every", "train.num_processes",

@@ -10,7 +10,8 @@ A run:
 4. encodes only new and changed passages; unchanged ones reuse their embedding when it was made
    by the same encoder fingerprint;
 5. builds and publishes a version, reusing the previous ``trained.faiss`` unless the encoder
-   changed, the vector count grew past ``nightly.retrain_growth``, or recall misses the target;
+   changed, the vector count grew past ``nightly.retrain_growth``, or the reused quantizer needs
+   more than ``nightly.max_nprobe_growth`` x the previous version's nprobe to reach the recall target;
 6. records the run as the new baseline (``<work_dir>/state/last_success.json``) and releases the lock.
 
 Stages are idempotent and recorded in ``<work_dir>/runs/<run>/state.json``: a failed run is
@@ -234,7 +235,9 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
                 else:
                     trained = storage.read_bytes(join_url(version_url(root, prev_root_version), "trained.faiss"), opts)
                     reuse = {"trained": trained, "manifest": prev_manifest,
-                             "reason": "same encoder, growth within nightly.retrain_growth"}
+                             "reason": "same encoder, growth within nightly.retrain_growth",
+                             "max_nprobe": ncfg.max_nprobe_growth * int(prev_manifest.get("nprobe") or 1),
+                             "max_nprobe_key": "nightly.max_nprobe_growth"}
             extra = {"encoder": fingerprint, "retrain_reason": reason,
                      "nightly": {"run": state["run"], "diff": diff, "encoded": encoded["encoded"],
                                  "reused_embeddings": corpus["passages"] - encoded["encoded"]}}

@@ -175,7 +175,8 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
 
     ``reuse_from`` = {"trained": bytes, "manifest": previous manifest, "reason": str} skips training
     and adds the vectors to the previous version's quantizer; if the recall measured with it
-    misses ``index.recall_target``, the version is discarded and the job retrains.
+    misses ``index.recall_target``, or reaches it only above ``reuse_from["max_nprobe"]`` (if
+    given), the version is discarded and the job retrains.
     """
     from pyspark.sql import functions as F
 
@@ -269,6 +270,24 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         raise
 
 
+def _stale_quantizer(reuse_from: dict, recall_by_nprobe: dict, nprobe: int, k: int, icfg) -> str | None:
+    """Why a reused quantizer no longer serves, or None. It must reach ``index.recall_target`` at
+    all, and (unless nprobe is forced) at no more than ``reuse_from["max_nprobe"]`` probes: one
+    that needs many more lists than the previous version did has drifted away from the corpus,
+    and every query would pay for it."""
+    prev = reuse_from["manifest"]
+    recall = recall_by_nprobe.get(nprobe, 0)
+    if recall < icfg.recall_target:
+        return (f"recall@{k} {recall:.3f} with the reused quantizer of version {prev['version']} is below "
+                f"index.recall_target {icfg.recall_target}")
+    limit = reuse_from.get("max_nprobe")
+    if limit and not icfg.nprobe and nprobe > limit:
+        return (f"the reused quantizer of version {prev['version']} needs nprobe {nprobe} to reach "
+                f"index.recall_target {icfg.recall_target}, over {reuse_from.get('max_nprobe_key', 'the limit')}"
+                f" x the {prev.get('nprobe')} that version served with ({limit:g})")
+    return None
+
+
 def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
                    quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts,
                    pieces=None) -> dict:
@@ -312,11 +331,11 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         nprobe = icfg.nprobe
     recall_by_nprobe = {p: recall_by[(p, kf)] for (p, kf) in recall_by if kf == k_factor}
     timings["recall"] = time.time() - t
-    if reuse_from and recall_by_nprobe.get(nprobe, 0) < icfg.recall_target:
+    stale = _stale_quantizer(reuse_from, recall_by_nprobe, nprobe, k, icfg) if reuse_from else None
+    if stale:
         fs, vpath = storage.get_fs(vurl, opts)
         fs.rm(vpath, recursive=True)
-        why = (f"recall@{k} {recall_by_nprobe.get(nprobe, 0):.3f} with the reused quantizer of version "
-               f"{reuse_from['manifest']['version']} is below index.recall_target {icfg.recall_target}")
+        why = stale
         log.warning("%s: retraining", why)
         return build_index(spark, cfg, None if isinstance(source, list) else source,
                            {**(extra_manifest or {}), "retrain_reason": why},

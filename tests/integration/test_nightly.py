@@ -147,3 +147,24 @@ def test_shrink_guard(spark, tmp_path, tiny_bert_dir):
     forced = run_nightly(spark, cfg, force=True)
     assert forced["passages"] == 20 and read_latest(cfg.path("index_root")) == forced["version"]
     assert np.isfinite(forced["recall_at_nprobe"])
+
+
+def test_quantizer_that_needs_more_probes_is_retrained(spark, tmp_path, tiny_bert_dir):
+    """The reuse check of a real run: with the default nightly.max_nprobe_growth the second run
+    reuses the quantizer; with a limit no nprobe can meet, the reused version is discarded and
+    the run retrains, saying why (in the report and the published manifest)."""
+    snapshot = write_jsonl(tmp_path / "s.jsonl", synthetic_docs(30, seed=8))
+    cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot)
+    run_nightly(spark, cfg)
+    reused = run_nightly(spark, cfg)
+    assert reused["quantizer"]["reused"] is True
+    strict = cfg_for(tmp_path, tiny_bert_dir, snapshot, "nightly.max_nprobe_growth=0.001")
+    report = run_nightly(spark, strict)
+    q = report["quantizer"]
+    assert q["reused"] is False
+    assert f"the reused quantizer of version {reused['version']} needs nprobe" in q["reason"]
+    assert "nightly.max_nprobe_growth" in q["reason"]
+    manifest = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "cache")).manifest
+    assert manifest["version"] == report["version"] and manifest["quantizer"] == q
+    versions = os.listdir(os.path.join(cfg.path("index_root"), "versions"))
+    assert len(versions) == 3, "the discarded reused-quantizer version left nothing behind"

@@ -177,3 +177,21 @@ def test_shard_pieces_cover_every_row_once_and_balance(tmp_path):
         for pieces in plan_pieces(layout, n):  # vectors travel with their pids
             for p, v in _read_pieces(pieces, 4, 3):
                 assert (v[:, 0] == p).all()
+
+
+def test_stale_quantizer_rule():
+    from types import SimpleNamespace
+
+    from dpr_lib.publish import _stale_quantizer
+
+    icfg = SimpleNamespace(recall_target=0.95, nprobe=0)
+    reuse = {"manifest": {"version": "v1", "nprobe": 16}, "max_nprobe": 32.0, "max_nprobe_key": "nightly.max_nprobe_growth"}
+    curve = {8: 0.9, 16: 0.94, 32: 0.96, 64: 0.99}
+    assert _stale_quantizer(reuse, curve, 32, 10, icfg) is None  # 2x the previous nprobe: still serves
+    why = _stale_quantizer({**reuse, "max_nprobe": 16.0}, curve, 32, 10, icfg)
+    assert why and "needs nprobe 32" in why and "served with (16)" in why and "nightly.max_nprobe_growth" in why
+    assert "below index.recall_target" in _stale_quantizer(reuse, {64: 0.9}, 64, 10, icfg)
+    # A forced nprobe is what is served, whatever the previous version did; only the target counts.
+    forced = SimpleNamespace(recall_target=0.95, nprobe=64)
+    assert _stale_quantizer({**reuse, "max_nprobe": 16.0}, curve, 64, 10, forced) is None
+    assert _stale_quantizer({"manifest": {"version": "v1", "nprobe": 1}}, curve, 64, 10, icfg) is None  # no limit
