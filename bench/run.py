@@ -415,9 +415,10 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
 
     # Full mode: 20,000 one-passage documents of real SQuAD sentences, each drawn from one article
     # (BENCH_NIGHTLY_CORPUS=mixed: from anywhere); an IVF index (above index.exact_below), where
-    # fixed per-stage costs no longer dominate. Both indexes are built at the default recall target;
-    # agreement is then measured at the nprobe each index's own recall sweep (in its manifest)
-    # recommends for several targets, and over a sweep of nprobe against exact search.
+    # fixed per-stage costs no longer dominate. Both indexes pick nprobe for recall@10 >= 0.999 on
+    # 1,024 SQuAD dev questions (index.recall_questions); agreement is measured on 300 other
+    # (training-set) questions at the nprobe each index serves, at what each index's recall sweep
+    # (in its manifest) recommends for lower targets, and over a sweep of nprobe against exact search.
     n_docs = 150 if QUICK else int(os.environ.get("BENCH_NIGHTLY_DOCS", "20000"))
     corpus = os.environ.get("BENCH_NIGHTLY_CORPUS", "article")
     snap = os.path.join(WORK, "nightly", "snapshot.jsonl")
@@ -426,11 +427,16 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
     else:
         squad_remix_jsonl(snap, n_docs, by_article=corpus == "article")
     docs = [json.loads(line) for line in open(snap)]
+    calibration = os.path.join(WORK, "nightly", "dev_questions.txt")
+    with open(calibration, "w") as fh:
+        fh.writelines(q.replace("\n", " ") + "\n" for q in squad_questions("dev-v1.1-part-a.json", 10**6))
+    target = float(os.environ.get("BENCH_NIGHTLY_TARGET", "0.999"))
 
     def cfg_for(name):
         return load_config(os.path.join(REPO, "conf", "local.yaml"), [
             f"paths.work_dir={WORK}/nightly/{name}", f"corpus.input={snap}", "index.num_shards=2",
-            f"paths.cache_dir={WORK}/cache"])
+            f"paths.cache_dir={WORK}/cache", f"index.recall_questions={calibration}",
+            f"index.recall_target={target}"])
 
     import shutil
 
@@ -482,22 +488,22 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
             chosen[name] = min([p for p, r in curve.items() if r >= target] or [max(curve)])
         by_target[str(target)] = {"nprobe": chosen, "nlist": nlist, "agreement": agree(
             top10("incremental", chosen["incremental"]), top10("full", chosen["full"]))}
-    served = by_target["0.999"]
+    served = {"nprobe": {"incremental": inc["nprobe"], "full": full["nprobe"]}, "nlist": nlist, "target": target,
+              "agreement": agree(top10("incremental", inc["nprobe"]), top10("full", full["nprobe"]))}
     results.update({"nightly.incremental_ratio_5pct": round(inc_s / full_s, 3),
                     "nightly.top10_agreement": served["agreement"],
-                    "nightly.top10_agreement_at_default_target": by_target["0.95"]["agreement"],
+                    "nightly.top10_agreement_at_recall_095": by_target["0.95"]["agreement"],
                     "nightly.top10_agreement_exhaustive": sweep[nlist]["agreement"]})
     details["nightly"] = {"docs": n_docs, "corpus": "squad" if QUICK else corpus,
-                          "agreement_by_recall_target": by_target, "sweep": sweep,
-                          "nprobe_served": {"incremental": inc["nprobe"], "full": full["nprobe"]},
+                          "served": served, "agreement_by_recall_target": by_target, "sweep": sweep,
                           "recall_at_nprobe": {"incremental": inc["recall_at_nprobe"],
                                                "full": full["recall_at_nprobe"]},
                           "incremental_s": round(inc_s, 2), "full_s": round(full_s, 2),
                           "incremental_stage_s": inc["seconds"], "full_stage_s": full["seconds"],
                           "diff": inc["diff"], "encoded": inc["encoded"], "quantizer": inc["quantizer"]}
-    log(f"nightly: incremental {inc_s:.1f}s vs full {full_s:.1f}s; top-10 agreement at the nprobe for "
-        f"recall target 0.999: {served['agreement']:.3f} (nprobe {served['nprobe']} of {nlist}), at 0.95: "
-        f"{by_target['0.95']['agreement']:.3f}; exhaustive {sweep[nlist]['agreement']:.3f}")
+    log(f"nightly: incremental {inc_s:.1f}s vs full {full_s:.1f}s; top-10 agreement as served (recall "
+        f"target {target} on questions): {served['agreement']:.3f} (nprobe {served['nprobe']} of {nlist}), at "
+        f"0.95: {by_target['0.95']['agreement']:.3f}; exhaustive {sweep[nlist]['agreement']:.3f}")
 
 
 # ---------------------------------------------------------------- serve

@@ -127,6 +127,11 @@ class IndexConfig:
     """Recommended nprobe is the smallest reaching this recall@k."""
     recall_queries: int = 256
     """Stored vectors used as recall queries."""
+    recall_questions: str = ""
+    """Real queries to measure recall with (path or URL: one per line, or .jsonl with a "question"
+    field); up to max(recall_queries, 1024) of them are encoded by the question encoder. Empty =
+    stored vectors, self excluded, which sit closer to their neighbours than questions do and so
+    overstate the recall that questions get at the same nprobe."""
     nprobe: int = 0
     """Force the recommended nprobe (0 = measured)."""
     add_batch: int = 8192

@@ -140,10 +140,12 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
 
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
-    from dpr_lib.publish import MANIFEST, build_index, read_latest, version_url
+    from dpr_lib.publish import MANIFEST, build_index, read_latest, read_recall_questions, version_url
 
     t0 = time.time()
     ncfg = cfg.nightly
+    if cfg.index.recall_questions:
+        read_recall_questions(cfg)  # a bad file fails now, not after the encode stage
     root, opts = cfg.path("index_root"), cfg.storage_options()
     lock = RunLock(root, ncfg.stale_lock_s, opts)
     lock.acquire()

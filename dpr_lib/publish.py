@@ -160,13 +160,81 @@ def _relative(url: str, vurl: str) -> str:
 
 # ---------------------------------------------------------------- the merge job
 
+def read_recall_questions(cfg: Config) -> list[str]:
+    """The questions of ``index.recall_questions`` (at most max(recall_queries, 1024), a seeded
+    sample of a longer file). Errors name the key: a run should fail before it encodes anything."""
+    from dpr_lib.errors import ConfigError
+
+    url, icfg = cfg.index.recall_questions, cfg.index
+    try:
+        raw = storage.read_bytes(url, cfg.storage_options(), attempts=2)
+    except (OSError, StorageError) as exc:
+        raise ConfigError(f"index.recall_questions: cannot read {url}: {exc}") from None
+    try:
+        lines = [line.strip() for line in raw.decode("utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"index.recall_questions: {url} is not UTF-8 text ({exc})") from None
+    questions = []
+    for no, line in enumerate(lines, 1):
+        if not line:
+            continue
+        if url.endswith((".jsonl", ".json")):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"index.recall_questions: {url} line {no} is not JSON ({exc.msg})") from None
+            line = row.get("question") if isinstance(row, dict) else row
+            if not isinstance(line, str):
+                raise ConfigError(f'index.recall_questions: {url} line {no} has no "question" string')
+            line = line.strip()
+        if line:
+            questions.append(line)
+    if not questions:
+        raise ConfigError(f"index.recall_questions: {url} holds no questions")
+    limit = max(icfg.recall_queries, 1024)
+    if len(questions) > limit:
+        pick = np.sort(np.random.default_rng(icfg.seed).choice(len(questions), limit, replace=False))
+        questions = [questions[i] for i in pick]
+    return questions
+
+
+def encode_recall_questions(cfg: Config) -> np.ndarray:
+    """``index.recall_questions`` encoded on the driver by the question encoder: float32 [n, d].
+    Kept in the local cache_dir by (questions, encoder fingerprint): nightly runs with the same
+    file and encoder do not encode them again."""
+    import hashlib
+
+    from dpr_lib.encode import Encoder, resolve_spec
+
+    questions = read_recall_questions(cfg)
+    t = time.time()
+    spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="question", storage_options=cfg.storage_options())
+    key = hashlib.sha256(json.dumps([spec.fingerprint()["id"], questions]).encode()).hexdigest()[:24]
+    cached = os.path.join(cfg.path("cache_dir"), "recall_questions", f"{key}.npy")
+    if os.path.exists(cached):
+        vectors = np.load(cached, allow_pickle=False)
+        if vectors.shape == (len(questions), spec.dim) and vectors.dtype == np.float32:
+            log.info("recall questions: %d from %s (cached encodings)", len(questions), cfg.index.recall_questions)
+            return vectors
+    vectors = Encoder(spec).encode(None, questions)
+    log.info("recall questions: %d from %s encoded (%.1fs)", len(questions), cfg.index.recall_questions,
+             time.time() - t)
+    with contextlib.suppress(OSError):  # a cache that cannot be written costs the next run a re-encode
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = f"{cached}.{uuid.uuid4().hex}.npy"
+        np.save(tmp, vectors, allow_pickle=False)
+        os.replace(tmp, cached)
+    return vectors
+
+
 def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None,
                 reuse_from: dict | None = None, question_vectors: np.ndarray | None = None,
                 counts: dict | None = None) -> dict:
     """Train, build shards and the docstore, write the manifest, then LATEST. Returns the manifest.
 
     Recall (and so the recommended nprobe) is measured on ``question_vectors`` when given (encoded
-    real questions: what a service will be asked), else on stored vectors sampled from the table,
+    real questions: what a service will be asked), else on ``index.recall_questions`` when
+    configured, else on stored vectors sampled from the table,
     each query's own pid excluded from both its exact and approximate top-k (a stored vector always
     finds itself in its own list, which would overstate recall by up to 1/k).
 
@@ -187,6 +255,9 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     timings: dict[str, float] = {}
     icfg, root, opts = cfg.index, cfg.path("index_root"), cfg.storage_options()
     emb_url = cfg.path("embeddings")
+    if question_vectors is None and icfg.recall_questions:
+        question_vectors = encode_recall_questions(cfg)
+        timings["recall_questions"] = time.time() - t0
     if embeddings_df is None:
         files = storage.list_files(emb_url, ".parquet")
         if not files:
@@ -377,6 +448,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
                    "flat_float32_bytes_per_passage": 4 * dim},
         "recall": {"k": k, "target": icfg.recall_target, "queries": len(queries),
                    "query_source": "questions" if query_pids is None else "stored vectors, self excluded",
+                   **({"questions_file": icfg.recall_questions} if icfg.recall_questions else {}),
                    "by_nprobe": {str(p): r for p, r in recall_by_nprobe.items()},
                    "at_nprobe": recall_by_nprobe.get(nprobe),
                    "reached_target": recall_by_nprobe.get(nprobe, 0) >= icfg.recall_target},

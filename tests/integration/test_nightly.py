@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_config, synthetic_docs, write_jsonl
 
-from dpr_lib.errors import InputError
+from dpr_lib.errors import ConfigError, InputError
 from dpr_lib.nightly import LockError, run_nightly
 from dpr_lib.publish import read_latest
 from dpr_lib.search import ShardedIndex
@@ -168,3 +168,29 @@ def test_quantizer_that_needs_more_probes_is_retrained(spark, tmp_path, tiny_ber
     assert manifest["version"] == report["version"] and manifest["quantizer"] == q
     versions = os.listdir(os.path.join(cfg.path("index_root"), "versions"))
     assert len(versions) == 3, "the discarded reused-quantizer version left nothing behind"
+
+
+def test_recall_measured_on_configured_questions(spark, tmp_path, tiny_bert_dir):
+    """index.recall_questions: the recommended nprobe comes from real questions (encoded by the
+    question encoder), recorded in the manifest; a missing file stops the run before any stage."""
+    snapshot = write_jsonl(tmp_path / "s.jsonl", synthetic_docs(30, seed=9))
+    missing = cfg_for(tmp_path, tiny_bert_dir, snapshot, f"index.recall_questions={tmp_path}/nope.txt")
+    with pytest.raises(ConfigError, match="index.recall_questions: cannot read"):
+        run_nightly(spark, missing)
+    assert not os.path.exists(os.path.join(missing.path("work_dir"), "runs")), "failed before any stage"
+    questions = tmp_path / "questions.txt"
+    questions.write_text("".join(f"which document mentions fact{i}?\n" for i in range(40)))
+    cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot, f"index.recall_questions={questions}")
+    report = run_nightly(spark, cfg)
+    recall = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "cache")).manifest["recall"]
+    assert recall["query_source"] == "questions" and recall["queries"] == 40
+    assert recall["questions_file"] == str(questions)
+    assert report["recall_at_nprobe"] == recall["at_nprobe"] >= cfg.index.recall_target
+    # Their encodings are kept by (questions, encoder): the next run does not encode them again.
+    cache = os.path.join(cfg.path("cache_dir"), "recall_questions")
+    (kept,) = os.listdir(cache)
+    assert np.load(os.path.join(cache, kept)).shape == (40, 32)
+    mtime = os.path.getmtime(os.path.join(cache, kept))
+    again = run_nightly(spark, cfg)
+    assert os.listdir(cache) == [kept] and os.path.getmtime(os.path.join(cache, kept)) == mtime
+    assert again["recall_at_nprobe"] == report["recall_at_nprobe"]

@@ -60,3 +60,28 @@ def test_section_must_be_a_mapping(tmp_path):
     p.write_text("corpus: 3\n")
     with pytest.raises(ConfigError, match="corpus must be a mapping"):
         load_config(str(p))
+
+
+def test_recall_questions_file_formats_and_errors(tmp_path):
+    from dpr_lib.publish import read_recall_questions
+
+    def read(name, body, *extra):
+        path = tmp_path / name
+        path.write_bytes(body.encode() if isinstance(body, str) else body)
+        return read_recall_questions(load_config(None, [f"paths.work_dir={tmp_path}", f"index.recall_questions={path}",
+                                                        *extra]))
+
+    assert read("q.txt", "who wrote it?\n\n  when was it built?  \n") == ["who wrote it?", "when was it built?"]
+    assert read("q.jsonl", '{"question": "who?", "answers": ["x"]}\n"what?"\n\n') == ["who?", "what?"]
+    many = read("many.txt", "".join(f"question {i}?\n" for i in range(5000)), "index.recall_queries=10")
+    assert len(many) == 1024 and len(set(many)) == 1024 and many == sorted(many, key=lambda q: int(q[9:-1]))
+    for name, body, message in [
+        ("bad.jsonl", '{"question": "ok"}\n{not json\n', "line 2 is not JSON"),
+        ("nofield.jsonl", '{"q": "who?"}\n', 'line 1 has no "question" string'),
+        ("empty.txt", "\n \n", "holds no questions"),
+        ("latin1.txt", b"caf\xe9?\n", "is not UTF-8 text"),
+    ]:
+        with pytest.raises(ConfigError, match=f"index.recall_questions: .*{message}"):
+            read(name, body)
+    with pytest.raises(ConfigError, match="index.recall_questions: cannot read .*missing.txt"):
+        read_recall_questions(load_config(None, [f"index.recall_questions={tmp_path}/missing.txt"]))
