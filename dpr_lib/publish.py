@@ -229,12 +229,12 @@ def encode_recall_questions(cfg: Config) -> np.ndarray:
 
 def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None,
                 reuse_from: dict | None = None, question_vectors: np.ndarray | None = None,
-                counts: dict | None = None) -> dict:
+                counts: dict | None = None, questions_source: str = "") -> dict:
     """Train, build shards and the docstore, write the manifest, then LATEST. Returns the manifest.
 
     Recall (and so the recommended nprobe) is measured on ``question_vectors`` when given (encoded
-    real questions: what a service will be asked), else on ``index.recall_questions`` when
-    configured, else on stored vectors sampled from the table,
+    real questions: what a service will be asked; ``questions_source`` names where they came
+    from in the manifest), else on ``index.recall_questions`` when configured, else on stored vectors sampled from the table,
     each query's own pid excluded from both its exact and approximate top-k (a stored vector always
     finds itself in its own list, which would overstate recall by up to 1/k).
 
@@ -257,6 +257,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     emb_url = cfg.path("embeddings")
     if question_vectors is None and icfg.recall_questions:
         question_vectors = encode_recall_questions(cfg)
+        questions_source = icfg.recall_questions
         timings["recall_questions"] = time.time() - t0
     if embeddings_df is None:
         files = storage.list_files(emb_url, ".parquet")
@@ -318,10 +319,10 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         if q.ndim != 2 or q.shape[1] != dim:
             raise InputError(f"question vectors for recall have shape {list(q.shape)}, expected [n, {dim}]")
         pick = np.sort(rng.choice(len(q), size=min(len(q), max(icfg.recall_queries, 1024)), replace=False))
-        queries = (q[pick], None)
+        queries = (q[pick], None, questions_source)
     else:
         pick = rng.choice(len(sample), size=min(icfg.recall_queries, len(sample)), replace=False)
-        queries = (sample[pick], sample_pids[pick])
+        queries = (sample[pick], sample_pids[pick], "")
     del sample, sample_pids
 
     version = new_version_id()
@@ -373,7 +374,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
     except StorageError as exc:
         raise StorageError(f"cannot write to index_root {root}: {exc}") from exc
     k = icfg.recall_k
-    queries, query_pids = queries
+    queries, query_pids, questions_source = queries
     k_search = k if query_pids is None else k + 1  # room to drop the query's own pid
     nprobes = [p for p in ix.NPROBES if p <= max(1, plan.nlist)]
     with_store = ix.wants_rerank(plan.factory, icfg.rerank)
@@ -410,7 +411,8 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         log.warning("%s: retraining", why)
         return build_index(spark, cfg, None if isinstance(source, list) else source,
                            {**(extra_manifest or {}), "retrain_reason": why},
-                           question_vectors=queries if query_pids is None else None, counts=counts)
+                           question_vectors=queries if query_pids is None else None, counts=counts,
+                           questions_source=questions_source)
     t = time.time()
     docstore = []
     if cfg.publish.docstore:
@@ -448,7 +450,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
                    "flat_float32_bytes_per_passage": 4 * dim},
         "recall": {"k": k, "target": icfg.recall_target, "queries": len(queries),
                    "query_source": "questions" if query_pids is None else "stored vectors, self excluded",
-                   **({"questions_file": icfg.recall_questions} if icfg.recall_questions else {}),
+                   **({"questions_file": questions_source} if questions_source else {}),
                    "by_nprobe": {str(p): r for p, r in recall_by_nprobe.items()},
                    "at_nprobe": recall_by_nprobe.get(nprobe),
                    "reached_target": recall_by_nprobe.get(nprobe, 0) >= icfg.recall_target},
