@@ -194,3 +194,10 @@ def test_recall_measured_on_configured_questions(spark, tmp_path, tiny_bert_dir)
     again = run_nightly(spark, cfg)
     assert os.listdir(cache) == [kept] and os.path.getmtime(os.path.join(cache, kept)) == mtime
     assert again["recall_at_nprobe"] == report["recall_at_nprobe"]
+    # A reused quantizer discarded for a retrain: the retrained version measured the same questions.
+    strict = cfg_for(tmp_path, tiny_bert_dir, snapshot, f"index.recall_questions={questions}",
+                     "nightly.max_nprobe_growth=0.001")
+    retrained = run_nightly(spark, strict)
+    manifest = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "cache")).manifest
+    assert retrained["quantizer"]["reused"] is False and manifest["version"] == retrained["version"]
+    assert manifest["recall"]["questions_file"] == str(questions) and manifest["recall"]["queries"] == 40
