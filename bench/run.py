@@ -481,12 +481,12 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
         a, b = top10("incremental", p), top10("full", p)
         sweep[p] = {"agreement": agree(a, b), "recall_incremental": recall(a), "recall_full": recall(b)}
     by_target = {}  # what each index's own recall sweep recommends for a target, and the agreement there
-    for target in (0.95, 0.99, 0.995, 0.999):
+    for goal in (0.95, 0.99, 0.995, 0.999):
         chosen = {}
         for name, ix in indexes.items():
             curve = {int(p): r for p, r in ix.manifest["recall"]["by_nprobe"].items()}
-            chosen[name] = min([p for p, r in curve.items() if r >= target] or [max(curve)])
-        by_target[str(target)] = {"nprobe": chosen, "nlist": nlist, "agreement": agree(
+            chosen[name] = min([p for p, r in curve.items() if r >= goal] or [max(curve)])
+        by_target[str(goal)] = {"nprobe": chosen, "nlist": nlist, "agreement": agree(
             top10("incremental", chosen["incremental"]), top10("full", chosen["full"]))}
     served = {"nprobe": {"incremental": inc["nprobe"], "full": full["nprobe"]}, "nlist": nlist, "target": target,
               "agreement": agree(top10("incremental", inc["nprobe"]), top10("full", full["nprobe"]))}

@@ -355,8 +355,8 @@ def _stale_quantizer(reuse_from: dict, recall_by_nprobe: dict, nprobe: int, k: i
     limit = reuse_from.get("max_nprobe")
     if limit and not icfg.nprobe and nprobe > limit:
         return (f"the reused quantizer of version {prev['version']} needs nprobe {nprobe} to reach "
-                f"index.recall_target {icfg.recall_target}, over {reuse_from.get('max_nprobe_key', 'the limit')}"
-                f" x the {prev.get('nprobe')} that version served with ({limit:g})")
+                f"index.recall_target {icfg.recall_target}, over the limit of {limit:g} "
+                f"({reuse_from.get('max_nprobe_key', 'growth')} x the nprobe {prev.get('nprobe')} that version served with)")
     return None
 
 

@@ -189,7 +189,7 @@ def test_stale_quantizer_rule():
     curve = {8: 0.9, 16: 0.94, 32: 0.96, 64: 0.99}
     assert _stale_quantizer(reuse, curve, 32, 10, icfg) is None  # 2x the previous nprobe: still serves
     why = _stale_quantizer({**reuse, "max_nprobe": 16.0}, curve, 32, 10, icfg)
-    assert why and "needs nprobe 32" in why and "served with (16)" in why and "nightly.max_nprobe_growth" in why
+    assert why and "needs nprobe 32" in why and "over the limit of 16 (nightly.max_nprobe_growth x the nprobe 16" in why
     assert "below index.recall_target" in _stale_quantizer(reuse, {64: 0.9}, 64, 10, icfg)
     # A forced nprobe is what is served, whatever the previous version did; only the target counts.
     forced = SimpleNamespace(recall_target=0.95, nprobe=64)
