@@ -140,16 +140,16 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
 
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
-    from dpr_lib.publish import MANIFEST, build_index, read_latest, read_recall_questions, version_url
+    from dpr_lib.publish import MANIFEST, build_index, encode_recall_questions, read_latest, version_url
 
     t0 = time.time()
     ncfg = cfg.nightly
-    if cfg.index.recall_questions:
-        read_recall_questions(cfg)  # a bad file fails now, not after the encode stage
     root, opts = cfg.path("index_root"), cfg.storage_options()
     lock = RunLock(root, ncfg.stale_lock_s, opts)
     lock.acquire()
     try:
+        # Read (and encode) once, before any stage: a bad file fails now, not after the encode stage.
+        questions = encode_recall_questions(cfg) if cfg.index.recall_questions else None
         spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=opts)
         fingerprint = spec.fingerprint()
         key = resume_key(cfg, fingerprint["id"])
@@ -249,7 +249,8 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
             counts = {"input_records": corpus["input_records"], "docs": corpus["docs"],
                       "rejects": corpus["rejects"], "corpus_passages": corpus["passages"],
                       "embedded": encoded["encoded"], "reused": diff["unchanged"] if same_encoder else 0}
-            manifest = build_index(spark, pub_cfg, df, extra, reuse_from=reuse, counts=counts)
+            manifest = build_index(spark, pub_cfg, df, extra, reuse_from=reuse, counts=counts,
+                                   question_vectors=questions, questions_source=cfg.index.recall_questions)
             return {"version": manifest["version"], "quantizer": manifest["quantizer"],
                     "vectors": manifest["totals"]["vectors"], "recall": manifest["recall"]["at_nprobe"],
                     "nprobe": manifest["nprobe"]}

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from dpr_lib import accounting, schemas, storage
 from dpr_lib import index as ix
 from dpr_lib.config import Config, join_url
-from dpr_lib.errors import IncompatibleIndexError, InputError, StorageError
+from dpr_lib.errors import ConfigError, IncompatibleIndexError, InputError, StorageError
 
 log = logging.getLogger("dpr_lib.publish")
 
@@ -163,8 +163,6 @@ def _relative(url: str, vurl: str) -> str:
 def read_recall_questions(cfg: Config) -> list[str]:
     """The questions of ``index.recall_questions`` (at most max(recall_queries, 1024), a seeded
     sample of a longer file). Errors name the key: a run should fail before it encodes anything."""
-    from dpr_lib.errors import ConfigError
-
     url, icfg = cfg.index.recall_questions, cfg.index
     try:
         raw = storage.read_bytes(url, cfg.storage_options(), attempts=2)
@@ -209,7 +207,7 @@ def encode_recall_questions(cfg: Config) -> np.ndarray:
     questions = read_recall_questions(cfg)
     t = time.time()
     spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="question", storage_options=cfg.storage_options())
-    key = hashlib.sha256(json.dumps([spec.fingerprint()["id"], questions]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([spec.fingerprint_id(), questions]).encode()).hexdigest()[:24]
     cached = os.path.join(cfg.path("cache_dir"), "recall_questions", f"{key}.npy")
     if os.path.exists(cached):
         vectors = np.load(cached, allow_pickle=False)
