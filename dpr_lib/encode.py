@@ -213,9 +213,10 @@ def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage",
         on_gpu = ecfg.device == "cuda" or (ecfg.device == "auto" and cuda_available())
         dtype = "bf16" if on_gpu or cpu_has_native_bf16() else "fp32"
     elif dtype == "bf16" and not cpu_has_native_bf16() and ecfg.device != "cuda":
-        log.warning("encoder.dtype=bf16 requested but this CPU has no native bf16 (avx512_bf16/amx): "
-                    "using fp32, which is faster and exact here")
-        dtype = "fp32"
+        # Honoured: the vectors must be those of a bf16 run elsewhere (the fingerprint says bf16),
+        # only slower, since this CPU emulates bf16 matmuls.
+        log.warning("encoder.dtype=bf16 on a CPU without native bf16 (avx512_bf16/amx): correct but "
+                    "slower than fp32 here; encoder.dtype=auto picks fp32 on this CPU")
     dim = int(mcfg.get("projection_dim") or 0) or int(mcfg["hidden_size"])
     max_pos = int(mcfg.get("max_position_embeddings", ecfg.max_length))
     max_length = min(ecfg.max_length, max_pos)

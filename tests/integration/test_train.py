@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import os
 
 import pytest
-from conftest import SHARED, make_config
+from conftest import make_config
 
 from dpr_lib.errors import InputError
 from dpr_lib.evaluate import has_answer
 
-SQUAD_TRAIN = os.path.join(SHARED, "data", "squad", "train-v1.1-subset.json")
+# Two real SQuAD training articles shipped with the tests (tests/data/README.md): the tests run
+# in a clone without ../shared.
+SQUAD_TRAIN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "squad-train-2-articles.json.gz")
 
 
 UNANSWERABLE = "zzqx-not-in-any-passage"
@@ -20,7 +23,7 @@ UNANSWERABLE = "zzqx-not-in-any-passage"
 
 def _small_squad(path, articles: int = 2) -> str:
     """Two real SQuAD articles; the first question's answer is replaced by a string no passage has."""
-    with open(SQUAD_TRAIN, encoding="utf-8") as fh:
+    with gzip.open(SQUAD_TRAIN, "rt", encoding="utf-8") as fh:
         data = json.load(fh)
     data["data"] = data["data"][:articles]
     data["data"][0]["paragraphs"][0]["qas"][0]["answers"] = [{"text": UNANSWERABLE, "answer_start": 0}]

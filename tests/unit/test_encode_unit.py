@@ -15,6 +15,9 @@ TEXTS = ["the first passage is short", "a second passage " * 12, "third", "fourt
 
 
 def spec_for(path, tmp_path, **kw):
+    """A spec pinned to fp32 unless the test asks otherwise: ``dtype: auto`` is bf16 on CPUs with
+    native bf16, and the comparisons below are against an fp32 forward at fp32 tolerances."""
+    kw.setdefault("dtype", "fp32")
     return resolve_spec(EncoderConfig(model=path, **kw), str(tmp_path))
 
 
@@ -55,6 +58,28 @@ def test_dpr_family_uses_pooler_output(tiny_dpr_dir, tmp_path):
     got = enc.encode(TITLES, TEXTS)
     want = manual_embeddings(enc.model, enc.tokenizer, "pooler", TITLES, TEXTS)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_path_is_correct_on_any_cpu(tiny_bert_dir, tmp_path):
+    """bf16 asked for explicitly runs in bf16 (emulated where the CPU has no native bf16: slow but
+    correct), says so in the fingerprint, and stays within bf16's precision of the fp32 forward."""
+    spec = spec_for(tiny_bert_dir, tmp_path, pooling="mean", normalize="false", dtype="bf16")
+    assert spec.dtype == "bf16" and spec.fingerprint()["dtype"] == "bf16"
+    assert spec.fingerprint_id() != spec_for(tiny_bert_dir, tmp_path, pooling="mean", normalize="false").fingerprint_id()
+    enc = Encoder(spec)
+    got = enc.encode(TITLES, TEXTS)
+    want = manual_embeddings(enc.model, enc.tokenizer, "mean", TITLES, TEXTS)
+    assert not np.allclose(got, want, rtol=1e-6, atol=0)  # it did run in bf16, not fp32
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.999  # bf16 keeps 8 bits of mantissa: ~0.4% per value, far less on a mean
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
+
+
+def test_auto_dtype_follows_the_cpu(tiny_bert_dir, tmp_path):
+    from dpr_lib.encode import cpu_has_native_bf16
+
+    spec = spec_for(tiny_bert_dir, tmp_path, dtype="auto", device="cpu")
+    assert spec.dtype == ("bf16" if cpu_has_native_bf16() else "fp32")
 
 
 def test_bundled_model_is_detected_as_mean_pooled_and_normalised(tmp_path):
