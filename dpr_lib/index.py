@@ -21,13 +21,14 @@ import io
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from dpr_lib.errors import EncoderError, IncompatibleIndexError, InputError
+from dpr_lib.errors import ConfigError, EncoderError, IncompatibleIndexError, InputError
 
 log = logging.getLogger("dpr_lib.index")
 
@@ -40,50 +41,108 @@ PQ_MIN_TRAIN = 256 * MIN_POINTS_PER_LIST  # 8-bit PQ codebooks: 256 centroids pe
 RERANK_DTYPE = np.float16
 
 
+KMEANS_NITER = 10         # FAISS's IVF k-means iterations (Level1Quantizer's default)
+HNSW_M = 32               # links per centroid of an HNSW coarse quantizer
+HNSW_EF_SEARCH = 64       # its search breadth: assignment and probing stay within ~0.1% of exhaustive
+
+
 @dataclass(frozen=True)
 class IndexPlan:
     factory: str
     nlist: int
     train_size: int
     reason: str
+    train_method: str = "flat"
+    """flat | two_level (see :func:`train_quantizer`)."""
+    train_bytes: int = 0
+    """Driver bytes of the training sample (float32)."""
+    train_flops: float = 0.0
+    """Estimated FLOPs of training (k-means, plus PQ codebooks)."""
 
 
 def _divisors(d: int) -> list[int]:
     return [m for m in range(1, d + 1) if d % m == 0]
 
 
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def train_flops(train: int, nlist: int, dim: int, method: str, factory: str = "") -> float:
+    """Estimated k-means FLOPs: each iteration scores every training point against the centroids
+    it may join (2*d FLOPs each): nlist of them (flat), or sqrt(nlist) coarse + ~sqrt(nlist) fine
+    (two_level). PQ codebooks add 256 centroids per sub-space, 25 iterations."""
+    per_point = nlist if method == "flat" else 2 * math.sqrt(nlist)
+    flops = train * per_point * dim * 2 * KMEANS_NITER if nlist > 1 else 0.0
+    if "PQ" in factory:
+        flops += train * 256 * dim * 2 * 25
+    return float(flops)
+
+
 def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: int = 64,
-                   max_train_sample: int = 200_000, min_nlist: int = 1, factory: str = "auto",
-                   exact_below: int = 0) -> IndexPlan:
-    """The index rule. nlist = the power of two at or above 4*sqrt(n) (so within 4..8*sqrt(n)),
-    lowered until every list gets >= 39 training points; codes from the memory budget per vector:
-    0 or >= 4*d bytes -> Flat (exact), >= d -> SQ8, else PQ with the largest m <= budget dividing d.
-    Training sample = nlist * train_per_list (PQ: at least 256*39), capped by max_train_sample and n.
-    Exact codes and fewer than ``exact_below`` vectors: IVF1,Flat, an exact index.
+                   max_train_bytes: int = 2**31, min_nlist: int = 1, factory: str = "auto",
+                   exact_below: int = 0, max_train_sample: int = 0, coarse: str = "flat",
+                   train_method: str = "auto", large_nlist: int = 4096,
+                   budget_key: str = "index.max_train_bytes") -> IndexPlan:
+    """The index rule (README, "Index parameters"), for n vectors of dimension d.
+
+    - The training sample holds at most ``max_train_bytes`` of float32 vectors (and
+      ``max_train_sample`` vectors if > 0): ``cap`` vectors.
+    - nlist = the power of two at or above 4*sqrt(n), lowered until every list gets >= 39
+      training points: first to n/39, then, when the budget is the limit, to the power of two
+      at or below cap/39 (said in the reason). Sample = nlist * train_per_list (PQ: at least
+      256*39), within cap: never fewer than 39 points per list.
+    - Codes from the memory budget per vector: 0 or >= 4*d bytes -> Flat (exact), >= d -> SQ8,
+      else PQ with the largest m <= budget dividing d. Exact codes and fewer than ``exact_below``
+      vectors: IVF1,Flat, an exact index.
+    - From ``large_nlist`` lists (train_method auto): two-level k-means, so training does not
+      score every point against every centroid. ``coarse`` hnsw: an HNSW coarse quantizer
+      (``IVFn_HNSW32``), so assignment does not scan every centroid either.
+
+    An explicit ``factory`` whose nlist cannot get 39 points per list from the sample fails here,
+    before anything is built.
     """
     if n <= 0:
         raise InputError("no vectors to index: the Embeddings table is empty")
+    cap = max(1, max_train_bytes // (4 * dim))
+    if max_train_sample:
+        cap = min(cap, max_train_sample)
+    cap = min(cap, n)
     if factory != "auto":
         nlist = _nlist_of(factory)
         if nlist and n < nlist:
             raise InputError(f"index.factory {factory} needs at least nlist={nlist} vectors to train, "
                              f"the Embeddings table has {n}; lower nlist or use index.factory=auto")
-        train = min(n, max_train_sample, max(nlist * train_per_list, PQ_MIN_TRAIN if "PQ" in factory else 0) or n)
-        return IndexPlan(factory, nlist, train, "index.factory from config")
+        train = min(cap, max(nlist * train_per_list, PQ_MIN_TRAIN if "PQ" in factory else 0) or n)
+        if nlist > 1 and train < MIN_POINTS_PER_LIST * nlist:
+            limit = (f"the Embeddings table has {n} vectors" if n < MIN_POINTS_PER_LIST * nlist else
+                     f"{budget_key} = {max_train_bytes} bytes holds {cap} vectors of d={dim}")
+            raise ConfigError(f"index.factory {factory}: nlist={nlist} needs {MIN_POINTS_PER_LIST * nlist} "
+                              f"training vectors ({MIN_POINTS_PER_LIST} per list), the sample can have {train} "
+                              f"({limit}); raise {budget_key}, lower nlist or use index.factory=auto")
+        method = _method(train_method, nlist, large_nlist, factory)
+        return IndexPlan(factory, nlist, train, "index.factory from config", method, train * 4 * dim,
+                         train_flops(train, nlist, dim, method, factory))
     nlist = 2 ** math.ceil(math.log2(max(4 * math.sqrt(n), 1)))
     nlist = max(min_nlist, min(nlist, n // MIN_POINTS_PER_LIST))
     nlist = max(1, min(nlist, n))
+    lowered = ""
+    if cap < MIN_POINTS_PER_LIST * nlist < n + 1 and nlist > 1:
+        wanted, nlist = nlist, _pow2_floor(cap // MIN_POINTS_PER_LIST)
+        lowered = (f"; nlist lowered from {wanted} to {nlist}: {budget_key} = {max_train_bytes} bytes holds "
+                   f"{cap} training vectors of d={dim}, fewer than {MIN_POINTS_PER_LIST} x {wanted}")
     budget = bytes_per_vector - ID_BYTES  # the FAISS id stored beside every code
     if bytes_per_vector == 0 or bytes_per_vector >= 4 * dim:
         code, why = "Flat", "exact float32 codes (no per-vector memory budget below 4*d bytes)"
         if n < exact_below:
-            return IndexPlan("IVF1,Flat", 1, min(n, max(train_per_list, 1)),
+            train = min(n, max(train_per_list, 1))
+            return IndexPlan("IVF1,Flat", 1, train,
                              f"n={n} < index.exact_below={exact_below}, d={dim}: one inverted list, every "
-                             f"query scans all vectors: exact search ({why})")
+                             f"query scans all vectors: exact search ({why})", "flat", train * 4 * dim, 0.0)
     elif budget >= dim:
         code, why = "SQ8", f"8-bit scalar codes + 8-byte ids fit the budget of {bytes_per_vector} B/vector"
-    elif budget >= 1 and n < PQ_MIN_TRAIN:
-        code, why = "SQ8", (f"{n} vectors are too few to train 256-centroid PQ codebooks (needs "
+    elif budget >= 1 and cap < PQ_MIN_TRAIN:
+        code, why = "SQ8", (f"{cap} training vectors are too few to train 256-centroid PQ codebooks (needs "
                             f"{PQ_MIN_TRAIN}); 8-bit scalar codes until then (over the budget of "
                             f"{bytes_per_vector} B/vector, {n * (dim + ID_BYTES)} bytes in all)")
     elif budget >= 1:
@@ -95,10 +154,37 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
     train = nlist * train_per_list
     if code.startswith("PQ"):
         train = max(train, PQ_MIN_TRAIN)
-    train = min(train, max_train_sample, n)
+    train = min(train, cap)
+    hnsw = coarse == "hnsw"
+    factory = f"IVF{nlist}_HNSW{HNSW_M},{code}" if hnsw and nlist > 1 else f"IVF{nlist},{code}"
+    method = _method(train_method, nlist, large_nlist, factory)
     reason = (f"n={n}, d={dim}: nlist={nlist} (power of two >= 4*sqrt(n), >= {MIN_POINTS_PER_LIST} "
-              f"points per list); {why}")
-    return IndexPlan(f"IVF{nlist},{code}", nlist, train, reason)
+              f"points per list){lowered}; {train} training points ({train // max(1, nlist)} per list), "
+              f"{method} k-means{', HNSW coarse quantizer' if hnsw and nlist > 1 else ''}; {why}")
+    return IndexPlan(factory, nlist, train, reason, method, train * 4 * dim,
+                     train_flops(train, nlist, dim, method, factory))
+
+
+def _method(train_method: str, nlist: int, large_nlist: int, factory: str) -> str:
+    if train_method != "auto":
+        return train_method
+    return "two_level" if nlist >= large_nlist else "flat"
+
+
+RULE_TABLE_N = (10_000, 100_000, 1_000_000, 10_000_000, 21_000_000, 100_000_000, 1_000_000_000)
+
+
+def rule_table(dim: int, max_train_bytes: int, bytes_per_vector: int = 0, exact_below: int = 10_000,
+               ns: tuple[int, ...] = RULE_TABLE_N) -> list[dict]:
+    """The auto rule at each n (README "Index parameters"): factory, nlist, sample, driver bytes
+    of the sample, estimated training FLOPs and training points per list."""
+    rows = []
+    for n in ns:
+        p = choose_factory(n, dim, bytes_per_vector, max_train_bytes=max_train_bytes, exact_below=exact_below)
+        rows.append({"n": n, "factory": p.factory, "nlist": p.nlist, "train_size": p.train_size,
+                     "points_per_list": p.train_size // max(1, p.nlist), "driver_bytes": p.train_bytes,
+                     "train_method": p.train_method, "train_flops": p.train_flops})
+    return rows
 
 
 def _nlist_of(factory: str) -> int:
@@ -110,8 +196,62 @@ def _nlist_of(factory: str) -> int:
     return 0
 
 
-def train_quantizer(sample: np.ndarray, factory: str, seed: int = 1234):
-    """A trained, empty FAISS index (inner product) from ``sample``: float32 [n, d]."""
+def two_level_centroids(sample: np.ndarray, nlist: int, seed: int, spherical: bool) -> np.ndarray:
+    """nlist centroids by two-level k-means: sqrt(nlist) coarse clusters, then each coarse cluster
+    split into a share of the nlist proportional to its size (at least one, at most its points).
+    Each point is scored against ~2*sqrt(nlist) centroids per iteration instead of nlist.
+    float32 [nlist, d]."""
+    import faiss
+
+    n, d = sample.shape
+    nc1 = max(1, min(nlist, int(round(math.sqrt(nlist)))))
+    coarse = faiss.Kmeans(d, nc1, niter=KMEANS_NITER, seed=seed, spherical=spherical,
+                          max_points_per_centroid=2048)
+    coarse.train(sample)
+    _, assign = coarse.index.search(sample, 1)
+    assign = assign.ravel()
+    sizes = np.bincount(assign, minlength=nc1)
+    # Largest-remainder shares of nlist, each within [1, size] for non-empty clusters.
+    share = np.where(sizes > 0, np.maximum(1, np.floor(sizes * nlist / n)), 0).astype(np.int64)
+    share = np.minimum(share, sizes)
+    order = np.argsort(-(sizes * nlist / n - share))
+    i = 0
+    while share.sum() < nlist and i < 10 * nc1 + nlist:
+        c = order[i % nc1]
+        if share[c] < sizes[c]:
+            share[c] += 1
+        i += 1
+    while share.sum() > nlist:
+        c = int(np.argmax(share))
+        share[c] -= 1
+    by_cluster = np.argsort(assign, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    out, done = [], 0
+    for c in range(nc1):
+        if share[c] == 0:
+            continue
+        points = np.ascontiguousarray(sample[by_cluster[bounds[c]:bounds[c + 1]]])
+        if share[c] == 1:
+            cent = points.mean(axis=0, keepdims=True)
+            if spherical:
+                cent /= max(float(np.linalg.norm(cent)), 1e-12)
+        else:
+            km = faiss.Kmeans(d, int(share[c]), niter=KMEANS_NITER, seed=seed + c, spherical=spherical,
+                              max_points_per_centroid=256)
+            km.train(points)
+            cent = km.centroids
+        out.append(np.asarray(cent, np.float32))
+        done += 1
+        if done % max(1, nc1 // 10) == 0:
+            log.info("two-level k-means: %d/%d coarse clusters split", done, nc1)
+    return np.ascontiguousarray(np.vstack(out), dtype=np.float32)
+
+
+def train_quantizer(sample: np.ndarray, factory: str, seed: int = 1234, method: str = "flat"):
+    """A trained, empty FAISS index (inner product) from ``sample``: float32 [n, d].
+
+    ``method`` two_level: the coarse centroids come from :func:`two_level_centroids` and are
+    added to the quantizer (flat or HNSW); FAISS then trains only the codes (SQ/PQ) on residuals."""
     import faiss
 
     d = sample.shape[1]
@@ -119,6 +259,7 @@ def train_quantizer(sample: np.ndarray, factory: str, seed: int = 1234):
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise InputError(f"invalid index.factory {factory!r}: {str(exc).splitlines()[0]}") from None
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.cp.seed = seed
@@ -127,8 +268,19 @@ def train_quantizer(sample: np.ndarray, factory: str, seed: int = 1234):
             # index_factory turns on polysemous training for "PQm"; it serves Hamming filtering,
             # which inner-product search never uses, and took 97 s of a 98 s IVF41,PQ64 training here.
             ivf.do_polysemous_training = False
+        # Centroids live in the IVF's input space: with a pre-transform (OPQ, PCA) FAISS trains them.
+        if method == "two_level" and ivf.nlist > 1 and not isinstance(faiss.downcast_index(index),
+                                                                       faiss.IndexPreTransform):
+            if len(sample) < MIN_POINTS_PER_LIST * ivf.nlist:
+                raise InputError(f"cannot train index.factory {factory!r} on {len(sample)} vectors: "
+                                 f"two-level k-means needs {MIN_POINTS_PER_LIST} per list")
+            centroids = two_level_centroids(sample, ivf.nlist, seed, spherical=bool(ivf.cp.spherical))
+            ivf.quantizer.add(centroids)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = HNSW_EF_SEARCH
     try:
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.train(sample)
     except RuntimeError as exc:
         detail = next((line for line in str(exc).splitlines() if "Error" in line), str(exc)).strip()
         raise InputError(f"cannot train index.factory {factory!r} on {len(sample)} vectors: {detail}") from None
@@ -148,6 +300,49 @@ def code_size(index) -> int:
 
     ivf = faiss.try_extract_index_ivf(index)
     return int(ivf.code_size) if ivf is not None else int(index.sa_code_size())
+
+
+def code_size_of(factory: str, dim: int) -> int:
+    """Bytes per vector of a factory's codes, from its string (Flat 4d, SQ8 d, SQ4 d/2, PQm[xb] m*b/8)."""
+    import re
+
+    code = factory.split(",")[-1]
+    if code.startswith("SQ"):
+        bits = int(code[2:]) if code[2:].isdigit() else 8
+        return max(1, dim * bits // 8) if code[2:] != "fp16" else 2 * dim
+    m = re.match(r"PQ(\d+)(?:x(\d+))?", code)
+    if m:
+        return max(1, int(m.group(1)) * int(m.group(2) or 8) // 8)
+    return 4 * dim
+
+
+def shard_count(n: int, num_shards: int, max_vectors_per_shard: int) -> int:
+    """index.num_shards, raised until no shard holds more than index.max_vectors_per_shard."""
+    return max(1, num_shards, -(-n // max(1, max_vectors_per_shard)))
+
+
+LIST_GROWTH = 1.5           # inverted lists grow by doubling: ~1.5x their codes on average
+TASK_BASE_BYTES = 400 << 20  # a Python worker with numpy, pyarrow and FAISS loaded, plus read buffers
+
+
+def shard_task_bytes(vectors: int, code_bytes: int, dim: int, add_batch: int = 8192) -> int:
+    """Estimated peak memory of a shard task: its codes and ids (with list growth), one add batch
+    of float32 vectors, and a constant."""
+    return int(vectors * (code_bytes + ID_BYTES) * LIST_GROWTH + add_batch * dim * 4 + TASK_BASE_BYTES)
+
+
+def check_task_memory(n: int, num_shards: int, dim: int, code_bytes: int, task_bytes: int,
+                      add_batch: int = 8192) -> None:
+    """Refuse, before anything is built, shards that would not fit a task's memory share."""
+    if not task_bytes:
+        return
+    per_shard = -(-n // num_shards)
+    need = shard_task_bytes(per_shard, code_bytes, dim, add_batch)
+    if need > task_bytes:
+        raise ConfigError(
+            f"shard 0 (and every shard: {per_shard} vectors each of {num_shards}) needs ~{need >> 20} MiB in its "
+            f"task, over the task memory of {task_bytes >> 20} MiB (index.task_memory_bytes or "
+            f"spark.executor.pyspark.memory); lower index.max_vectors_per_shard or raise the task memory")
 
 
 RERANK_BLOCK_FLOATS = 1 << 22  # candidate vectors gathered at once: 16 MB of float32
@@ -188,17 +383,42 @@ def _rerank_block(queries, cand_ids, store_pids, store_vecs, k):
     return merge_topk([np.where(valid, scores, -np.inf).astype(np.float32)], [np.where(valid, cand_ids, -1)], k)
 
 
+def local_tmp_dir() -> str | None:
+    """Spark's local scratch directory on an executor (SPARK_LOCAL_DIRS), else the system's."""
+    local_dirs = [d for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(",") if d and os.path.isdir(d)]
+    return local_dirs[0] if local_dirs else None
+
+
+def _reset_peak_rss() -> None:
+    """Start this process's peak-RSS count afresh (Linux: VmHWM), so a reused Python worker
+    reports the peak of the current task only. Best effort."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """Peak resident bytes of this process since the last reset (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class RerankStoreWriter:
     """Collects a shard's (pid, vector) pairs in local temp files, then writes the store: two
     ``.npy`` files (pids int64 sorted; vectors float16 [n, d] in pid order), never holding the
     shard's vectors in memory at once."""
 
     def __init__(self, dim: int):
-        import tempfile
-
         self.dim = dim
-        local_dirs = [d for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(",") if d and os.path.isdir(d)]
-        self.dir = tempfile.mkdtemp(prefix="dpr-rerank-", dir=local_dirs[0] if local_dirs else None)
+        self.dir = tempfile.mkdtemp(prefix="dpr-rerank-", dir=local_tmp_dir())
         self._pids = open(f"{self.dir}/pids.raw", "wb")
         self._vecs = open(f"{self.dir}/vecs.raw", "wb")
         self.n = 0
@@ -412,6 +632,7 @@ def sample_vectors(spark, df, dim: int, fraction: float, seed: int) -> tuple[np.
 
 SHARD_RESULT = pa.schema([("shard", pa.int32()), ("vectors", pa.int64()), ("bytes", pa.int64()),
                           ("sha256", pa.string()), ("path", pa.string()), ("rerank", pa.string()),
+                          ("task_shards", pa.int32()), ("peak_rss", pa.int64()),
                           ("hit_scores", pa.binary()), ("hit_ids", pa.binary()), ("exact_scores", pa.binary()),
                           ("exact_ids", pa.binary())])
 
@@ -457,18 +678,18 @@ def build_shards(spark, source, trained: bytes, num_shards: int, dim: int, out_u
                                 "shard int, pieces string")
         out = tasks.mapInArrow(run_pieces, spark_schema(SHARD_RESULT))
     else:
-        def run_packed(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-            def chunks():
-                for batch in batches:
-                    for row in batch.to_pylist():
-                        p = np.frombuffer(row["pids"], dtype=np.int64)
-                        yield row["shard"], p, np.frombuffer(row["vectors"], dtype=np.float32).reshape(-1, dim)
-            yield from builder(chunks())
+        def run_packed(pairs: Iterator[tuple]) -> Iterator[dict]:
+            chunks = ((shard, np.frombuffer(p, dtype=np.int64), np.frombuffer(v, dtype=np.float32).reshape(-1, dim))
+                      for shard, (p, v) in pairs)
+            for batch in builder(chunks):
+                yield from batch.to_pylist()
 
-        packed = packed_vectors(spark, source, dim, num_shards)
-        out = packed.repartition(num_shards, "shard").sortWithinPartitions("shard").mapInArrow(
-            run_packed, spark_schema(SHARD_RESULT))
-    rows = [r.asDict() for r in out.collect()]
+        # Shard s goes to partition s (identity partitioner): a task never holds two shards, as a
+        # hash of the shard number into num_shards partitions would let it.
+        packed = packed_vectors(spark, source, dim, num_shards).rdd.map(
+            lambda r: (r["shard"], (r["pids"], r["vectors"])))
+        out = packed.partitionBy(num_shards, lambda shard: shard).mapPartitions(run_packed)
+    rows = out.collect() if pieces is None else [r.asDict() for r in out.collect()]
     bc_index.unpersist()
     bc_queries.unpersist()
     for r in rows:
@@ -493,15 +714,26 @@ class _ShardTask:
         storage.upload_file_atomic(local, url, self.storage_options, attempts=self.retries)
         return {"path": url, "bytes": os.path.getsize(local), "sha256": storage.sha256_file(local)}
 
+    def _write_index(self, index, url: str) -> dict:
+        import faiss
+
+        fd, local = tempfile.mkstemp(suffix=".faiss", prefix="dpr-shard-", dir=local_tmp_dir())
+        os.close(fd)
+        try:
+            faiss.write_index(index, local)
+            return self._upload(local, url)
+        finally:
+            os.remove(local)
+
     def __call__(self, chunks: Iterator[tuple[int, np.ndarray, np.ndarray]]) -> Iterator[pa.RecordBatch]:
         import json
 
         import faiss
         from pyspark import TaskContext
 
-        from dpr_lib import storage
 
         ctx = TaskContext.get()
+        _reset_peak_rss()
         # FAISS's OpenMP would start one thread per core in every concurrent task: oversubscribed,
         # its spinning threads slow everything down. One task = its spark.task.cpus threads.
         faiss.omp_set_num_threads(max(1, int(ctx.cpus()) if ctx is not None and hasattr(ctx, "cpus") else 1))
@@ -516,9 +748,13 @@ class _ShardTask:
                         "index": deserialize(self.bc_index.value), "pids": [],
                         "store": RerankStoreWriter(self.dim) if k_factors else None,
                         "exact": (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))}
-                for start in range(0, len(p), self.add_batch):
-                    st["index"].add_with_ids(np.ascontiguousarray(v[start:start + self.add_batch]),
-                                             np.ascontiguousarray(p[start:start + self.add_batch], dtype=np.int64))
+                try:
+                    for start in range(0, len(p), self.add_batch):
+                        st["index"].add_with_ids(np.ascontiguousarray(v[start:start + self.add_batch]),
+                                                 np.ascontiguousarray(p[start:start + self.add_batch], np.int64))
+                except MemoryError:
+                    raise InputError(f"shard {int(s)}: out of memory after {st['index'].ntotal} vectors in its task; "
+                                     f"lower index.max_vectors_per_shard or raise the executors' memory") from None
                 if st["store"] is not None:
                     st["store"].add(p, v)
                 st["pids"].append(p)
@@ -530,8 +766,9 @@ class _ShardTask:
                 if (counts > 1).any():
                     raise InputError(f"duplicate pids in the Embeddings table: {uniq[counts > 1][:5].tolist()}")
                 idx = st["index"]
-                data = serialize(idx)
-                storage.write_bytes_atomic(self.urls[s], data, self.storage_options, attempts=self.retries)
+                # Written to a local file and uploaded from there: serialising into memory would
+                # hold two more copies of the shard's codes.
+                shard_meta = self._write_index(idx, self.urls[s])
                 store_meta = ""
                 if st["store"] is not None:
                     pids_path, vecs_path = st["store"].finish()
@@ -565,11 +802,12 @@ class _ShardTask:
                     all_s.append([r[0] for r in per_kf])
                     all_i.append([r[1] for r in per_kf])
                 yield pa.RecordBatch.from_pylist([{
-                    "shard": s, "vectors": int(len(all_pids)), "bytes": len(data),
-                    "sha256": storage.sha256_bytes(data), "path": self.urls[s], "rerank": store_meta,
+                    "shard": s, "vectors": int(len(all_pids)), "bytes": shard_meta["bytes"],
+                    "sha256": shard_meta["sha256"], "path": self.urls[s], "rerank": store_meta,
+                    "task_shards": len(shards), "peak_rss": _peak_rss(),
                     "hit_scores": _npy(np.array(all_s, np.float32)), "hit_ids": _npy(np.array(all_i, np.int64)),
                     "exact_scores": _npy(st["exact"][0]), "exact_ids": _npy(st["exact"][1])}], schema=SHARD_RESULT)
-                del data, st["index"]
+                del st["index"], idx
                 if st["store"] is not None:
                     del store_pids, store_vecs
                     st["store"].close()

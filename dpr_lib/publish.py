@@ -94,24 +94,50 @@ DOCSTORE_RESULT = pa.schema([("path", pa.string()), ("min_pid", pa.int64()), ("m
                              ("rows", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
 
 
+DOCSTORE_COLUMNS = ["pid", "doc_id", "title", "text"]
+
+
+def _copy_sorted(fh, out: str, row_group: int) -> tuple[int, int, int] | None:
+    """Stream a pid-sorted Parquet file into ``out`` one row group at a time: (rows, min, max) pid,
+    or None as soon as a pid is smaller than the one before (the file is not sorted)."""
+    rows, lo, hi = 0, -1, None
+    with pq.ParquetWriter(out, schemas.DOCSTORE, compression="zstd", write_statistics=["pid"]) as writer:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=row_group, columns=DOCSTORE_COLUMNS):
+            pids = batch.column("pid").to_numpy().astype(np.int64)
+            if not len(pids):
+                continue
+            if (hi is not None and pids[0] < hi) or (np.diff(pids) < 0).any():
+                return None
+            lo, hi = (int(pids[0]) if hi is None else lo), int(pids[-1])
+            writer.write_table(pa.Table.from_batches([batch]).cast(schemas.DOCSTORE), row_group_size=row_group)
+            rows += len(pids)
+    return rows, lo, -1 if hi is None else hi
+
+
 def write_docstore_file(in_url: str, out_url: str, row_group: int, storage_options: dict, retries: int) -> dict:
-    """Copy one Passages file's (pid, doc_id, title, text), sorted by pid, in small row groups."""
+    """Copy one Passages file's (pid, doc_id, title, text), sorted by pid, in small row groups.
+
+    Streamed (memory: one row group, whatever the file's size): the corpus stage writes every
+    Passages file sorted by pid. A file that is not sorted is read whole and sorted, with a warning."""
     fs, path = storage.get_fs(in_url)
-    with fs.open(path, "rb") as fh:
-        table = pq.read_table(fh, columns=["pid", "doc_id", "title", "text"])
-    table = table.sort_by("pid").cast(schemas.DOCSTORE)
-    fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="dpr-docstore-")
+    fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="dpr-docstore-", dir=ix.local_tmp_dir())
     os.close(fd)
     try:
-        pq.write_table(table, tmp, row_group_size=row_group, compression="zstd", write_statistics=["pid"])
+        with fs.open(path, "rb") as fh:
+            copied = _copy_sorted(fh, tmp, row_group)
+        if copied is None:
+            log.warning("docstore: %s is not sorted by pid; reading it whole to sort it", in_url)
+            with fs.open(path, "rb") as fh:
+                table = pq.read_table(fh, columns=DOCSTORE_COLUMNS).sort_by("pid").cast(schemas.DOCSTORE)
+            pq.write_table(table, tmp, row_group_size=row_group, compression="zstd", write_statistics=["pid"])
+            pids = table.column("pid")
+            copied = (table.num_rows, pc.min(pids).as_py(), pc.max(pids).as_py()) if table.num_rows else (0, -1, -1)
         size, digest = os.path.getsize(tmp), storage.sha256_file(tmp)
         storage.upload_file_atomic(tmp, out_url, storage_options, attempts=retries)
     finally:
         os.remove(tmp)
-    pids = table.column("pid")
-    return {"path": out_url, "min_pid": pc.min(pids).as_py() if len(pids) else -1,
-            "max_pid": pc.max(pids).as_py() if len(pids) else -1, "rows": table.num_rows,
-            "bytes": size, "sha256": digest}
+    rows, lo, hi = copied
+    return {"path": out_url, "min_pid": lo, "max_pid": hi, "rows": rows, "bytes": size, "sha256": digest}
 
 
 def write_docstore(spark, cfg: Config, vurl: str) -> list[dict]:
@@ -279,9 +305,13 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         prev = reuse_from["manifest"]
         plan = ix.IndexPlan(prev["factory"], prev["nlist"], 0, f"quantizer reused from version {prev['version']}")
     else:
-        plan = ix.choose_factory(n, dim, icfg.bytes_per_vector, icfg.train_per_list, icfg.max_train_sample,
-                                 icfg.min_nlist, icfg.factory, icfg.exact_below)
-    num_shards = icfg.num_shards or max(1, -(-n // icfg.max_vectors_per_shard))
+        plan = ix.choose_factory(n, dim, icfg.bytes_per_vector, icfg.train_per_list, cfg.train_budget_bytes(),
+                                 icfg.min_nlist, icfg.factory, icfg.exact_below, icfg.max_train_sample,
+                                 icfg.coarse, icfg.train_method, icfg.large_nlist,
+                                 budget_key="index.max_train_bytes" if icfg.max_train_bytes else
+                                 "index.max_train_bytes (0: half of spark.driver.memory)")
+    num_shards = ix.shard_count(n, icfg.num_shards, icfg.max_vectors_per_shard)
+    ix.check_task_memory(n, num_shards, dim, ix.code_size_of(plan.factory, dim), cfg.task_memory_bytes())
     log.info("index: %d vectors of d=%d -> %s, %d shards (%s)", n, dim, plan.factory, num_shards, plan.reason)
 
     # Sample on the executors, collect only the sample: the driver holds the sample plus a
@@ -308,7 +338,9 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         trained_bytes = reuse_from["trained"]
         quantizer = {"reused": True, "from_version": reuse_from["manifest"]["version"], "reason": reuse_from["reason"]}
     else:
-        trained_bytes = ix.serialize(ix.train_quantizer(sample, plan.factory, icfg.seed))
+        log.info("index: training %s on %d vectors (%s k-means, ~%.1f TFLOP)", plan.factory, len(sample),
+                 plan.train_method, plan.train_flops / 1e12)
+        trained_bytes = ix.serialize(ix.train_quantizer(sample, plan.factory, icfg.seed, plan.train_method))
         quantizer = {"reused": False, "reason": (extra_manifest or {}).get("retrain_reason", "trained for this version")}
     timings["train"] = time.time() - t
     rng = np.random.default_rng(icfg.seed)
@@ -438,6 +470,9 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         "nlist": plan.nlist,
         "quantizer": quantizer,
         "train_size": plan.train_size,
+        "training": {"method": plan.train_method, "sample_bytes": plan.train_bytes,
+                     "estimated_flops": plan.train_flops, "budget_bytes": cfg.train_budget_bytes()}
+        if not reuse_from else None,
         "nprobe": nprobe,
         "k_factor": k_factor or None,
         "rerank": {"store": "float16", "k_factor": k_factor,
@@ -455,7 +490,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         "trained": {"path": "trained.faiss", "bytes": len(trained_bytes),
                     "sha256": storage.sha256_bytes(trained_bytes)},
         "shards": [{"index": s["shard"], "path": _relative(s["path"], vurl), "vectors": s["vectors"],
-                    "bytes": s["bytes"], "sha256": s["sha256"],
+                    "bytes": s["bytes"], "sha256": s["sha256"], "task_peak_rss": s["peak_rss"],
                     **({"rerank": {part: {**meta, "path": _relative(meta["path"], vurl)}
                                    for part, meta in s["rerank"].items()}} if s["rerank"] else {})}
                    for s in shards],

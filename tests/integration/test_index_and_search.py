@@ -299,3 +299,32 @@ def test_compact_shards_rerank_from_disk_equals_exact_on_candidates(spark, encod
     fs.pipe(f"dpr-test/compact/versions/{manifest['version']}/{key}", bytes(data))
     with pytest.raises(IndexIntegrityError, match="sha256"):
         ShardedIndex("s3://dpr-test/compact", cache_dir=str(tmp_path / "cache2"), storage_options=opts)
+
+
+def test_dataframe_input_gives_each_task_one_shard(spark, encoded, tmp_path):
+    """The nightly path feeds the merge job a DataFrame: shard s is built by task s alone (a hash
+    of the shard number into num_shards partitions would put two shards in one task), and the
+    shards together hold every vector once."""
+    from dpr_lib import index as ix
+
+    vectors, pids = all_vectors(encoded)
+    df = spark.read.parquet(encoded.path("embeddings")).select("pid", "vector")
+    trained = ix.serialize(ix.train_quantizer(vectors, "IVF4,Flat"))
+    num_shards = 5
+    rows = ix.build_shards(spark, df, trained, num_shards, vectors.shape[1],
+                           lambda s: str(tmp_path / f"shard-{s}.faiss"), vectors[:8], 5, [1, 4], 64, {}, 1)
+    assert [r["shard"] for r in rows] == list(range(num_shards))
+    assert all(r["task_shards"] == 1 for r in rows), [r["task_shards"] for r in rows]
+    held = np.concatenate([_ids_of(faiss.read_index(r["path"])) for r in rows])
+    assert sorted(held.tolist()) == sorted(pids.tolist())
+    assert sum(r["vectors"] for r in rows) == len(pids)
+    for r in rows:
+        assert storage.sha256_file(r["path"]) == r["sha256"] and os.path.getsize(r["path"]) == r["bytes"]
+        assert r["peak_rss"] > 0
+
+
+def _ids_of(index) -> np.ndarray:
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    return np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                           for i in range(ivf.nlist)] or [np.zeros(0, np.int64)])

@@ -4,15 +4,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpr_lib.errors import InputError
-from dpr_lib.index import choose_factory, deserialize, merge_topk, recall_at_k, serialize, train_quantizer
+from dpr_lib.errors import ConfigError, InputError
+from dpr_lib.index import (check_task_memory, choose_factory, deserialize, merge_topk, recall_at_k, rule_table,
+                           serialize, shard_count, train_quantizer)
 
 
 def test_auto_rule():
     p = choose_factory(1_000_000, 768)
     assert p.factory == "IVF4096,Flat" and 4 * 1000 <= p.nlist <= 16 * 1000
-    assert p.train_size == 200_000  # capped by max_train_sample
-    assert choose_factory(1_000_000, 768, max_train_sample=10**6).train_size == 4096 * 64
+    assert p.train_size == 4096 * 64 and p.train_bytes == 4096 * 64 * 768 * 4  # 64 a list, in the 2 GiB budget
+    assert choose_factory(1_000_000, 768, max_train_sample=200_000).train_size == 200_000
     # the budget holds the code and the 8-byte id
     assert choose_factory(1_000_000, 768, bytes_per_vector=776).factory == "IVF4096,SQ8"
     assert choose_factory(1_000_000, 768, bytes_per_vector=775).factory == "IVF4096,PQ384"
@@ -41,6 +42,80 @@ def test_exact_index_finds_the_brute_force_top_k():
     _, found = index.search(q, 10)
     exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
     assert recall_at_k(found, exact) == 1.0
+
+
+GiB = 2**30
+
+
+def test_rule_table_never_trains_fewer_than_39_points_per_list():
+    """The rule at d=768 (DPR) from 10k to 1B vectors, with the driver budgets of conf/local.yaml
+    (4g -> 2 GiB) and conf/cluster.example.yaml (16g -> 8 GiB): hand-checked rows below."""
+    for budget in (2 * GiB, 8 * GiB):
+        for row in rule_table(768, budget):
+            if row["nlist"] > 1:
+                assert row["points_per_list"] >= 39, row
+                assert row["train_size"] >= 39 * row["nlist"], row
+            assert row["driver_bytes"] <= budget and row["driver_bytes"] == row["train_size"] * 768 * 4
+    rows = {r["n"]: r for r in rule_table(768, 8 * GiB)}
+    assert (rows[10_000]["factory"], rows[10_000]["train_size"]) == ("IVF256,Flat", 10_000)  # n // 39 lists
+    assert (rows[1_000_000]["nlist"], rows[1_000_000]["train_size"]) == (4096, 4096 * 64)
+    assert (rows[21_000_000]["nlist"], rows[21_000_000]["points_per_list"]) == (32768, 64)
+    # 100M: 4*sqrt(n) -> 65536 lists; 8 GiB holds 2.79M vectors = 42 a list: kept, >= 39
+    assert (rows[100_000_000]["nlist"], rows[100_000_000]["train_size"]) == (65536, 8 * GiB // 3072)
+    # 1B: 131072 lists would need 5.1M training vectors; lowered to the power of two 2.79M/39 allows
+    assert rows[1_000_000_000]["nlist"] == 65536
+    assert rows[21_000_000]["train_method"] == "two_level" and rows[1_000_000]["train_method"] == "two_level"
+    assert rows[100_000]["train_method"] == "flat"
+    # two-level k-means scores each point against 2*sqrt(nlist) centroids, not nlist
+    flat = choose_factory(21_000_000, 768, max_train_bytes=8 * GiB, train_method="flat")
+    assert flat.train_flops / rows[21_000_000]["train_flops"] == pytest.approx(32768 / (2 * 32768 ** 0.5))
+    assert flat.train_flops == pytest.approx(32768 * 64 * 32768 * 768 * 2 * 10)
+
+
+def test_budget_lowers_nlist_and_says_so():
+    p = choose_factory(21_000_000, 768, max_train_bytes=2 * GiB)
+    # 2 GiB = 699,050 vectors of d=768 < 39 x 32768: nlist 16384 (the power of two <= 699050/39)
+    assert p.nlist == 16384 and p.train_size == 2 * GiB // 3072 and p.train_size // p.nlist >= 39
+    assert "nlist lowered from 32768 to 16384" in p.reason and "index.max_train_bytes" in p.reason
+    assert "lowered" not in choose_factory(1_000_000, 768, max_train_bytes=2 * GiB).reason
+
+
+def test_factory_untrainable_with_the_budget_fails_naming_nlist_sample_and_key():
+    with pytest.raises(ConfigError, match=r"nlist=65536 needs 2555904 training vectors .* can have 699050 "
+                                          r"\(index.max_train_bytes = 2147483648 bytes holds 699050"):
+        choose_factory(21_000_000, 768, max_train_bytes=2 * GiB, factory="IVF65536,Flat")
+    with pytest.raises(ConfigError, match="the Embeddings table has 2000 vectors"):
+        choose_factory(2000, 16, factory="IVF64,Flat")
+
+
+def test_shard_count_grows_with_n_and_task_memory_is_checked():
+    assert shard_count(10_000, 2, 1_000_000) == 2
+    assert shard_count(21_000_000, 2, 1_000_000) == 21
+    assert shard_count(21_000_001, 0, 1_000_000) == 22
+    check_task_memory(1_000_000, 1, 768, 3072, 8 * GiB)
+    with pytest.raises(ConfigError, match=r"shard 0 .*1000000 vectors each of 1\) needs ~4.*max_vectors_per_shard"):
+        check_task_memory(1_000_000, 1, 768, 3072, 2 * GiB)
+    check_task_memory(10**9, 1, 768, 3072, 0)  # unknown task memory: no check
+
+
+def test_two_level_training_matches_flat_k_means():
+    """Two-level k-means on clustered data: recall@10 at equal nprobe within 0.01 of flat k-means
+    (the scale bench measures it on calibrated 768-d vectors)."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((64, 32)).astype(np.float32)
+    x = centers[rng.integers(0, 64, 20_000)] + 0.6 * rng.standard_normal((20_000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:300] + 0.2 * rng.standard_normal((300, 32)).astype(np.float32)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    recalls = {}
+    for method in ("flat", "two_level"):
+        index = train_quantizer(x[:256 * 64], "IVF256,Flat", 1, method)
+        assert index.is_trained and faiss.extract_index_ivf(index).quantizer.ntotal == 256
+        index.add(x)
+        faiss.extract_index_ivf(index).nprobe = 8
+        recalls[method] = recall_at_k(index.search(q, 10)[1], exact)
+    assert recalls["flat"] > 0.5
+    assert abs(recalls["two_level"] - recalls["flat"]) <= 0.01, recalls
 
 
 def test_explicit_factory_needs_enough_vectors():
