@@ -729,7 +729,7 @@ def bench_cluster(results: dict, details: dict) -> None:
 
 # ---------------------------------------------------------------- report
 
-ONLY = os.environ.get("BENCH_ONLY", "")  # serve / index / nightly: encode + that part, merged into latest.json
+ONLY = os.environ.get("BENCH_ONLY", "")  # serve / index / nightly / scale / cluster: that part, merged into latest.json
 
 
 def write_report(results: dict, details: dict, mach: dict, seconds: float) -> None:
@@ -791,6 +791,14 @@ def main() -> int:
         return 0
     spark = get_session(load_config(os.path.join(REPO, "conf", "local.yaml"),
                                     ["spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 6g}"]))
+    if ONLY == "scale":  # needs nothing from the encode benchmark
+        from scale import bench_scale
+
+        bench_scale(spark, results, details)
+        spark.stop()
+        write_report(results, details, mach, time.time() - t0)
+        print(open(os.path.join(OUT, "latest.md")).read())
+        return 0
     if ONLY == "nightly":  # needs nothing from the encode benchmark
         bench_nightly(spark, results, details)
         spark.stop()
@@ -806,6 +814,9 @@ def main() -> int:
         bench_search_single(enc_cfg, results)
         bench_index(spark, enc_cfg, emb, results, details)
         bench_nightly(spark, results, details)
+        from scale import bench_scale
+
+        bench_scale(spark, results, details)
     if ONLY == "index":
         bench_index(spark, enc_cfg, emb, results, details)
     if ONLY in ("", "serve"):

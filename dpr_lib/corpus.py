@@ -43,6 +43,20 @@ RAW_LIMIT = 2000  # characters of a raw record kept in rejects
 _CONTROL = {c: " " for c in range(32) if chr(c) not in "\t\n\r"}
 _CONTROL[127] = " "
 _FORMAT_BY_EXT = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text"}
+# Compressed line files are read directly (one task per file: a compressed stream has no byte
+# ranges to split at); record offsets are then offsets in the decompressed text.
+_COMPRESSION_BY_EXT = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstd"}
+
+
+def _compression(path: str) -> str | None:
+    return _COMPRESSION_BY_EXT.get(os.path.splitext(path)[1].lower())
+
+
+def _format_ext(path: str) -> str:
+    """The extension that names the format: ``a.jsonl.gz`` -> ``.jsonl``."""
+    if _compression(path):
+        path = os.path.splitext(path)[0]
+    return os.path.splitext(path)[1].lower()
 _PID_MASK = (1 << 63) - 1
 
 
@@ -188,7 +202,7 @@ class Split:
 def detect_format(files: list[str], fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    exts = {os.path.splitext(f)[1].lower() for f in files}
+    exts = {_format_ext(f) for f in files}
     fmts = {_FORMAT_BY_EXT.get(e, "text") for e in exts}
     if len(fmts) != 1:
         raise InputError(f"cannot detect corpus.format from extensions {sorted(exts)}; set corpus.format")
@@ -214,7 +228,9 @@ def plan_splits(input_url: str, fmt: str, split_bytes: int) -> tuple[str, list[S
     for f in files:
         size = fs.size(storage.get_fs(f)[1])
         total += size
-        if fmt in ("jsonl", "tsv"):
+        if fmt in ("jsonl", "tsv") and _compression(f):
+            splits.append(Split(fmt, f, 0, 1 << 62, root))
+        elif fmt in ("jsonl", "tsv"):
             for start in range(0, max(size, 1), split_bytes):
                 splits.append(Split(fmt, f, start, min(start + split_bytes, size), root))
         else:
@@ -243,17 +259,22 @@ def parse_split(split: Split, max_doc_bytes: int) -> Iterator[dict]:
         return
     parse = parse_jsonl_line if split.fmt == "jsonl" else parse_tsv_line
     try:
-        fh = fs.open(path, "rb")
+        fh = fs.open(path, "rb", compression=_compression(path))
     except Exception as exc:  # noqa: BLE001
         yield _reject(split.path, split.start, "unreadable_file", str(exc), "")
         return
     with fh:
-        for offset, line in iter_lines(fh, split.start, split.end):
-            if not line.strip():
-                continue  # blank lines are not records
-            rec = parse(split.path, offset, line, max_doc_bytes)
-            if rec is not None:
-                yield rec
+        try:
+            for offset, line in iter_lines(fh, split.start, split.end):
+                if not line.strip():
+                    continue  # blank lines are not records
+                rec = parse(split.path, offset, line, max_doc_bytes)
+                if rec is not None:
+                    yield rec
+        except (OSError, EOFError) as exc:  # a truncated or corrupt compressed stream
+            if not _compression(path):
+                raise
+            yield _reject(split.path, split.start, "unreadable_file", f"{type(exc).__name__}: {exc}", "")
 
 
 _PARSED_FIELDS = ["doc_id", "title", "text", "file", "offset", "reason", "detail", "raw"]

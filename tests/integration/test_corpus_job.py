@@ -53,8 +53,8 @@ def test_every_format_gives_the_same_passages(spark, tmp_path):
     for d in docs:
         (inputs / "text" / f"{d['id']}.txt").write_text(d["text"])
 
-    def key_set(url, fmt):
-        cfg = make_config(tmp_path / fmt, f"corpus.input={url}", f"corpus.format={fmt}")
+    def key_set(url, fmt, name=""):
+        cfg = make_config(tmp_path / (name or fmt), f"corpus.input={url}", f"corpus.format={fmt}")
         shard_corpus(spark, cfg)
         return {(r["doc_id"], r["chunk"], r["text"]) for r in read_passages(cfg).to_pylist()}, read_passages(cfg)
 
@@ -65,6 +65,32 @@ def test_every_format_gives_the_same_passages(spark, tmp_path):
     text_set, text_table = key_set(str(inputs / "text"), "text")
     assert {(d.replace(".txt", ""), c, t) for d, c, t in text_set} == want
     assert set(text_table.column("title").to_pylist()) == {d["id"] for d in docs}  # title = file name
+    # compressed JSON Lines and TSV are read directly, format from the name before .gz / .bz2
+    import bz2
+    import gzip
+
+    os.makedirs(inputs / "gz")
+    with open(jsonl, "rb") as src, gzip.open(inputs / "gz" / "c.jsonl.gz", "wb") as dst:
+        dst.write(src.read())
+    assert key_set(str(inputs / "gz"), "auto", "gz")[0] == want
+    os.makedirs(inputs / "bz2")
+    with open(inputs / "tsv" / "c.tsv", "rb") as src, bz2.open(inputs / "bz2" / "c.tsv.bz2", "wb") as dst:
+        dst.write(src.read())
+    assert key_set(str(inputs / "bz2"), "auto", "bz2")[0] == want
+
+
+def test_truncated_gzip_keeps_what_it_read_and_rejects_the_rest(spark, tmp_path):
+    import gzip
+
+    docs = synthetic_docs(200, words_per_doc=50, seed=4)
+    data = gzip.compress("".join(json.dumps(d) + "\n" for d in docs).encode())
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "c.jsonl.gz").write_bytes(data[: len(data) // 2])
+    cfg = make_config(tmp_path, f"corpus.input={tmp_path / 'in'}", "corpus.max_reject_ratio=1")
+    stats = shard_corpus(spark, cfg)
+    assert 0 < stats["docs"] < 200 and stats["rejects"] == 1
+    rejects = pq.read_table(cfg.path("rejects")).to_pylist()
+    assert [r["reason"] for r in rejects] == ["unreadable_file"] and "c.jsonl.gz" in rejects[0]["source"]
 
 
 def test_pids_stable_across_runs_and_partitionings(spark, tmp_path):

@@ -5,8 +5,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpr_lib.errors import ConfigError, InputError
-from dpr_lib.index import (check_task_memory, choose_factory, deserialize, merge_topk, recall_at_k, rule_table,
-                           serialize, shard_count, train_quantizer)
+from dpr_lib.index import (
+    check_task_memory,
+    choose_factory,
+    deserialize,
+    merge_topk,
+    recall_at_k,
+    rule_table,
+    serialize,
+    shard_count,
+    train_quantizer,
+)
 
 
 def test_auto_rule():

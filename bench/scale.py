@@ -1,0 +1,413 @@
+"""`BENCH_ONLY=scale make bench`: the merge job at millions of vectors of d = 768, against plain FAISS.
+
+1. The corpus stage on the whole Wikipedia subset of ../shared/data/wiki (gzipped JSON Lines,
+   read directly): passages/s.
+2. Real vectors: N_REAL of those passages encoded once by the bundled all-MiniLM-L6-v2 (384-d),
+   cached under work/bench/scale.
+3. A generator calibrated on them: k-means clusters of the real vectors; a synthetic vector is
+   its cluster's centroid plus a random rotation-in-plane mix of two real residuals of that
+   cluster (same covariance as the real residuals, no near-duplicates), the residual scaled by t,
+   renormalised. t is chosen so that the recall@10-vs-nprobe curve of an IVF index over the
+   synthetic set matches the real one at the same N and nlist. Both curves are recorded.
+4. Lift to 768-d with a random orthogonal map (it preserves every inner product, so the recall
+   curves are those of the 384-d vectors) and write Embeddings tables of N = 250k, 1M, 2M.
+5. For each N, in fresh processes: the real merge job (Spark local, the auto rule) and plain
+   FAISS with the same factory and sample size in one process. Driver peak RSS, each shard task's
+   peak RSS, recall@10 on held-out query vectors, bytes published.
+6. Two-level vs flat k-means at the same nlist on the same sample (1M): training time and
+   recall@10 at equal nprobe.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wiki")
+WORK = os.path.join(REPO, "work", "bench", "scale")
+DIM = 768
+N_REAL = 6_000 if QUICK else 51_000   # encoded real passages (1,000 held out as queries)
+N_QUERIES = 1_000
+SIZES = (20_000, 40_000, 80_000) if QUICK else (250_000, 1_000_000, 2_000_000)
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
+# The generator's grid: k-means clusters, residual scale, isotropic noise (per dimension). Tried on
+# 5k real vectors (nlist 128), max |recall difference| over nprobe 1..128: 0.034 at (8, 1.5, 0.01);
+# Gaussian clusters (pooled covariance) made every cluster's members equidistant (off by >= 0.1).
+GRID = [(c, t, s) for c in (8, 16) for t in (1.25, 1.5, 2.0) for s in (0.01, 0.02)]
+DRIVER_MEMORY = "4g"  # conf/local.yaml's: a training budget of 2 GiB
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- real text and vectors
+
+def corpus_stage(spark) -> tuple[dict, str]:
+    """The real corpus stage on the Wikipedia subset (quick: one of its four files)."""
+    from dpr_lib.config import load_config
+    from dpr_lib.corpus import shard_corpus
+
+    files = sorted(glob.glob(os.path.join(WIKI, "*.jsonl.gz")))
+    src = files[0] if QUICK else WIKI
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
+        f"paths.work_dir={WORK}/corpus", f"corpus.input={src}", "corpus.num_files=8"])
+    t = time.perf_counter()
+    stats = shard_corpus(spark, cfg)
+    seconds = time.perf_counter() - t
+    stats = {k: stats[k] for k in ("input_records", "docs", "passages", "rejects")}
+    stats.update(seconds=round(seconds, 1), passages_per_s=round(stats["passages"] / seconds, 1),
+                 input=os.path.relpath(src, os.path.dirname(REPO)))
+    log(f"scale: corpus stage {stats['passages']} passages from {stats['docs']} articles in {seconds:.1f}s "
+        f"({stats['passages_per_s']:.0f} passages/s)")
+    return stats, cfg.path("passages")
+
+
+def real_vectors(passages_url: str) -> tuple[np.ndarray, dict]:
+    """N_REAL passages spread over the whole table, encoded by the bundled model (cached)."""
+    import pyarrow.parquet as pq
+
+    from dpr_lib import storage
+    from dpr_lib.config import EncoderConfig
+    from dpr_lib.encode import Encoder, resolve_spec
+
+    cache = os.path.join(WORK, f"real-{N_REAL}.npy")
+    if os.path.exists(cache):
+        meta = json.load(open(cache + ".json"))
+        return np.load(cache), meta
+    files = storage.list_files(passages_url, ".parquet")
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    pick = np.sort(np.random.default_rng(0).choice(total, N_REAL, replace=False))
+    titles, texts, offset = [], [], 0
+    for f in files:
+        table = pq.read_table(f, columns=["title", "text"])
+        local = pick[(pick >= offset) & (pick < offset + table.num_rows)] - offset
+        titles += table.column("title").take(local).to_pylist()
+        texts += table.column("text").take(local).to_pylist()
+        offset += table.num_rows
+    spec = resolve_spec(EncoderConfig(threads=os.cpu_count() or 1), os.path.join(WORK, "cache"))
+    enc = Encoder(spec)
+    t = time.perf_counter()
+    vectors = np.vstack([enc.encode(titles[i:i + 2000], texts[i:i + 2000]) for i in range(0, N_REAL, 2000)])
+    seconds = time.perf_counter() - t
+    meta = {"passages": N_REAL, "seconds": round(seconds, 1), "passages_per_s": round(N_REAL / seconds, 1),
+            "model": spec.model_id, "dtype": spec.dtype, "dim": spec.dim}
+    os.makedirs(WORK, exist_ok=True)
+    np.save(cache, vectors.astype(np.float32))
+    json.dump(meta, open(cache + ".json", "w"))
+    log(f"scale: {N_REAL} real passages encoded in {seconds:.0f}s ({meta['passages_per_s']:.0f}/s, {spec.dtype})")
+    return vectors.astype(np.float32), meta
+
+
+# ---------------------------------------------------------------- the generator
+
+class Generator:
+    """Synthetic unit vectors shaped like ``real``: centroid of a k-means cluster (chosen by its
+    size) + t x (cos a * r1 + sin a * r2) with r1, r2 two residuals of that cluster's members, plus
+    isotropic Gaussian noise, renormalised."""
+
+    def __init__(self, real: np.ndarray, clusters: int, seed: int = 0):
+        import faiss
+
+        km = faiss.Kmeans(real.shape[1], clusters, niter=20, seed=seed, spherical=True)
+        km.train(real)
+        _, assign = km.index.search(real, 1)
+        self.assign = assign.ravel()
+        self.centroids = km.centroids.copy()
+        self.residuals = real - self.centroids[self.assign]
+        self.members = [np.flatnonzero(self.assign == c) for c in range(clusters)]
+        self.weights = np.array([len(m) for m in self.members], np.float64)
+        self.weights /= self.weights.sum()
+
+    def sample(self, n: int, scale: float, noise: float, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        clusters = rng.choice(len(self.members), n, p=self.weights)
+        r1 = np.empty(n, np.int64)
+        r2 = np.empty(n, np.int64)
+        for c in np.unique(clusters):
+            sel = np.flatnonzero(clusters == c)
+            r1[sel] = rng.choice(self.members[c], len(sel))
+            r2[sel] = rng.choice(self.members[c], len(sel))
+        angle = rng.uniform(0, 2 * np.pi, n).astype(np.float32)[:, None]
+        x = self.centroids[clusters] + scale * (np.cos(angle) * self.residuals[r1] + np.sin(angle) * self.residuals[r2])
+        x += noise * rng.standard_normal(x.shape).astype(np.float32)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def recall_curve(base: np.ndarray, queries: np.ndarray, nlist: int, nprobes=NPROBES) -> dict:
+    """recall@10 of an IVF-Flat (inner product) over ``base`` at each nprobe, vs exact search."""
+    from dpr_lib import index as ix
+
+    sample = base[np.random.default_rng(1).choice(len(base), min(len(base), nlist * 64), replace=False)]
+    index = ix.train_quantizer(sample, f"IVF{nlist},Flat", 1)
+    index.add(base)
+    exact = ix.topk_block(queries @ base.T, np.arange(len(base)), 10)[1]
+    out = {}
+    for p in nprobes:
+        ix.set_nprobe(index, p)
+        out[p] = round(ix.recall_at_k(index.search(queries, 10)[1], exact), 4)
+    return out
+
+
+def calibrate(real: np.ndarray) -> tuple[Generator, tuple[float, float], dict]:
+    """The (clusters, scale, noise) of GRID whose recall curve is closest (max |difference| over
+    nprobes) to the real vectors' at the same N and nlist."""
+    from dpr_lib.index import choose_factory
+
+    base, queries = real[:-N_QUERIES], real[-N_QUERIES:]
+    nlist = choose_factory(len(base), real.shape[1]).nlist
+    real_curve = recall_curve(base, queries, nlist)
+    gens, tried = {}, {}
+    for c, t, s in GRID:
+        gen = gens.get(c) or gens.setdefault(c, Generator(base, c))
+        syn = gen.sample(len(base) + N_QUERIES, t, s, seed=7)
+        tried[(c, t, s)] = recall_curve(syn[:-N_QUERIES], syn[-N_QUERIES:], nlist)
+    diff = {key: max(abs(curve[p] - real_curve[p]) for p in NPROBES) for key, curve in tried.items()}
+    best = min(diff, key=diff.get)
+    # the old generator (a real vector + Gaussian noise 0.05, as bench_index uses) for comparison
+    rng = np.random.default_rng(3)
+    old = base[rng.integers(0, len(base), len(real))] + 0.05 * rng.standard_normal(real.shape).astype(np.float32)
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    old_curve = recall_curve(old[:-N_QUERIES], old[-N_QUERIES:], nlist)
+    report = {"n": len(base), "nlist": nlist, "queries": N_QUERIES, "clusters": best[0], "scale": best[1],
+              "noise": best[2], "real": real_curve, "synthetic": tried[best], "max_abs_diff": round(diff[best], 4),
+              "max_abs_diff_by_setting": {"/".join(map(str, k)): round(d, 4) for k, d in diff.items()},
+              "old_noise_generator": old_curve,
+              "old_noise_generator_max_abs_diff": round(max(abs(old_curve[p] - real_curve[p]) for p in NPROBES), 4)}
+    log(f"scale: generator calibrated at n={len(base)}, nlist={nlist}: clusters/scale/noise {best}, max |recall "
+        f"difference| {diff[best]:.3f}; real {real_curve}, synthetic {tried[best]}, old generator {old_curve}")
+    return gens[best[0]], best[1:], report
+
+
+def lift(dim_in: int, dim_out: int = DIM, seed: int = 5) -> np.ndarray:
+    """A [dim_out, dim_in] matrix with orthonormal columns: x -> x @ Q.T keeps every inner product."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim_out, dim_in)))
+    return q.astype(np.float32)
+
+
+def write_table(path: str, n: int, gen: Generator, setting: tuple[float, float], q_lift: np.ndarray, metadata: dict,
+                files: int, seed: int) -> None:
+    """An Embeddings table of n lifted synthetic vectors (pid-sorted files, as the encode job writes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpr_lib.schemas import embeddings_schema
+
+    done = os.path.join(path, "_DONE")
+    key = json.dumps([n, list(setting), metadata, seed], sort_keys=True)
+    if os.path.exists(done) and open(done).read() == key:
+        return
+    os.makedirs(path, exist_ok=True)
+    schema = embeddings_schema(DIM).with_metadata(metadata)
+    bounds = np.linspace(0, n, files + 1).astype(np.int64)
+    for i in range(files):
+        with pq.ParquetWriter(os.path.join(path, f"part-{i:05d}.parquet"), schema) as writer:
+            for start in range(bounds[i], bounds[i + 1], 50_000):
+                stop = min(start + 50_000, bounds[i + 1])
+                x = gen.sample(stop - start, *setting, seed=seed * 1_000_003 + start) @ q_lift.T
+                flat = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).reshape(-1)), DIM)
+                pids = pa.array(np.arange(start, stop, dtype=np.int64) * 7919 + 1)
+                writer.write_table(pa.Table.from_arrays([pids, pa.array(["h"] * (stop - start)), flat], schema=schema))
+    with open(done, "w") as fh:
+        fh.write(key)
+
+
+# ---------------------------------------------------------------- runs in fresh processes
+
+MERGE = """
+import json, resource, sys, time
+import numpy as np
+sys.path.insert(0, {repo!r})
+from dpr_lib.cli import setup_logging
+from dpr_lib.config import load_config
+from dpr_lib.publish import build_index
+from dpr_lib.spark import get_session
+setup_logging(False)
+cfg = load_config({conf!r}, {overrides!r})
+spark = get_session(cfg)
+q = np.load({queries!r})
+t = time.perf_counter()
+m = build_index(spark, cfg, question_vectors=q, questions_source="held-out synthetic vectors")
+seconds = time.perf_counter() - t
+spark.stop()
+print(json.dumps({{"seconds": seconds, "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "manifest": m}}))
+"""
+
+PLAIN = """
+import json, resource, sys, time
+import faiss, numpy as np, pyarrow.parquet as pq
+sys.path.insert(0, {repo!r})
+from dpr_lib import index as ix
+files, factory, train_size, method, out = {files!r}, {factory!r}, {train_size!r}, {method!r}, {out!r}
+t = time.perf_counter()
+rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
+pick = np.sort(np.random.default_rng(0).choice(sum(rows), train_size, replace=False))
+sample, offset = [], 0
+for f, r in zip(files, rows):  # pass 1: the training sample, one file in memory at a time
+    local = pick[(pick >= offset) & (pick < offset + r)] - offset
+    sample.append(ix.vectors_of(pq.read_table(f, columns=["vector"]).take(local), {dim}))
+    offset += r
+t_read = time.perf_counter() - t
+index = ix.train_quantizer(np.vstack(sample), factory, 1234, method)
+del sample
+t_train = time.perf_counter() - t - t_read
+for f in files:  # pass 2: add every vector with its pid
+    table = pq.read_table(f)
+    index.add_with_ids(ix.vectors_of(table, {dim}), table.column("pid").to_numpy().astype(np.int64))
+    del table
+faiss.write_index(index, out)
+seconds = time.perf_counter() - t
+print(json.dumps({{"seconds": seconds, "train_seconds": t_train, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+
+def _run(code: str, timeout: int = 3600) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-4000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def merge_job(emb_dir: str, n: int, queries_npy: str) -> dict:
+    work = os.path.join(WORK, f"run-{n}")
+    overrides = [f"paths.work_dir={work}", f"paths.embeddings={emb_dir}", "publish.docstore=false",
+                 f"spark.conf={{spark.ui.enabled: 'false', spark.driver.memory: {DRIVER_MEMORY}}}",
+                 "index.num_shards=2", "publish.keep_versions=1"]
+    got = _run(MERGE.format(repo=REPO, conf=os.path.join(REPO, "conf", "local.yaml"), overrides=overrides,
+                            queries=queries_npy))
+    m = got["manifest"]
+    largest = max(m["shards"], key=lambda s: s["bytes"])
+    return {"seconds": round(got["seconds"], 2), "driver_peak_rss": got["driver_peak_rss"],
+            "factory": m["factory"], "nlist": m["nlist"], "train_size": m["train_size"],
+            "training": m["training"], "nprobe": m["nprobe"], "recall_at_10": m["recall"]["at_nprobe"],
+            "recall_by_nprobe": m["recall"]["by_nprobe"], "timings": m["timings"],
+            "bytes_published": m["totals"]["bytes"] + m["trained"]["bytes"],
+            "shards": [{"vectors": s["vectors"], "bytes": s["bytes"], "task_peak_rss": s["task_peak_rss"]}
+                       for s in m["shards"]],
+            "largest_shard_bytes": largest["bytes"], "largest_shard_task_peak_rss": largest["task_peak_rss"],
+            "task_rss_ratio": round(max(s["task_peak_rss"] / s["bytes"] for s in m["shards"]), 3)}
+
+
+def plain_faiss(emb_dir: str, factory: str, train_size: int, method: str) -> dict:
+    files = sorted(glob.glob(os.path.join(emb_dir, "*.parquet")))
+    out = os.path.join(WORK, "plain.faiss")
+    got = _run(PLAIN.format(repo=REPO, files=files, factory=factory, train_size=train_size, method=method,
+                            out=out, dim=DIM))
+    got["bytes"] = os.path.getsize(out)
+    os.remove(out)
+    return got
+
+
+def train_compare(emb_dir: str, queries: np.ndarray, nlist: int, train_size: int) -> dict:
+    """Flat vs two-level k-means on the same sample: training seconds and recall@10 at equal nprobe
+    over the same vectors (read whole: at most 1M x 768 floats here)."""
+    import pyarrow.parquet as pq
+
+    from dpr_lib import index as ix
+
+    x = np.vstack([ix.vectors_of(pq.read_table(f, columns=["vector"]), DIM)
+                   for f in sorted(glob.glob(os.path.join(emb_dir, "*.parquet")))])
+    sample = x[np.sort(np.random.default_rng(0).choice(len(x), train_size, replace=False))]
+    exact = np.full((len(queries), 10), -1, np.int64)
+    best = (np.full((len(queries), 10), -np.inf, np.float32), exact)
+    for start in range(0, len(x), 100_000):
+        block = ix.topk_block(queries @ x[start:start + 100_000].T, np.arange(start, min(start + 100_000, len(x))), 10)
+        best = ix.merge_topk([best[0], block[0]], [best[1], block[1]], 10)
+    out = {"n": len(x), "nlist": nlist, "train_size": train_size}
+    for method in ("flat", "two_level"):
+        t = time.perf_counter()
+        index = ix.train_quantizer(sample, f"IVF{nlist},Flat", 1234, method)
+        train_s = time.perf_counter() - t
+        index.add(x)
+        curve = {}
+        for p in NPROBES:
+            ix.set_nprobe(index, p)
+            curve[p] = round(ix.recall_at_k(index.search(queries, 10)[1], best[1]), 4)
+        out[method] = {"train_seconds": round(train_s, 2), "recall_by_nprobe": curve}
+        del index
+        log(f"scale: {method} k-means, nlist {nlist}, {train_size} points: {train_s:.1f}s; recall@10 {curve}")
+    out["max_recall_gap"] = round(max(abs(out["flat"]["recall_by_nprobe"][p] - out["two_level"]["recall_by_nprobe"][p])
+                                      for p in NPROBES), 4)
+    out["speedup"] = round(out["flat"]["train_seconds"] / out["two_level"]["train_seconds"], 2)
+    return out
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def bench_scale(spark, results: dict, details: dict) -> None:
+    from dpr_lib.index import rule_table
+
+    if not os.path.isdir(WIKI):
+        log(f"scale: {WIKI} not found, skipped")
+        return
+    os.makedirs(WORK, exist_ok=True)
+    # The rule at d = 768 with conf/local.yaml's 4g driver (2 GiB budget) and a 16g one (8 GiB).
+    rules = {f"{b}GiB": rule_table(DIM, b * 2**30) for b in (2, 8)}
+    big = [r for rows in rules.values() for r in rows if r["n"] in (1_000_000, 21_000_000, 100_000_000)]
+    results["scale.min_train_points_per_list"] = min(r["points_per_list"] for r in big)
+    details["scale_rule"] = rules
+
+    corpus, passages_url = corpus_stage(spark)
+    results["scale.corpus_passages_per_s"] = corpus["passages_per_s"]
+    details["scale_corpus"] = corpus
+    real, real_meta = real_vectors(passages_url)
+    details["scale_real_vectors"] = real_meta
+    gen, setting, calib = calibrate(real)
+    details["scale_generator"] = calib
+    results["scale.generator_max_recall_diff"] = calib["max_abs_diff"]
+
+    q_lift = lift(real.shape[1])
+    # The configured (bundled) encoder's fingerprint, so the merge job accepts the table; dim 768.
+    from dpr_lib.config import EncoderConfig
+    from dpr_lib.encode import resolve_spec
+
+    fingerprint = {**resolve_spec(EncoderConfig(), os.path.join(WORK, "cache")).fingerprint(), "dim": DIM}
+    metadata = {"dpr.fingerprint": json.dumps(fingerprint)}
+    queries = gen.sample(N_QUERIES, *setting, seed=999) @ q_lift.T  # held apart: never indexed
+    queries_npy = os.path.join(WORK, "queries.npy")
+    np.save(queries_npy, queries.astype(np.float32))
+    runs = {}
+    for i, n in enumerate(SIZES):
+        emb_dir = os.path.join(WORK, f"emb-{n}")
+        t = time.perf_counter()
+        write_table(emb_dir, n, gen, setting, q_lift, metadata, files=max(4, n // 125_000), seed=11 + i)
+        log(f"scale: {n} vectors of d={DIM} ready ({time.perf_counter() - t:.0f}s)")
+        merge = merge_job(emb_dir, n, queries_npy)
+        log(f"scale: merge job {n}: {merge['seconds']:.1f}s, {merge['factory']}, nprobe {merge['nprobe']}, "
+            f"recall@10 {merge['recall_at_10']}, driver peak {merge['driver_peak_rss'] / 2**20:.0f} MiB, "
+            f"largest task {merge['largest_shard_task_peak_rss'] / 2**20:.0f} MiB for a "
+            f"{merge['largest_shard_bytes'] / 2**20:.0f} MiB shard")
+        plain = plain_faiss(emb_dir, merge["factory"], merge["train_size"], merge["training"]["method"])
+        log(f"scale: plain FAISS {n}: {plain['seconds']:.1f}s (train {plain['train_seconds']:.1f}s)")
+        runs[n] = {"merge": merge, "plain": plain,
+                   "s_per_million": round(merge["seconds"] / (n / 1e6), 2),
+                   "ratio_vs_plain_faiss": round(merge["seconds"] / plain["seconds"], 3),
+                   "driver_rss_beyond_sample": merge["driver_peak_rss"] - merge["training"]["sample_bytes"]}
+        if n == SIZES[1]:
+            details["scale_two_level"] = train_compare(emb_dir, queries, merge["nlist"], merge["train_size"])
+            results["scale.two_level_recall_gap"] = details["scale_two_level"]["max_recall_gap"]
+            results["scale.two_level_train_speedup"] = details["scale_two_level"]["speedup"]
+        if n != SIZES[-1]:
+            subprocess.run(["rm", "-rf", emb_dir])  # disk: keep only what the next size needs
+    small, large = runs[SIZES[0]], runs[SIZES[-1]]
+    results.update({
+        "scale.s_per_million_growth": round(large["s_per_million"] / small["s_per_million"], 3),
+        "scale.ratio_vs_plain_faiss_2m": large["ratio_vs_plain_faiss"],
+        "scale.recall_at_10_2m": large["merge"]["recall_at_10"],
+        "scale.driver_rss_growth": round(large["driver_rss_beyond_sample"] / small["driver_rss_beyond_sample"], 3),
+        "scale.driver_rss_growth_with_sample": round(large["merge"]["driver_peak_rss"] /
+                                                     small["merge"]["driver_peak_rss"], 3),
+        "scale.task_rss_ratio": large["merge"]["task_rss_ratio"],
+        "scale.merge_s_per_million_2m": large["s_per_million"],
+    })
+    details["scale_runs"] = {str(n): r for n, r in runs.items()}
+    details["scale_sizes"] = list(SIZES)
