@@ -411,3 +411,129 @@ def bench_scale(spark, results: dict, details: dict) -> None:
     })
     details["scale_runs"] = {str(n): r for n, r in runs.items()}
     details["scale_sizes"] = list(SIZES)
+    details["scale_cost_model"] = cost_model(details, *encoder_shape(passages_url))
+
+
+# ---------------------------------------------------------------- cost model
+
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 3072}  # DPR's encoders
+CLUSTER_CORES = 16 * 8       # 16 executors x 8 CPU cores
+DRIVER_CORES = 16
+GPUS = 8
+H200_BF16_PEAK = 989e12      # dense bf16 FLOP/s of one H200 (vendor figure)
+GPU_UTILISATION = 0.3        # assumed, not measured: no GPU was lent to the run that wrote this model
+
+
+def encoder_shape(passages_url: str) -> tuple[float, dict]:
+    """Mean tokens of 2,000 Wikipedia passages (title + text) and the bundled model's config."""
+    import pyarrow.parquet as pq
+
+    from dpr_lib import storage
+    from dpr_lib.config import EncoderConfig
+    from dpr_lib.encode import Encoder, resolve_spec
+
+    spec = resolve_spec(EncoderConfig(), os.path.join(WORK, "cache"))
+    first = pq.read_table(storage.list_files(passages_url, ".parquet")[0], columns=["title", "text"]).slice(0, 2000)
+    ids, _ = Encoder(spec).tokenize(first.column("title").to_pylist(), first.column("text").to_pylist())
+    return float(np.mean([len(x) for x in ids])), json.load(open(os.path.join(spec.model_dir, "config.json")))
+
+
+def flops_per_token(cfg: dict, tokens: float) -> float:
+    """2 x non-embedding parameters + attention (QK^T, AV): as bench/run.py's model_flops_per_token."""
+    d, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    return 2 * layers * (4 * d * d + 2 * d * inter) + 4 * layers * tokens * d
+
+
+def cost_model(details: dict, mean_tokens: float, minilm_cfg: dict) -> dict:
+    """Wall time and core-hours of a full build and of a nightly run with 1% changed, at 21M and
+    100M passages, from the rates this run measured on 2 cores:
+
+    - corpus stage: passages/s per core (whole Wikipedia subset);
+    - encoding: the bundled MiniLM's passages/s per core here, scaled to BERT-base (DPR) by FLOPs
+      per passage at the same token count; GPUs: H200 bf16 peak x an assumed utilisation;
+    - merge job: shard-pass seconds fitted as a*N + b*N*nlist over the three sizes (reading, plus the
+      flat assignment to nlist lists), training at the FLOP rate two-level k-means reached here,
+      sample pass per vector, all on the cluster's cores (training on the driver's)."""
+    runs = {int(n): r for n, r in details["scale_runs"].items()}
+    cores_here = 2
+    corpus_rate = details["scale_corpus"]["passages_per_s"] / cores_here            # passages/s/core
+    minilm_rate = details["scale_real_vectors"]["passages_per_s"] / cores_here      # passages/s/core
+    ratio = flops_per_token(BERT_BASE, mean_tokens) / flops_per_token(minilm_cfg, mean_tokens)
+    dpr_rate = minilm_rate / ratio
+    gpu_rate = H200_BF16_PEAK * GPU_UTILISATION / (flops_per_token(BERT_BASE, mean_tokens) * mean_tokens)
+    # shard pass: core-seconds = a*N + b*N*nlist (least squares over the measured sizes)
+    rows = [(n, r["merge"]["nlist"], r["merge"]["timings"]["add_write"] * cores_here) for n, r in runs.items()]
+    A = np.array([[n, n * nl] for n, nl, _ in rows], np.float64)
+    y = np.array([s for _, _, s in rows], np.float64)
+    (a, b), *_ = np.linalg.lstsq(A, y, rcond=None)
+    a, b = max(a, 0.0), max(b, 0.0)
+    big = runs[max(runs)]["merge"]
+    train_rate = big["training"]["estimated_flops"] / max(big["timings"]["train"], 1e-9) / cores_here  # FLOP/s/core
+    sample_rate = big["timings"]["sample"] * cores_here / max(runs)                   # core-s per vector
+    from dpr_lib.index import choose_factory
+
+    out = {"assumptions": {
+        "cluster": f"{CLUSTER_CORES // 8} executors x 8 CPU cores, driver {DRIVER_CORES} cores with 16g "
+                   f"(8 GiB training budget); GPU variant: {GPUS} x H200 for encoding",
+        "encoder": "BERT-base (DPR), FLOPs per passage scaled from the measured MiniLM rate",
+        "mean_tokens": round(mean_tokens, 1), "bert_base_over_minilm_flops": round(ratio, 2),
+        "corpus_passages_per_core_s": round(corpus_rate, 1), "minilm_passages_per_core_s": round(minilm_rate, 1),
+        "dpr_passages_per_core_s": round(dpr_rate, 2), "gpu_passages_per_s_assumed": round(gpu_rate),
+        "gpu_utilisation_assumed": GPU_UTILISATION,
+        "shard_core_s_per_vector": a, "shard_core_s_per_vector_per_list": b,
+        "train_flop_per_core_s": train_rate, "sample_core_s_per_vector": sample_rate}}
+    for n in (21_000_000, 100_000_000):
+        plan = choose_factory(n, DIM, max_train_bytes=8 * 2**30)
+        stages = {  # core-seconds
+            "corpus": n / corpus_rate,
+            "encode_cpu": n / dpr_rate,
+            "merge_sample": n * sample_rate,
+            "merge_shards": a * n + b * n * plan.nlist,
+        }
+        train_s = plan.train_flops / (train_rate * DRIVER_CORES)
+        wall_cpu = (stages["corpus"] + stages["encode_cpu"] + stages["merge_sample"] + stages["merge_shards"]) \
+            / CLUSTER_CORES + train_s
+        encode_gpu_s = n / (gpu_rate * GPUS)
+        wall_gpu = (stages["corpus"] + stages["merge_sample"] + stages["merge_shards"]) / CLUSTER_CORES \
+            + train_s + encode_gpu_s
+        changed = n // 100
+        # nightly today (snapshot mode, quantizer reused): the whole snapshot is split (the diff's
+        # join is not in this model), 1% re-encoded, every shard rebuilt from reused embeddings.
+        nightly = {"corpus": n / corpus_rate, "encode_cpu": changed / dpr_rate,
+                   "merge_shards": stages["merge_shards"] + stages["merge_sample"]}
+        nightly_wall = sum(nightly.values()) / CLUSTER_CORES
+        out[str(n)] = {
+            "factory": plan.factory, "nlist": plan.nlist, "train_size": plan.train_size,
+            "full_core_hours": {k: round(v / 3600, 1) for k, v in stages.items()},
+            "full_train_driver_s": round(train_s),
+            "full_wall_h_cpu_cluster": round(wall_cpu / 3600, 2),
+            "full_wall_h_gpu_encode": round(wall_gpu / 3600, 2), "gpu_hours": round(encode_gpu_s * GPUS / 3600, 2),
+            "nightly_1pct_core_hours": {k: round(v / 3600, 2) for k, v in nightly.items()},
+            "nightly_1pct_wall_h": round(nightly_wall / 3600, 2),
+            "dominant_full": max(stages, key=stages.get), "dominant_nightly": max(nightly, key=nightly.get),
+        }
+    return out
+
+
+def main() -> int:
+    """`python bench/scale.py --cost-model [latest.json]`: (re)compute the cost model from the
+    figures a scale run recorded, and store it in that file's details."""
+    import argparse
+
+    sys.path.insert(0, REPO)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cost-model", action="store_true", required=True)
+    parser.add_argument("results", nargs="?", default=os.path.join(REPO, "bench", "results", "latest.json"))
+    args = parser.parse_args()
+    doc = json.load(open(args.results))
+    details = doc["details"]
+    model = cost_model(details, *encoder_shape(os.path.join(WORK, "corpus", "passages")))
+    details["scale_cost_model"] = model
+    with open(args.results, "w") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=True)
+    print(json.dumps(model, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
