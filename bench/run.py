@@ -258,10 +258,10 @@ def bench_index(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     import faiss
     import pyarrow.parquet as pq
 
-    from dpr_lib import index as ix
+    from dpr_lib import index_ops as ix
     from dpr_lib import storage
     from dpr_lib.config import load_config
-    from dpr_lib.publish import build_index
+    from dpr_lib.index import build_index
     from dpr_lib.search import ShardedIndex
 
     real = np.stack(emb.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
@@ -283,22 +283,22 @@ def bench_index(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     x = np.vstack([ix.vectors_of(tb, real.shape[1]) for tb in tables])
     ids = np.concatenate([tb.column("pid").to_numpy() for tb in tables])
     rng = np.random.default_rng(0)
-    sample = x[rng.choice(len(x), manifest["train_size"], replace=False)]
-    plain = ix.train_quantizer(sample, manifest["factory"])
+    sample = x[rng.choice(len(x), manifest.train_size, replace=False)]
+    plain = ix.train_quantizer(sample, manifest.factory)
     plain.add_with_ids(x, ids)
     faiss.write_index(plain, os.path.join(WORK, "index", "plain.faiss"))
     plain_s = time.perf_counter() - t
-    auto_s = autofaiss_seconds(x, manifest["factory"])
+    auto_s = autofaiss_seconds(x, manifest.factory)
     if auto_s is not None:
         results["index.autofaiss_s"] = round(auto_s, 2)
         results["index.ratio_vs_autofaiss"] = round(merge_s / auto_s, 3)
     results.update({
         "index.merge_job_s": round(merge_s, 2), "index.plain_faiss_s": round(plain_s, 2),
         "index.ratio_vs_plain_faiss": round(merge_s / plain_s, 3),
-        "index.recall_at_10": manifest["recall"]["at_nprobe"],
+        "index.recall_at_10": manifest.recall["at_nprobe"],
     })
-    details["index"] = {"vectors": N_VECTORS, "factory": manifest["factory"], "nprobe": manifest["nprobe"],
-                        "merge_timings": manifest["timings"], "recall_by_nprobe": manifest["recall"]["by_nprobe"]}
+    details["index"] = {"vectors": N_VECTORS, "factory": manifest.factory, "nprobe": manifest.nprobe,
+                        "merge_timings": manifest.timings, "recall_by_nprobe": manifest.recall["by_nprobe"]}
     log(f"index: merge job {merge_s:.1f}s, plain FAISS {plain_s:.1f}s")
 
     # Search: batched QPS and sharded vs one merged index at the same nprobe.
@@ -374,7 +374,7 @@ def driver_rss(emb_dir: str, n: int) -> float:
 import json, resource, sys
 sys.path.insert(0, {REPO!r})
 from dpr_lib.config import load_config
-from dpr_lib.publish import build_index
+from dpr_lib.index import build_index
 from dpr_lib.spark import get_session
 cfg = load_config({os.path.join(REPO, 'conf', 'local.yaml')!r}, ['paths.work_dir={d}', 'paths.embeddings={emb_dir}',
     'paths.passages={os.path.join(WORK, 'encode', 'passages')}', 'index.max_train_sample={RSS_SAMPLE}',
@@ -409,7 +409,7 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
     jobs' library entry point (run_nightly), and top-10 agreement of the two indexes."""
     from dpr_lib.config import load_config
     from dpr_lib.encode import Encoder, resolve_spec
-    from dpr_lib.index import set_nprobe
+    from dpr_lib.index_ops import set_nprobe
     from dpr_lib.nightly import run_nightly
     from dpr_lib.search import ShardedIndex
 
@@ -469,7 +469,7 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
             set_nprobe(shard, nprobe)
         return ix.search(q, 10)[1]
 
-    nlist = max(ix.manifest["nlist"] for ix in indexes.values())
+    nlist = max(ix.manifest.nlist for ix in indexes.values())
     exact = top10("full", nlist)  # every list probed: exact search (IVF-Flat)
     def agree(a, b) -> float:
         return round(float(np.mean([set(x) == set(y) for x, y in zip(a, b)])), 4)
@@ -484,7 +484,7 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
     for goal in (0.95, 0.99, 0.995, 0.999):
         chosen = {}
         for name, ix in indexes.items():
-            curve = {int(p): r for p, r in ix.manifest["recall"]["by_nprobe"].items()}
+            curve = {int(p): r for p, r in ix.manifest.recall["by_nprobe"].items()}
             chosen[name] = min([p for p, r in curve.items() if r >= goal] or [max(curve)])
         by_target[str(goal)] = {"nprobe": chosen, "nlist": nlist, "agreement": agree(
             top10("incremental", chosen["incremental"]), top10("full", chosen["full"]))}
@@ -547,7 +547,8 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
 
     from dpr_lib.config import load_config
     from dpr_lib.encode import get_encoder, resolve_spec
-    from dpr_lib.publish import build_index, set_latest
+    from dpr_lib.index import build_index
+    from dpr_lib.manifest import set_latest
     from dpr_lib.search import ShardedIndex
 
     real = np.stack(emb.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
@@ -585,7 +586,7 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     pids = np.arange(len(vectors), dtype=np.int64) * 7919 + 1  # as write_embeddings assigns them
     exact = pids[np.argsort(-(qvecs @ vectors.T), axis=1)[:, :10]]
     found = ShardedIndex(cfg.path("index_root"), cache_dir=os.path.join(WORK, "serve", "cache")).search(qvecs, 10)[1]
-    from dpr_lib.index import recall_at_k
+    from dpr_lib.index_ops import recall_at_k
 
     m = manifests[small * 4]
     results.update({"serve.resident_bytes_per_passage": round(slope, 1),
@@ -772,7 +773,7 @@ def write_report(results: dict, details: dict, mach: dict, seconds: float) -> No
 def main() -> int:
     from dpr_lib.cli import setup_logging
     from dpr_lib.config import load_config
-    from dpr_lib.publish import build_index
+    from dpr_lib.index import build_index
     from dpr_lib.spark import get_session
 
     if not os.path.isdir(SQUAD):

@@ -144,7 +144,7 @@ class Generator:
 
 def recall_curve(base: np.ndarray, queries: np.ndarray, nlist: int, nprobes=NPROBES) -> dict:
     """recall@10 of an IVF-Flat (inner product) over ``base`` at each nprobe, vs exact search."""
-    from dpr_lib import index as ix
+    from dpr_lib import index_ops as ix
 
     sample = base[np.random.default_rng(1).choice(len(base), min(len(base), nlist * 64), replace=False)]
     index = ix.train_quantizer(sample, f"IVF{nlist},Flat", 1)
@@ -160,7 +160,7 @@ def recall_curve(base: np.ndarray, queries: np.ndarray, nlist: int, nprobes=NPRO
 def calibrate(real: np.ndarray) -> tuple[Generator, tuple[float, float], dict]:
     """The (clusters, scale, noise) of GRID whose recall curve is closest (max |difference| over
     nprobes) to the real vectors' at the same N and nlist."""
-    from dpr_lib.index import choose_factory
+    from dpr_lib.index_ops import choose_factory
 
     base, queries = real[:-N_QUERIES], real[-N_QUERIES:]
     nlist = choose_factory(len(base), real.shape[1]).nlist
@@ -228,7 +228,7 @@ import numpy as np
 sys.path.insert(0, {repo!r})
 from dpr_lib.cli import setup_logging
 from dpr_lib.config import load_config
-from dpr_lib.publish import build_index
+from dpr_lib.index import build_index
 from dpr_lib.spark import get_session
 setup_logging(False)
 cfg = load_config({conf!r}, {overrides!r})
@@ -239,14 +239,14 @@ m = build_index(spark, cfg, question_vectors=q, questions_source="held-out synth
 seconds = time.perf_counter() - t
 spark.stop()
 print(json.dumps({{"seconds": seconds, "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "manifest": m}}))
+                  "manifest": m.to_dict()}}))
 """
 
 PLAIN = """
 import json, resource, sys, time
 import faiss, numpy as np, pyarrow.parquet as pq
 sys.path.insert(0, {repo!r})
-from dpr_lib import index as ix
+from dpr_lib import index_ops as ix
 files, factory, train_size, method, out = {files!r}, {factory!r}, {train_size!r}, {method!r}, {out!r}
 t = time.perf_counter()
 rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
@@ -312,7 +312,7 @@ def train_compare(emb_dir: str, queries: np.ndarray, nlist: int, train_size: int
     over the same vectors (read whole: at most 1M x 768 floats here)."""
     import pyarrow.parquet as pq
 
-    from dpr_lib import index as ix
+    from dpr_lib import index_ops as ix
 
     x = np.vstack([ix.vectors_of(pq.read_table(f, columns=["vector"]), DIM)
                    for f in sorted(glob.glob(os.path.join(emb_dir, "*.parquet")))])
@@ -344,7 +344,7 @@ def train_compare(emb_dir: str, queries: np.ndarray, nlist: int, train_size: int
 # ---------------------------------------------------------------- the benchmark
 
 def bench_scale(spark, results: dict, details: dict) -> None:
-    from dpr_lib.index import rule_table
+    from dpr_lib.index_ops import rule_table
 
     if not os.path.isdir(WIKI):
         log(f"scale: {WIKI} not found, skipped")
@@ -470,7 +470,7 @@ def cost_model(details: dict, mean_tokens: float, minilm_cfg: dict) -> dict:
     big = runs[max(runs)]["merge"]
     train_rate = big["training"]["estimated_flops"] / max(big["timings"]["train"], 1e-9) / cores_here  # FLOP/s/core
     sample_rate = big["timings"]["sample"] * cores_here / max(runs)                   # core-s per vector
-    from dpr_lib.index import choose_factory
+    from dpr_lib.index_ops import choose_factory
 
     out = {"assumptions": {
         "cluster": f"{CLUSTER_CORES // 8} executors x 8 CPU cores, driver {DRIVER_CORES} cores with 16g "

@@ -562,7 +562,7 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     from dpr_lib import storage
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import encode_passages, get_encoder, resolve_spec
-    from dpr_lib.publish import build_index
+    from dpr_lib.index import build_index
     from dpr_lib.search import Searcher
     from dpr_lib.spark import task_errors
 
@@ -613,7 +613,7 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     t = time.time()
     with task_errors():
         runs["dense_exact"] = ix.exact_topk(spark, storage.list_files(cfg.path("embeddings"), ".parquet"), qvecs, k,
-                                            int(manifest["dim"]))
+                                            manifest.dim)
     timings["dense_exact"] = round(time.time() - t, 1)
     t = time.time()
     runs["dense_ivf"] = searcher.index.search(qvecs, k)
@@ -635,9 +635,9 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
         "n_passages": len(table),
         "n_documents": corpus_stats.get("docs"),
         "retrievers": {name: s["metrics"] for name, s in scored.items()},
-        "encoder": manifest["encoder"],
-        "question_encoder": manifest["question_encoder"],
-        "index": {"version": manifest["version"], "factory": manifest["factory"], "nprobe": searcher.index.nprobe,
+        "encoder": manifest.encoder,
+        "question_encoder": manifest.question_encoder,
+        "index": {"version": manifest.version, "factory": manifest.factory, "nprobe": searcher.index.nprobe,
                   "recall_k": 10, "recall": round(ivf_recall, 4)},
         "hybrid": {"fusion": fusion, "of": ["bm25", "dense_ivf"],
                    **({"rrf_k": rrf_k} if fusion == "rrf" else {"alpha_dense": alpha})},

@@ -140,7 +140,8 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
 
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
-    from dpr_lib.publish import MANIFEST, build_index, encode_recall_questions, read_latest, version_url
+    from dpr_lib.index import build_index, encode_recall_questions
+    from dpr_lib.manifest import MANIFEST, read_latest, read_manifest, version_url
 
     t0 = time.time()
     ncfg = cfg.nightly
@@ -227,20 +228,20 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
             reuse, reason = None, "first run"
             if baseline:
                 prev_root_version = read_latest(root, opts)
-                prev_manifest = json.loads(storage.read_bytes(
-                    join_url(version_url(root, prev_root_version), MANIFEST), opts)) if prev_root_version else None
+                prev_manifest = read_manifest(join_url(version_url(root, prev_root_version), MANIFEST), opts) \
+                    if prev_root_version else None
                 if not same_encoder:
                     reason = "encoder fingerprint changed"
                 elif prev_manifest is None:
                     reason = "no previous version published"
-                elif corpus["passages"] > ncfg.retrain_growth * prev_manifest["totals"]["vectors"]:
-                    reason = (f"vector count grew from {prev_manifest['totals']['vectors']} to {corpus['passages']}"
+                elif corpus["passages"] > ncfg.retrain_growth * prev_manifest.totals["vectors"]:
+                    reason = (f"vector count grew from {prev_manifest.totals['vectors']} to {corpus['passages']}"
                               f" (> nightly.retrain_growth={ncfg.retrain_growth})")
                 else:
                     trained = storage.read_bytes(join_url(version_url(root, prev_root_version), "trained.faiss"), opts)
                     reuse = {"trained": trained, "manifest": prev_manifest,
                              "reason": "same encoder, growth within nightly.retrain_growth",
-                             "max_nprobe": ncfg.max_nprobe_growth * int(prev_manifest.get("nprobe") or 1),
+                             "max_nprobe": ncfg.max_nprobe_growth * prev_manifest.nprobe,
                              "max_nprobe_key": "nightly.max_nprobe_growth"}
             extra = {"encoder": fingerprint, "retrain_reason": reason,
                      "nightly": {"run": state["run"], "diff": diff, "encoded": encoded["encoded"],
@@ -253,9 +254,9 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
                       "embedded": encoded["encoded"], "reused": diff["unchanged"] if same_encoder else 0}
             manifest = build_index(spark, pub_cfg, df, extra, reuse_from=reuse, counts=counts,
                                    question_vectors=questions, questions_source=cfg.index.recall_questions)
-            return {"version": manifest["version"], "quantizer": manifest["quantizer"],
-                    "vectors": manifest["totals"]["vectors"], "recall": manifest["recall"]["at_nprobe"],
-                    "nprobe": manifest["nprobe"]}
+            return {"version": manifest.version, "quantizer": manifest.quantizer,
+                    "vectors": manifest.totals["vectors"], "recall": manifest.recall["at_nprobe"],
+                    "nprobe": manifest.nprobe}
 
         published = stage("publish", publish)
         _write_json(join_url(cfg.path("work_dir"), "state", "last_success.json"), {

@@ -24,7 +24,7 @@ SAMPLE_QUESTIONS = [
 def run_pipeline(spark, cfg: Config, questions: list[str] | None = None, k: int = 3) -> dict:
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import encode_passages
-    from dpr_lib.publish import build_index
+    from dpr_lib.index import build_index
     from dpr_lib.search import Searcher, format_hits
 
     t0 = time.time()

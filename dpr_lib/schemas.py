@@ -44,4 +44,3 @@ META_DIM = b"dpr.dim"
 
 # 2: adds k_factor, memory and per-shard re-rank stores; a reader of 1 would search compact
 # shards without re-ranking, so it must refuse them (and a service keeps its current version).
-MANIFEST_FORMAT_VERSION = 2

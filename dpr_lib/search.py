@@ -7,7 +7,7 @@ the per-shard top-k (exact, since all shards share one quantizer). Passage text 
 version's pid-sorted docstore, reading only the Parquet row groups that hold the wanted pids.
 
 A node may load a subset of shards (``shards=[...]``); a broker then merges the nodes' partial
-top-k lists with :func:`dpr_lib.index.merge_topk`, exactly as this class merges its shards.
+top-k lists with :func:`dpr_lib.index_ops.merge_topk`, exactly as this class merges its shards.
 
 No pyspark import: a search service depends on dpr_lib without Spark.
 """
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpr_lib import schemas, storage
+from dpr_lib import storage
 from dpr_lib.config import EncoderConfig, join_url
 from dpr_lib.errors import DprError, IncompatibleIndexError, IndexIntegrityError, InputError, StorageError
-from dpr_lib.index import ID_BYTES, code_size, merge_topk, rerank, set_nprobe
+from dpr_lib.index_ops import ID_BYTES, code_size, merge_topk, rerank, set_nprobe
+from dpr_lib.manifest import ShardEntry, open_manifest
 
 log = logging.getLogger("dpr_lib.search")
 
@@ -47,34 +48,6 @@ def _safe_relpath(rel: str) -> str:
     if rel.startswith("/") or "://" in rel or ".." in parts or not rel:
         raise IndexIntegrityError(f"manifest names a file outside its version directory: {rel!r}")
     return rel
-
-
-def open_manifest(index: str, storage_options: dict | None = None) -> tuple[dict, str]:
-    """(manifest, version URL) for an index root (via LATEST) or a manifest.json URL."""
-    from dpr_lib.publish import LATEST, MANIFEST, version_url
-
-    if index.rstrip("/").endswith(MANIFEST):
-        murl = index.rstrip("/")
-        vurl = murl[: -len(MANIFEST)].rstrip("/")
-    else:
-        latest_url = join_url(index, LATEST)
-        if not storage.exists(latest_url, storage_options):
-            raise IndexIntegrityError(f"no index published under {index}: {LATEST} is missing")
-        version = storage.read_bytes(latest_url, storage_options).decode().strip()
-        vurl = version_url(index, version)
-        murl = join_url(vurl, MANIFEST)
-    if not storage.exists(murl, storage_options):
-        raise IndexIntegrityError(f"manifest not found: {murl} (half-written or removed version)")
-    try:
-        manifest = json.loads(storage.read_bytes(murl, storage_options))
-    except json.JSONDecodeError as exc:
-        raise IndexIntegrityError(f"manifest {murl} is not valid JSON: {exc}") from None
-    fmt = manifest.get("format_version")
-    if not isinstance(fmt, int) or fmt > schemas.MANIFEST_FORMAT_VERSION:
-        raise IncompatibleIndexError(
-            f"manifest {murl} has format_version {fmt!r}; this dpr_lib reads up to "
-            f"{schemas.MANIFEST_FORMAT_VERSION}: upgrade dpr_lib")
-    return manifest, vurl
 
 
 class ShardCache:
@@ -123,57 +96,57 @@ class ShardedIndex:
         import faiss
 
         self.manifest, self.version_url = open_manifest(index, storage_options)
-        self.version = self.manifest["version"]
-        self.dim = int(self.manifest["dim"])
+        self.version = self.manifest.version
+        self.dim = self.manifest.dim
         self.cache = ShardCache(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dpr_lib"),
                                 storage_options)
-        entries = self.manifest["shards"]
+        entries = self.manifest.shards
         if shards is not None:
-            known = {e["index"] for e in entries}
+            known = {e.index for e in entries}
             unknown = sorted(set(shards) - known)
             if unknown:
                 raise InputError(f"shards {unknown} are not in version {self.version} (it has {sorted(known)})")
-            entries = [e for e in entries if e["index"] in set(shards)]
-        self.nprobe = int(nprobe or self.manifest.get("nprobe") or 1)
+            entries = [e for e in entries if e.index in set(shards)]
+        self.nprobe = int(nprobe or self.manifest.nprobe or 1)
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         self.shards = []
         self.stores: list[tuple[np.ndarray, np.ndarray]] = []
-        rerank = self.manifest.get("rerank")
+        rerank = self.manifest.rerank
         self.k_factor = int(k_factor or (rerank or {}).get("k_factor") or 1) if rerank else 0
         for e in entries:
-            path = self.cache.fetch(join_url(self.version_url, _safe_relpath(e["path"])), e["sha256"], ".faiss")
+            path = self.cache.fetch(join_url(self.version_url, _safe_relpath(e.path)), e.sha256, ".faiss")
             try:
                 idx = faiss.read_index(path, flags)
             except RuntimeError as exc:
-                raise IndexIntegrityError(f"shard {e['path']} cannot be read by FAISS: {exc}") from None
+                raise IndexIntegrityError(f"shard {e.path} cannot be read by FAISS: {exc}") from None
             if idx.d != self.dim:
-                raise IncompatibleIndexError(f"shard {e['path']} has dimension {idx.d}, manifest says {self.dim}")
+                raise IncompatibleIndexError(f"shard {e.path} has dimension {idx.d}, manifest says {self.dim}")
             set_nprobe(idx, self.nprobe)
             self.shards.append(idx)
             if rerank:
                 self.stores.append(self._open_store(e, idx.ntotal))
         self.ntotal = sum(s.ntotal for s in self.shards)
-        self._docstore = sorted(self.manifest.get("docstore", []), key=lambda d: d["min_pid"])
+        self._docstore = sorted(self.manifest.docstore, key=lambda d: d.min_pid)
         self._docstore_files: dict[str, object] = {}
         self._docstore_lock = threading.Lock()  # lookups may come from several service threads
         log.info("loaded version %s: %d shards, %d vectors, nprobe %d", self.version, len(self.shards),
                  self.ntotal, self.nprobe)
 
-    def _open_store(self, entry: dict, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
+    def _open_store(self, entry: ShardEntry, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
         """The shard's re-rank store, verified and memory-mapped read-only (``.npy``, no pickle)."""
-        store = entry.get("rerank") or {}
+        store = entry.rerank or {}
         if set(store) != {"pids", "vectors"}:
-            raise IndexIntegrityError(f"shard {entry['path']}: the manifest lists no complete re-rank store")
-        local = {part: self.cache.fetch(join_url(self.version_url, _safe_relpath(meta["path"])), meta["sha256"],
+            raise IndexIntegrityError(f"shard {entry.path}: the manifest lists no complete re-rank store")
+        local = {part: self.cache.fetch(join_url(self.version_url, _safe_relpath(meta.path)), meta.sha256,
                                         f".{part}.npy") for part, meta in store.items()}
         try:
             pids = np.load(local["pids"], mmap_mode="r", allow_pickle=False)
             vecs = np.load(local["vectors"], mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
-            raise IndexIntegrityError(f"re-rank store of {entry['path']} is not a plain .npy array: {exc}") from None
+            raise IndexIntegrityError(f"re-rank store of {entry.path} is not a plain .npy array: {exc}") from None
         if pids.dtype != np.int64 or vecs.ndim != 2 or vecs.shape != (len(pids), self.dim) or len(pids) != ntotal:
             raise IndexIntegrityError(
-                f"re-rank store of {entry['path']} does not match its shard: pids {pids.dtype} {pids.shape}, "
+                f"re-rank store of {entry.path} does not match its shard: pids {pids.dtype} {pids.shape}, "
                 f"vectors {vecs.dtype} {vecs.shape}, shard has {ntotal} vectors of d={self.dim}")
         return pids, vecs
 
@@ -203,11 +176,11 @@ class ShardedIndex:
         """{pid: {doc_id, title, text}} for the given pids, reading only the row groups that hold them."""
 
         wanted = sorted({int(p) for p in pids if int(p) >= 0})
-        starts = [d["min_pid"] for d in self._docstore]
+        starts = [d.min_pid for d in self._docstore]
         by_file: dict[int, list[int]] = {}
         for pid in wanted:
             i = bisect.bisect_right(starts, pid) - 1
-            if i >= 0 and pid <= self._docstore[i]["max_pid"]:
+            if i >= 0 and pid <= self._docstore[i].max_pid:
                 by_file.setdefault(i, []).append(pid)
         out: dict[int, dict] = {}
         with self._docstore_lock:
@@ -219,11 +192,11 @@ class ShardedIndex:
 
         for i, file_pids in by_file.items():
             entry = self._docstore[i]
-            pf = self._docstore_files.get(entry["path"])
+            pf = self._docstore_files.get(entry.path)
             if pf is None:
-                local = self.cache.fetch(join_url(self.version_url, _safe_relpath(entry["path"])), entry["sha256"],
+                local = self.cache.fetch(join_url(self.version_url, _safe_relpath(entry.path)), entry.sha256,
                                          ".parquet")
-                pf = self._docstore_files[entry["path"]] = pq.ParquetFile(local)
+                pf = self._docstore_files[entry.path] = pq.ParquetFile(local)
             groups = []
             for g in range(pf.metadata.num_row_groups):
                 st = pf.metadata.row_group(g).column(0).statistics
@@ -248,7 +221,7 @@ class Searcher:
         self.max_k = max_k
         spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question",
                             storage_options=storage_options)
-        expected = self.index.manifest.get("question_encoder") or self.index.manifest.get("encoder") or {}
+        expected = self.index.manifest.question_encoder or self.index.manifest.encoder or {}
         got = spec.fingerprint()
         if expected.get("id") != got["id"]:
             raise IncompatibleIndexError(

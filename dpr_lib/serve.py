@@ -45,14 +45,6 @@ class Loaded:
     blobs: frozenset  # sha256 of the cache files it uses
 
 
-def _blobs_of(manifest: dict) -> frozenset:
-    shas = {e["sha256"] for e in manifest.get("docstore", [])}
-    for shard in manifest.get("shards", []):
-        shas.add(shard["sha256"])
-        shas.update(m["sha256"] for m in (shard.get("rerank") or {}).values())
-    return frozenset(shas)
-
-
 class IndexHolder:
     """The version being served, and the loader thread that replaces it."""
 
@@ -72,7 +64,7 @@ class IndexHolder:
 
     # -------------------------------------------------------------- loading
     def load(self, version: str) -> Loaded:
-        from dpr_lib.publish import MANIFEST, version_url
+        from dpr_lib.manifest import MANIFEST, version_url
         from dpr_lib.search import Searcher
 
         t0 = time.time()
@@ -84,11 +76,11 @@ class IndexHolder:
         if n:
             questions = (WARMUP_QUESTIONS * (n // len(WARMUP_QUESTIONS) + 1))[:n]
             searcher.ask(questions, min(10, self.cfg.serve.max_k))  # touches encoder, shards, stores, docstore
-        return Loaded(version, searcher, time.time(), round(time.time() - t0, 3), _blobs_of(searcher.index.manifest))
+        return Loaded(version, searcher, time.time(), round(time.time() - t0, 3), searcher.index.manifest.blobs())
 
     def poll_once(self) -> bool:
         """Load and swap to LATEST if it is new; True when a swap happened."""
-        from dpr_lib.publish import read_latest
+        from dpr_lib.manifest import read_latest
 
         try:
             latest = read_latest(self.root, self.opts)

@@ -6,7 +6,7 @@ from dpr_lib.cli import run_job
 
 
 def main(cfg, args):
-    from dpr_lib.publish import build_index
+    from dpr_lib.index import build_index
     from dpr_lib.spark import get_session
 
     manifest = build_index(get_session(cfg), cfg)

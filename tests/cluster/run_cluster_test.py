@@ -103,19 +103,19 @@ def check(name: str, work: str, index_root: str, endpoint: str) -> dict:
         if not ok:
             failures.append(what)
 
-    expect(corpus["passages"] == encode["passages_encoded"] == manifest["totals"]["vectors"] > 100,
+    expect(corpus["passages"] == encode["passages_encoded"] == manifest.totals["vectors"] > 100,
            f"passages {corpus['passages']} = encoded {encode['passages_encoded']} = indexed "
-           f"{manifest['totals']['vectors']} > 100")
+           f"{manifest.totals['vectors']} > 100")
     expect(corpus["rejects"] == 0, f"rejects {corpus['rejects']} == 0")
     expect("Python language reference: with" in hits[QUESTIONS[0]], f"with-statement hit in {hits[QUESTIONS[0]]}")
     expect(any(t.startswith("argparse") for t in hits[QUESTIONS[1]]), f"argparse hit in {hits[QUESTIONS[1]]}")
-    expect(manifest["recall"]["at_nprobe"] >= 0.95, f"recall {manifest['recall']['at_nprobe']} >= 0.95")
+    expect(manifest.recall["at_nprobe"] >= 0.95, f"recall {manifest.recall['at_nprobe']} >= 0.95")
     if failures:
         sys.exit(f"{name}: FAILED: " + "; ".join(failures))
     timings = {"corpus": corpus["seconds"], "encode": encode["seconds"],
-               **{f"index.{k}": v for k, v in (manifest.get("timings") or {}).items()}}
+               **{f"index.{k}": v for k, v in (manifest.timings or {}).items()}}
     return {"executor_python": encode["executor_python"], "tasks": len(encode["tasks"]),
-            "passages": corpus["passages"], "version": manifest["version"], "hits": hits, "stages": timings}
+            "passages": corpus["passages"], "version": manifest.version, "hits": hits, "stages": timings}
 
 
 def main() -> int:

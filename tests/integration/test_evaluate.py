@@ -14,6 +14,7 @@ from conftest import REPO, make_config, synthetic_docs
 from dpr_lib import evaluate as ev
 from dpr_lib import index as ix
 from dpr_lib import storage
+from dpr_lib.index_ops import vectors_of
 
 
 def _squad_from(docs):
@@ -80,7 +81,7 @@ def test_exact_topk_matches_numpy_brute_force(squad_run, spark):
     assert files
     tables = [pq.read_table(f) for f in files]
     pids = np.concatenate([t.column("pid").to_numpy() for t in tables])
-    vecs = np.concatenate([ix.vectors_of(t, 32) for t in tables])
+    vecs = np.concatenate([vectors_of(t, 32) for t in tables])
     queries = np.random.default_rng(0).standard_normal((7, 32)).astype(np.float32)
     scores, ids = ix.exact_topk(spark, files, queries, 5, 32)
     full = queries @ vecs.T

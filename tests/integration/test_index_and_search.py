@@ -18,8 +18,9 @@ from dpr_lib import schemas, storage
 from dpr_lib.corpus import shard_corpus
 from dpr_lib.encode import encode_passages
 from dpr_lib.errors import EncoderError, IncompatibleIndexError, IndexIntegrityError, InputError, StorageError
-from dpr_lib.index import deserialize
-from dpr_lib.publish import build_index, list_versions, read_latest
+from dpr_lib.index import build_index
+from dpr_lib.index_ops import deserialize
+from dpr_lib.manifest import FORMAT_VERSION, list_versions, read_latest
 from dpr_lib.search import Searcher, ShardedIndex
 
 
@@ -53,10 +54,10 @@ def test_publish_local_manifest_and_sharded_equals_single(spark, encoded, tmp_pa
         "paths.embeddings": encoded.path("embeddings"), "index.num_shards": 3}.items()])
     manifest = build_index(spark, cfg)
     root = cfg.path("index_root")
-    assert read_latest(root) == manifest["version"]
-    vdir = os.path.join(root, "versions", manifest["version"])
+    assert read_latest(root) == manifest.version
+    vdir = os.path.join(root, "versions", manifest.version)
     on_disk = json.load(open(os.path.join(vdir, "manifest.json")))
-    assert on_disk["format_version"] == schemas.MANIFEST_FORMAT_VERSION
+    assert on_disk["format_version"] == FORMAT_VERSION
     assert on_disk["metric"] == "inner_product" and on_disk["factory"].startswith("IVF")
     assert len(on_disk["shards"]) == 3
     assert on_disk["totals"]["vectors"] == 240 == sum(s["vectors"] for s in on_disk["shards"])
@@ -71,7 +72,7 @@ def test_publish_local_manifest_and_sharded_equals_single(spark, encoded, tmp_pa
     vectors, pids = all_vectors(cfg)
     single = deserialize(open(os.path.join(vdir, "trained.faiss"), "rb").read())
     single.add_with_ids(vectors, pids)
-    faiss.extract_index_ivf(single).nprobe = manifest["nprobe"]
+    faiss.extract_index_ivf(single).nprobe = manifest.nprobe
     loaded = ShardedIndex(root, cache_dir=str(tmp_path / "cache"))
     assert loaded.ntotal == 240 and len(loaded.shards) == 3
     want_s, want_i = single.search(vectors[:50], 10)
@@ -81,14 +82,14 @@ def test_publish_local_manifest_and_sharded_equals_single(spark, encoded, tmp_pa
     mapped = ShardedIndex(root, cache_dir=str(tmp_path / "cache"), mmap=True)
     assert mapped.search(vectors[:50], 10)[1].tolist() == want_i.tolist()
     # Shards split across two "nodes", merged by a broker, give the same answer.
-    from dpr_lib.index import merge_topk
+    from dpr_lib.index_ops import merge_topk
 
     a = ShardedIndex(root, cache_dir=str(tmp_path / "cache"), shards=[0])
     b = ShardedIndex(root, cache_dir=str(tmp_path / "cache"), shards=[1, 2])
     (sa, ia), (sb, ib) = a.search(vectors[:50], 10), b.search(vectors[:50], 10)
     assert merge_topk([sa, sb], [ia, ib], 10)[1].tolist() == want_i.tolist()
     # Exhaustive nprobe equals exact search.
-    exact = ShardedIndex(root, cache_dir=str(tmp_path / "cache"), nprobe=manifest["nlist"])
+    exact = ShardedIndex(root, cache_dir=str(tmp_path / "cache"), nprobe=manifest.nlist)
     brute = pids[np.argsort(-(vectors[:20] @ vectors.T), axis=1)[:, :5]]
     assert exact.search(vectors[:20], 5)[1].tolist() == brute.tolist()
 
@@ -109,7 +110,7 @@ def test_passage_lookup_and_question_search(spark, encoded, tmp_path):
     many = searcher.ask(["alpha"], k=1000)[0]
     assert 0 < len(many) <= 240 and len({h.pid for h in many}) == len(many), "k above the index size: fewer hits"
     everything = Searcher(encoded.path("index_root"), encoded.encoder, cache_dir=str(tmp_path / "c"),
-                          nprobe=searcher.index.manifest["nlist"])
+                          nprobe=searcher.index.manifest.nlist)
     assert len(everything.ask(["alpha"], k=1000)[0]) == 240, "probing every list returns every passage"
     with pytest.raises(InputError, match="empty question"):
         searcher.ask(["  "])
@@ -198,9 +199,9 @@ def test_loader_refuses_broken_versions(spark, encoded, tmp_path):
     with pytest.raises(IndexIntegrityError, match="LATEST is missing"):
         ShardedIndex(str(root), cache_dir=str(tmp_path / "c0"))
     manifest = build_index(spark, cfg)
-    vdir = root / "versions" / manifest["version"]
+    vdir = root / "versions" / manifest.version
     # Corrupt shard bytes: detected by sha256, naming the file.
-    shard = vdir / manifest["shards"][1]["path"]
+    shard = vdir / manifest.shards[1].path
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -258,16 +259,16 @@ def test_compact_shards_rerank_from_disk_equals_exact_on_candidates(spark, encod
                       f"publish.endpoint_url={s3_endpoint}")
     manifest = build_index(spark, cfg)
     opts = cfg.storage_options()
-    assert manifest["rerank"]["store"] == "float16" and manifest["k_factor"] in (1, 2, 4, 8, 16, 32)
-    assert manifest["memory"]["resident_bytes_per_passage"] == 4 + 8  # PQ8x4: 4-byte codes + the id
-    assert manifest["memory"]["disk_bytes_per_passage"] == 2 * 32 + 8
-    assert set(manifest["rerank"]["recall_by_nprobe_k_factor"]) >= {"1/1", "4/32"}
-    vurl = f"s3://dpr-test/compact/versions/{manifest['version']}"
-    for shard in manifest["shards"]:
+    assert manifest.rerank["store"] == "float16" and manifest.k_factor in (1, 2, 4, 8, 16, 32)
+    assert manifest.memory["resident_bytes_per_passage"] == 4 + 8  # PQ8x4: 4-byte codes + the id
+    assert manifest.memory["disk_bytes_per_passage"] == 2 * 32 + 8
+    assert set(manifest.rerank["recall_by_nprobe_k_factor"]) >= {"1/1", "4/32"}
+    vurl = f"s3://dpr-test/compact/versions/{manifest.version}"
+    for shard in manifest.shards:
         for part in ("pids", "vectors"):
-            meta = shard["rerank"][part]
-            assert meta["path"] == shard["path"].replace(".faiss", f".{part}.npy")
-            assert storage.sha256_file(f"{vurl}/{meta['path']}", storage_options=opts) == meta["sha256"]
+            meta = shard.rerank[part]
+            assert meta.path == shard.path.replace(".faiss", f".{part}.npy")
+            assert storage.sha256_file(f"{vurl}/{meta.path}", storage_options=opts) == meta.sha256
 
     loaded = ShardedIndex("s3://dpr-test/compact", cache_dir=str(tmp_path / "cache"), storage_options=opts,
                           k_factor=4)
@@ -291,12 +292,12 @@ def test_compact_shards_rerank_from_disk_equals_exact_on_candidates(spark, encod
     assert all_i.tolist() == brute.tolist()
 
     # a corrupted store is refused by sha256 (cache and source)
-    key = manifest["shards"][0]["rerank"]["vectors"]["path"]
+    key = manifest.shards[0].rerank["vectors"].path
     import s3fs
     fs = s3fs.S3FileSystem(**opts)
-    data = bytearray(fs.cat(f"dpr-test/compact/versions/{manifest['version']}/{key}"))
+    data = bytearray(fs.cat(f"dpr-test/compact/versions/{manifest.version}/{key}"))
     data[-1] ^= 0xFF
-    fs.pipe(f"dpr-test/compact/versions/{manifest['version']}/{key}", bytes(data))
+    fs.pipe(f"dpr-test/compact/versions/{manifest.version}/{key}", bytes(data))
     with pytest.raises(IndexIntegrityError, match="sha256"):
         ShardedIndex("s3://dpr-test/compact", cache_dir=str(tmp_path / "cache2"), storage_options=opts)
 
@@ -306,10 +307,11 @@ def test_dataframe_input_gives_each_task_one_shard(spark, encoded, tmp_path):
     of the shard number into num_shards partitions would put two shards in one task), and the
     shards together hold every vector once."""
     from dpr_lib import index as ix
+    from dpr_lib import index_ops as ops
 
     vectors, pids = all_vectors(encoded)
     df = spark.read.parquet(encoded.path("embeddings")).select("pid", "vector")
-    trained = ix.serialize(ix.train_quantizer(vectors, "IVF4,Flat"))
+    trained = ops.serialize(ops.train_quantizer(vectors, "IVF4,Flat"))
     num_shards = 5
     rows = ix.build_shards(spark, df, trained, num_shards, vectors.shape[1],
                            lambda s: str(tmp_path / f"shard-{s}.faiss"), vectors[:8], 5, [1, 4], 64, {}, 1)

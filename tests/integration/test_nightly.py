@@ -11,8 +11,8 @@ import pytest
 from conftest import make_config, synthetic_docs, write_jsonl
 
 from dpr_lib.errors import ConfigError, InputError
+from dpr_lib.manifest import read_latest
 from dpr_lib.nightly import LockError, run_nightly
-from dpr_lib.publish import read_latest
 from dpr_lib.search import ShardedIndex
 
 
@@ -165,7 +165,7 @@ def test_quantizer_that_needs_more_probes_is_retrained(spark, tmp_path, tiny_ber
     assert f"the reused quantizer of version {reused['version']} needs nprobe" in q["reason"]
     assert "nightly.max_nprobe_growth" in q["reason"]
     manifest = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "cache")).manifest
-    assert manifest["version"] == report["version"] and manifest["quantizer"] == q
+    assert manifest.version == report["version"] and manifest.quantizer == q
     versions = os.listdir(os.path.join(cfg.path("index_root"), "versions"))
     assert len(versions) == 3, "the discarded reused-quantizer version left nothing behind"
 
@@ -182,7 +182,7 @@ def test_recall_measured_on_configured_questions(spark, tmp_path, tiny_bert_dir)
     questions.write_text("".join(f"which document mentions fact{i}?\n" for i in range(40)))
     cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot, f"index.recall_questions={questions}")
     report = run_nightly(spark, cfg)
-    recall = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "cache")).manifest["recall"]
+    recall = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "cache")).manifest.recall
     assert recall["query_source"] == "questions" and recall["queries"] == 40
     assert recall["questions_file"] == str(questions)
     assert report["recall_at_nprobe"] == recall["at_nprobe"] >= cfg.index.recall_target
@@ -199,5 +199,5 @@ def test_recall_measured_on_configured_questions(spark, tmp_path, tiny_bert_dir)
                      "nightly.max_nprobe_growth=0.001")
     retrained = run_nightly(spark, strict)
     manifest = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "cache")).manifest
-    assert retrained["quantizer"]["reused"] is False and manifest["version"] == retrained["version"]
-    assert manifest["recall"]["questions_file"] == str(questions) and manifest["recall"]["queries"] == 40
+    assert retrained["quantizer"]["reused"] is False and manifest.version == retrained["version"]
+    assert manifest.recall["questions_file"] == str(questions) and manifest.recall["queries"] == 40

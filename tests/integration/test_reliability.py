@@ -26,7 +26,8 @@ from dpr_lib.config import join_url
 from dpr_lib.corpus import shard_corpus
 from dpr_lib.encode import encode_passages
 from dpr_lib.errors import AccountingError, IncompatibleIndexError, IndexIntegrityError, StorageError
-from dpr_lib.publish import MANIFEST, build_index, list_versions, read_latest, version_url
+from dpr_lib.index import build_index
+from dpr_lib.manifest import MANIFEST, list_versions, read_latest, version_url
 from dpr_lib.search import ShardedIndex
 
 CONF = os.path.join(REPO, "conf", "local.yaml")
@@ -99,7 +100,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 def test_manifest_carries_the_checked_ledger_and_a_lost_embedding_row_is_refused(spark, corpus, tmp_path):
     stats = json.load(open(os.path.join(corpus.path("stats"), "shard_corpus.json")))
     manifest = build_index(spark, corpus)
-    ledger = manifest["accounting"]
+    ledger = manifest.accounting
     assert ledger["unchecked"] == [], "the pipeline's stages provide every count"
     assert len(ledger["checked"]) == len(accounting.EQUATIONS) == 7
     c = ledger["counts"]
@@ -117,8 +118,8 @@ def test_manifest_carries_the_checked_ledger_and_a_lost_embedding_row_is_refused
                       f"paths.index_root={corpus.path('index_root')}", *_encoder_sets(corpus), "index.num_shards=2")
     with pytest.raises(AccountingError, match=f"embeddings {c['passages'] - 3} != passages {c['passages']}"):
         build_index(spark, cfg)
-    assert read_latest(corpus.path("index_root")) == manifest["version"]
-    assert list_versions(corpus.path("index_root"))[-1] == manifest["version"], "nothing of the refused version"
+    assert read_latest(corpus.path("index_root")) == manifest.version
+    assert list_versions(corpus.path("index_root"))[-1] == manifest.version, "nothing of the refused version"
 
 
 # ---------------------------------------------------------------- executor killed mid-encode
@@ -246,7 +247,7 @@ def test_s3_errors_for_a_while_are_retried(spark, corpus, proxy, tmp_path):
         proxy.reset()
     assert proxy.counts["error"] - before["error"] == 4 and proxy.counts["reset"] - before["reset"] == 3
     index = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "r"), storage_options=cfg.storage_options())
-    assert index.version == manifest["version"] and index.ntotal == manifest["accounting"]["counts"]["passages"]
+    assert index.version == manifest.version and index.ntotal == manifest.accounting["counts"]["passages"]
 
 
 def test_s3_down_fails_clearly_and_publishes_nothing(spark, corpus, proxy, tmp_path):
@@ -323,7 +324,7 @@ def test_disk_full_in_the_loader_cache_is_a_clear_error_and_leaves_no_corrupt_en
     assert reason in out["first"] and "local disk full" in out["first"], out
     # Nothing partial: every cache entry is complete (its name is its sha256), no temporary file.
     assert all(name.split(".")[0] == digest for name, digest in out["cache"].items()), out["cache"]
-    assert out["second"]["vectors"] == manifest["totals"]["vectors"]
+    assert out["second"]["vectors"] == manifest.totals["vectors"]
 
 
 # ---------------------------------------------------------------- what the loader refuses to read
@@ -337,7 +338,7 @@ def test_loader_refuses_pickles_and_paths_outside_the_index(spark, corpus, tmp_p
     cfg = make_config(tmp_path, f"paths.work_dir={corpus.paths.work_dir}", f"paths.index_root={root}",
                       *_encoder_sets(corpus), "index.num_shards=2")
     manifest = build_index(spark, cfg)
-    vdir = root / "versions" / manifest["version"]
+    vdir = root / "versions" / manifest.version
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -345,7 +346,7 @@ def test_loader_refuses_pickles_and_paths_outside_the_index(spark, corpus, tmp_p
             return (os.system, (f"touch {marker}",))
 
     blob = pickle.dumps(Payload())
-    (vdir / manifest["shards"][0]["path"]).write_bytes(blob)
+    (vdir / manifest.shards[0].path).write_bytes(blob)
     m = json.loads((vdir / MANIFEST).read_text())
     m["shards"][0]["sha256"] = storage.sha256_bytes(blob)
     (vdir / MANIFEST).write_text(json.dumps(m))

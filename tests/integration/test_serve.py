@@ -15,7 +15,8 @@ from conftest import _free_port, make_config, synthetic_docs, write_jsonl
 from dpr_lib import storage
 from dpr_lib.corpus import shard_corpus
 from dpr_lib.encode import encode_passages
-from dpr_lib.publish import build_index, set_latest
+from dpr_lib.index import build_index
+from dpr_lib.manifest import set_latest
 
 ROOT = "s3://dpr-test/serve"
 

@@ -63,7 +63,7 @@ def test_section_must_be_a_mapping(tmp_path):
 
 
 def test_recall_questions_file_formats_and_errors(tmp_path):
-    from dpr_lib.publish import read_recall_questions
+    from dpr_lib.index import read_recall_questions
 
     def read(name, body, *extra):
         path = tmp_path / name

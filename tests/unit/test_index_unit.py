@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import faiss
 import numpy as np
 import pytest
@@ -5,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpr_lib.errors import ConfigError, InputError
-from dpr_lib.index import (
+from dpr_lib.index_ops import (
     check_task_memory,
     choose_factory,
     deserialize,
@@ -212,7 +214,7 @@ def test_pack_batch_keeps_every_vector_with_its_pid_in_its_shard():
 
 
 def test_rerank_in_blocks_equals_one_block(monkeypatch):
-    from dpr_lib import index as ix
+    from dpr_lib import index_ops as ix
 
     rng = np.random.default_rng(0)
     pids = np.sort(rng.choice(10**6, 500, replace=False)).astype(np.int64)
@@ -266,10 +268,10 @@ def test_shard_pieces_cover_every_row_once_and_balance(tmp_path):
 def test_stale_quantizer_rule():
     from types import SimpleNamespace
 
-    from dpr_lib.publish import _stale_quantizer
+    from dpr_lib.index import _stale_quantizer
 
     icfg = SimpleNamespace(recall_target=0.95, nprobe=0)
-    reuse = {"manifest": {"version": "v1", "nprobe": 16}, "max_nprobe": 32.0, "max_nprobe_key": "nightly.max_nprobe_growth"}
+    reuse = {"manifest": SimpleNamespace(version="v1", nprobe=16), "max_nprobe": 32.0, "max_nprobe_key": "nightly.max_nprobe_growth"}
     curve = {8: 0.9, 16: 0.94, 32: 0.96, 64: 0.99}
     assert _stale_quantizer(reuse, curve, 32, 10, icfg) is None  # 2x the previous nprobe: still serves
     why = _stale_quantizer({**reuse, "max_nprobe": 16.0}, curve, 32, 10, icfg)
@@ -278,4 +280,4 @@ def test_stale_quantizer_rule():
     # A forced nprobe is what is served, whatever the previous version did; only the target counts.
     forced = SimpleNamespace(recall_target=0.95, nprobe=64)
     assert _stale_quantizer({**reuse, "max_nprobe": 16.0}, curve, 64, 10, forced) is None
-    assert _stale_quantizer({"manifest": {"version": "v1", "nprobe": 1}}, curve, 64, 10, icfg) is None  # no limit
+    assert _stale_quantizer({"manifest": SimpleNamespace(version="v1", nprobe=1)}, curve, 64, 10, icfg) is None  # no limit

@@ -1,0 +1,283 @@
+"""The index version contract: the manifest, ``LATEST`` and the versions directory.
+
+Layout under ``index_root`` (any fsspec URL)::
+
+    versions/<version>/trained.faiss            trained, empty IVF (quantizer + codebooks)
+    versions/<version>/shard-NNNNN.faiss        IVF shards sharing that quantizer, disjoint pids
+    versions/<version>/shard-NNNNN.{pids,vectors}.npy   re-rank store of a shard (lossy codes)
+    versions/<version>/docstore/part-NNNNN.parquet      pid-sorted (pid, doc_id, title, text)
+    versions/<version>/manifest.json            this module's :class:`Manifest`
+    LATEST                                      the current version id, written last
+
+This module is the only place that builds or parses a manifest: the merge job writes one with
+:meth:`Manifest.to_json`, the loader, the service, the nightly job and the evaluation read one
+with :func:`read_manifest` / :func:`open_manifest`. A reader refuses a format newer than it
+knows, naming both. No pyspark, no FAISS: search services import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpr_lib import storage
+from dpr_lib.config import join_url
+from dpr_lib.errors import IncompatibleIndexError, IndexIntegrityError
+
+log = logging.getLogger("dpr_lib.manifest")
+
+FORMAT_VERSION = 2
+"""Format 2: re-rank stores per shard (format-1 readers refuse it)."""
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class FileEntry:
+    """One published file: its path relative to the version directory, size and sha256."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FileEntry:
+        return cls(path=d["path"], bytes=int(d["bytes"]), sha256=d["sha256"])
+
+
+@dataclass
+class ShardEntry:
+    """An IVF shard: its file, vector count, and its re-rank store ({"pids": ..., "vectors": ...})."""
+
+    index: int
+    path: str
+    vectors: int
+    bytes: int
+    sha256: str
+    rerank: dict[str, FileEntry] | None = None
+    task_peak_rss: int = 0
+    """Peak resident bytes of the Spark task that built it (0: not measured)."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShardEntry:
+        rerank = d.get("rerank")
+        return cls(index=int(d["index"]), path=d["path"], vectors=int(d["vectors"]), bytes=int(d["bytes"]),
+                   sha256=d["sha256"], task_peak_rss=int(d.get("task_peak_rss") or 0),
+                   rerank={k: FileEntry.from_dict(v) for k, v in rerank.items()} if rerank else None)
+
+    def to_dict(self) -> dict:
+        out = {"index": self.index, "path": self.path, "vectors": self.vectors, "bytes": self.bytes,
+               "sha256": self.sha256, "task_peak_rss": self.task_peak_rss}
+        if self.rerank:
+            out["rerank"] = {k: dataclasses.asdict(v) for k, v in self.rerank.items()}
+        return out
+
+    def files(self) -> list[FileEntry]:
+        return [FileEntry(self.path, self.bytes, self.sha256), *(self.rerank or {}).values()]
+
+
+@dataclass
+class DocstoreEntry:
+    """A pid-sorted docstore file holding pids [min_pid, max_pid]."""
+
+    path: str
+    min_pid: int
+    max_pid: int
+    rows: int
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DocstoreEntry:
+        return cls(path=d["path"], min_pid=int(d["min_pid"]), max_pid=int(d["max_pid"]), rows=int(d["rows"]),
+                   bytes=int(d["bytes"]), sha256=d["sha256"])
+
+
+@dataclass
+class Manifest:
+    """What a version holds and how to search it (README, "Index version layout")."""
+
+    version: str
+    encoder: dict
+    """Passage encoder fingerprint (model id, weights hash, pooling, max length, normalisation, dim, dtype)."""
+    dim: int
+    factory: str
+    nlist: int
+    nprobe: int
+    """Recommended nprobe: the smallest reaching recall.target."""
+    trained: FileEntry
+    shards: list[ShardEntry]
+    docstore: list[DocstoreEntry] = field(default_factory=list)
+    question_encoder: dict = field(default_factory=dict)
+    metric: str = "inner_product"
+    factory_reason: str = ""
+    quantizer: dict = field(default_factory=dict)
+    """{"reused": bool, "from_version"?: str, "reason": str}."""
+    train_size: int = 0
+    training: dict | None = None
+    """{"method", "sample_bytes", "estimated_flops", "budget_bytes"}; None when the quantizer was reused."""
+    k_factor: int | None = None
+    rerank: dict | None = None
+    """{"store": "float16", "k_factor": int, "recall_by_nprobe_k_factor": {"p/kf": recall}} or None."""
+    memory: dict = field(default_factory=dict)
+    recall: dict = field(default_factory=dict)
+    """{"k", "target", "queries", "query_source", "by_nprobe": {"p": recall}, "at_nprobe", "reached_target", ...}."""
+    totals: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    accounting: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys written by the caller of the merge job (the nightly job's ``nightly``, ``retrain_reason``);
+    kept at the top level of the JSON."""
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The keys a manifest defines (everything else in the JSON is ``extra``)."""
+        return frozenset(f.name for f in dataclasses.fields(cls)) - {"extra"}
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "trained":
+                value = dataclasses.asdict(value)
+            elif f.name == "shards":
+                value = [s.to_dict() for s in value]
+            elif f.name == "docstore":
+                value = [dataclasses.asdict(d) for d in value]
+            out[f.name] = value
+        for key, value in self.extra.items():
+            out.setdefault(key, value)
+        return out
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest") -> Manifest:
+        """Parse a manifest; a format newer than this reader's, or a missing key, is refused naming it."""
+        fmt = d.get("format_version")
+        if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+            raise IncompatibleIndexError(
+                f"{where} has format_version {fmt!r}; this dpr_lib reads up to {FORMAT_VERSION}: upgrade dpr_lib")
+        names = cls.field_names()
+        try:
+            kwargs = {k: v for k, v in d.items() if k in names}
+            kwargs["trained"] = FileEntry.from_dict(d["trained"])
+            kwargs["shards"] = [ShardEntry.from_dict(s) for s in d["shards"]]
+            kwargs["docstore"] = [DocstoreEntry.from_dict(e) for e in d.get("docstore") or []]
+            kwargs["dim"], kwargs["nlist"] = int(d["dim"]), int(d["nlist"])
+            kwargs["nprobe"] = int(d.get("nprobe") or 1)
+            manifest = cls(**kwargs, extra={k: v for k, v in d.items() if k not in names})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexIntegrityError(f"{where} is not a valid manifest: {type(exc).__name__} {exc}") from None
+        return manifest
+
+    @classmethod
+    def from_json(cls, data: bytes | str, where: str = "manifest") -> Manifest:
+        try:
+            doc = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IndexIntegrityError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise IndexIntegrityError(f"{where} is not a JSON object")
+        return cls.from_dict(doc, where)
+
+    def blobs(self) -> frozenset[str]:
+        """sha256 of every file a search node fetches for this version (shards, re-rank stores, docstore)."""
+        shas = {e.sha256 for e in self.docstore}
+        for shard in self.shards:
+            shas.update(f.sha256 for f in shard.files())
+        return frozenset(shas)
+
+
+# ---------------------------------------------------------------- versions and LATEST
+
+def new_version_id() -> str:
+    """Sortable, unique: UTC time to the second plus a random suffix."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def version_url(root: str, version: str) -> str:
+    if "/" in version or version in (".", "..") or not version:
+        raise IncompatibleIndexError(f"invalid version id {version!r}")
+    return join_url(root, "versions", version)
+
+
+def read_latest(root: str, storage_options: dict | None = None) -> str | None:
+    url = join_url(root, LATEST)
+    if not storage.exists(url, storage_options):
+        return None
+    return storage.read_bytes(url, storage_options).decode().strip() or None
+
+
+def set_latest(root: str, version: str, storage_options: dict | None = None, attempts: int = 5) -> None:
+    storage.write_bytes_atomic(join_url(root, LATEST), (version + "\n").encode(), storage_options, attempts)
+
+
+def write_manifest(vurl: str, manifest: Manifest, storage_options: dict | None = None, attempts: int = 5) -> None:
+    storage.write_bytes_atomic(join_url(vurl, MANIFEST), manifest.to_json(), storage_options, attempts)
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+    """The manifest at ``url`` (a manifest.json URL)."""
+    return Manifest.from_json(storage.read_bytes(url, storage_options), url)
+
+
+def open_manifest(index: str, storage_options: dict | None = None) -> tuple[Manifest, str]:
+    """(manifest, version URL) for an index root (via LATEST) or a manifest.json URL."""
+    if index.rstrip("/").endswith(MANIFEST):
+        murl = index.rstrip("/")
+        vurl = murl[: -len(MANIFEST)].rstrip("/")
+    else:
+        latest_url = join_url(index, LATEST)
+        version = read_latest(index, storage_options)
+        if version is None:
+            raise IndexIntegrityError(f"no index published under {index}: {LATEST} is missing "
+                                      f"({latest_url})")
+        vurl = version_url(index, version)
+        murl = join_url(vurl, MANIFEST)
+    if not storage.exists(murl, storage_options):
+        raise IndexIntegrityError(f"manifest not found: {murl} (half-written or removed version)")
+    return read_manifest(murl, storage_options), vurl
+
+
+def relative_to(url: str, vurl: str) -> str:
+    """A published file's path as the manifest records it: relative to its version directory."""
+    return url[len(vurl):].lstrip("/") if url.startswith(vurl) else url
+
+
+def list_versions(root: str, storage_options: dict | None = None) -> list[str]:
+    fs, path = storage.get_fs(join_url(root, "versions"), storage_options)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+def prune_versions(root: str, keep: int, storage_options: dict | None = None) -> list[str]:
+    """Keep the newest ``keep`` complete versions (and always the one LATEST names); also remove
+    incomplete ones (no manifest: a run that died) older than the newest complete version.
+    Returns the removed ids."""
+    latest = read_latest(root, storage_options)
+    versions = list_versions(root, storage_options)
+    complete = [v for v in versions if storage.exists(join_url(version_url(root, v), MANIFEST), storage_options)]
+    doomed = [v for v in complete[:-keep] if v != latest] if keep > 0 else []
+    if complete:
+        doomed += [v for v in versions if v not in complete and v < complete[-1]]
+    fs, _ = storage.get_fs(root, storage_options)
+    for v in doomed:
+        _, path = storage.get_fs(version_url(root, v), storage_options)
+        storage.retry(lambda p=path: fs.rm(p, recursive=True), f"remove old version {v}")
+        log.info("removed old version %s", v)
+    return doomed
