@@ -35,10 +35,12 @@ def main() -> int:
     import torch
 
     from dpr_lib import encode
+    from dpr_lib.bm25 import Passages
     from dpr_lib.cli import setup_logging
     from dpr_lib.config import load_config
+    from dpr_lib.datasets import load_squad
     from dpr_lib.encode import get_encoder, resolve_spec
-    from dpr_lib.evaluate import Passages, load_squad, qa_metrics
+    from dpr_lib.metrics import qa_metrics
     from dpr_lib.train import train_encoder
 
     setup_logging()

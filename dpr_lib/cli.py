@@ -11,16 +11,28 @@ import traceback
 from typing import Callable
 
 from dpr_lib.config import Config, load_config
-from dpr_lib.errors import DprError
+from dpr_lib.errors import ConfigError, DprError
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--conf", default="conf/local.yaml", help="YAML config file (default: conf/local.yaml)")
+def base_parser(description: str, prog: str | None = None,
+                default_conf: str | None = "conf/local.yaml") -> argparse.ArgumentParser:
+    """``--conf`` (default ``default_conf``; None: the built-in defaults), ``--set`` and ``-v``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--conf", default=default_conf,
+                        help=f"YAML config file (default: {default_conf or 'the built-in defaults'})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set corpus.words=50 (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def parse_shards(text: str) -> list[int] | None:
+    """``--shards 0,2,5`` -> [0, 2, 5]; empty -> None (all shards)."""
+    try:
+        shards = [int(s) for s in text.split(",") if s.strip()] if text else None
+    except ValueError:
+        raise ConfigError(f"--shards takes comma-separated shard numbers, got {text!r}") from None
+    return shards or None
 
 
 def setup_logging(verbose: bool = False) -> None:

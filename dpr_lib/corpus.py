@@ -34,8 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpr_lib import accounting, schemas, storage
-from dpr_lib.config import Config, join_url
+from dpr_lib.config import Config
 from dpr_lib.errors import AccountingError, InputError
+from dpr_lib.outputs import publish_spark_output, write_stats
 
 log = logging.getLogger("dpr_lib.corpus")
 
@@ -377,31 +378,6 @@ def _passages_mapper(words: int, overlap: int):
     return run
 
 
-def write_stats(cfg: Config, stage: str, stats: dict) -> str:
-    """Write a stage's stats JSON to <paths.stats>/<stage>.json and return its URL."""
-    url = join_url(cfg.path("stats"), f"{stage}.json")
-    storage.write_bytes_atomic(url, json.dumps(stats, indent=2, sort_keys=True, default=str).encode())
-    return url
-
-
-def publish_spark_output(tmp_url: str, final_url: str, suffix: str = ".parquet") -> list[str]:
-    """Move Spark's part files from ``tmp_url`` to ``final_url`` as part-NNNNN<suffix>, replacing
-    what was there. Files keep Spark's partition order, so range-partitioned output stays ordered."""
-    fs, tmp_path = storage.get_fs(tmp_url)
-    _, final_path = storage.get_fs(final_url)
-    parts = sorted(p for p in fs.ls(tmp_path, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
-    if fs.exists(final_path):
-        fs.rm(final_path, recursive=True)
-    fs.makedirs(final_path, exist_ok=True)
-    out = []
-    for i, p in enumerate(parts):
-        dest = f"{final_path}/part-{i:05d}{suffix}"
-        fs.mv(p, dest)
-        out.append(dest)
-    fs.rm(tmp_path, recursive=True)
-    return out
-
-
 def shard_corpus(spark, cfg: Config, df=None) -> dict:
     """Run the corpus stage: read ``corpus.input`` (or ``df``), write Passages and rejects.
 
@@ -443,7 +419,7 @@ def _shard_corpus(spark, cfg: Config, df=None) -> dict:
         rejects = parsed.filter(F.col("reason").isNotNull()).select("file", "offset", "reason", "detail", "raw")
         rejects = rejects.unionByName(dup_rejects).select(
             F.concat(F.col("file"), F.lit(":"), F.col("offset").cast("string")).alias("source"),
-            "reason", "detail", "raw")
+            "reason", "detail", "raw").select(*schemas.REJECTS.names)  # the contract's columns, in order
 
         run_id = uuid.uuid4().hex[:12]
         rejects_url = cfg.path("rejects")

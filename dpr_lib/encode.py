@@ -540,7 +540,7 @@ def encode_passages(spark, cfg: Config) -> dict:
     """Run the encode stage over every Passages file; returns stats (also in <stats>/encode_passages.json)."""
     from pyspark import TaskContext
 
-    from dpr_lib.corpus import write_stats
+    from dpr_lib.outputs import write_stats
     from dpr_lib.spark import task_errors, tasks_dataframe
 
     t0 = time.time()

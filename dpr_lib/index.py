@@ -764,8 +764,8 @@ def _stale_quantizer(reuse_from: dict, recall_by_nprobe: dict, nprobe: int, k: i
 def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
                    quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts,
                    pieces=None) -> Manifest:
-    from dpr_lib.corpus import write_stats
     from dpr_lib.encode import resolve_spec
+    from dpr_lib.outputs import write_stats
     from dpr_lib.spark import task_errors
 
     icfg, root, opts = cfg.index, cfg.path("index_root"), cfg.storage_options()

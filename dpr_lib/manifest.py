@@ -32,7 +32,8 @@ from dpr_lib.errors import IncompatibleIndexError, IndexIntegrityError
 log = logging.getLogger("dpr_lib.manifest")
 
 FORMAT_VERSION = 2
-"""Format 2: re-rank stores per shard (format-1 readers refuse it)."""
+"""2 adds k_factor, memory and per-shard re-rank stores: a reader of 1 would search compact shards
+without re-ranking, so it must refuse them (and a service keeps its current version)."""
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 

@@ -21,12 +21,13 @@ REJECTS = pa.schema([
     pa.field("raw", pa.string()),      # the raw record, truncated, invalid bytes escaped
 ])
 
-def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    value = pa.float16() if dtype == "float16" else pa.float32()
+def embeddings_schema(dim: int) -> pa.Schema:
+    """The Embeddings table: float32 vectors of a fixed dimension (a float16 table would halve the
+    bytes but loses precision the exact top-k then misses; not offered until something needs it)."""
     return pa.schema([
         pa.field("pid", pa.int64(), nullable=False),
         pa.field("content_hash", pa.string(), nullable=False),
-        pa.field("vector", pa.list_(pa.field("element", value, nullable=False), dim), nullable=False),
+        pa.field("vector", pa.list_(pa.field("element", pa.float32(), nullable=False), dim), nullable=False),
     ])
 
 
@@ -42,5 +43,3 @@ META_FINGERPRINT = b"dpr.fingerprint"
 META_SOURCE_SHA256 = b"dpr.source_sha256"
 META_DIM = b"dpr.dim"
 
-# 2: adds k_factor, memory and per-shard re-rank stores; a reader of 1 would search compact
-# shards without re-ranking, so it must refuse them (and a service keeps its current version).

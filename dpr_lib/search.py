@@ -14,7 +14,6 @@ No pyspark import: a search service depends on dpr_lib without Spark.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import logging
@@ -266,10 +265,10 @@ def format_hits(question: str, hits: list[Hit], width: int = 100) -> str:
 def main(argv: list[str] | None = None) -> int:
     from dataclasses import asdict
 
-    from dpr_lib.cli import setup_logging
+    from dpr_lib.cli import base_parser, parse_shards, setup_logging
     from dpr_lib.config import load_config
 
-    parser = argparse.ArgumentParser(prog="dpr-search", description="Search a published DPR index.")
+    parser = base_parser("Search a published DPR index.", prog="dpr-search", default_conf=None)
     parser.add_argument("questions", nargs="+", help="one or more questions")
     parser.add_argument("--index", required=True, help="index root (reads LATEST) or a manifest.json URL")
     parser.add_argument("-k", type=int, default=10, help="hits per question (default 10)")
@@ -278,21 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default="", help="comma-separated shard numbers to load (default: all)")
     parser.add_argument("--mmap", action="store_true", help="memory-map shards")
     parser.add_argument("--k-factor", type=int, default=0, help="override the manifest's re-rank factor")
-    parser.add_argument("--conf", default=None, help="YAML config (encoder, cache, endpoint)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    setup_logging(False)
-    logging.getLogger("dpr_lib").setLevel(logging.WARNING)
+    setup_logging(args.verbose)
+    if not args.verbose:
+        logging.getLogger("dpr_lib").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.conf, args.overrides)
-        shards = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
-        searcher = Searcher(args.index, cfg.encoder, cfg.path("cache_dir"), shards, args.mmap or cfg.search.mmap,
-                            args.nprobe or cfg.search.nprobe or None, cfg.storage_options(), cfg.search.max_k,
-                            args.k_factor or cfg.search.k_factor or None)
+        searcher = Searcher(args.index, cfg.encoder, cfg.path("cache_dir"), parse_shards(args.shards),
+                            args.mmap or cfg.search.mmap, args.nprobe or cfg.search.nprobe or None,
+                            cfg.storage_options(), cfg.search.max_k, args.k_factor or cfg.search.k_factor or None)
         results = searcher.ask(args.questions, args.k)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except DprError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

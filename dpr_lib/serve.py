@@ -18,7 +18,6 @@ and the service keeps serving the current one; it is retried after ``max(60 s, 1
 """
 
 
-import argparse
 import json
 import logging
 import os
@@ -285,24 +284,22 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from dpr_lib.cli import setup_logging
+    from dpr_lib.cli import base_parser, parse_shards, setup_logging
     from dpr_lib.config import load_config
 
-    parser = argparse.ArgumentParser(prog="dpr-serve", description="Serve a published DPR index over HTTP.")
+    parser = base_parser("Serve a published DPR index over HTTP.", prog="dpr-serve", default_conf=None)
     parser.add_argument("--index", required=True, help="index root (follows LATEST), local or s3://...")
     parser.add_argument("--host", default=None, help="bind address (default serve.host)")
     parser.add_argument("--port", type=int, default=0, help="port (default serve.port)")
     parser.add_argument("--shards", default="", help="comma-separated shard numbers to serve (default: all)")
-    parser.add_argument("--conf", default=None, help="YAML config (encoder, cache, endpoint, serve.*)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    setup_logging(False)
+    setup_logging(args.verbose)
     try:
         cfg = load_config(args.conf, args.overrides)
-        shards = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
-    except (DprError, ValueError) as exc:
+        shards = parse_shards(args.shards)
+    except DprError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     holder = IndexHolder(cfg, args.index, shards)
     host, port = args.host or cfg.serve.host, args.port or cfg.serve.port
     log.info("dpr-serve on http://%s:%d, index %s (polling every %.0fs)", host, port, args.index, cfg.serve.poll_s)

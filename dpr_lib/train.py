@@ -89,7 +89,7 @@ def _records(url: str, storage_options: dict | None):
 def load_training_data(url: str, storage_options: dict | None = None) -> TrainSet:
     """Read DPR biencoder records (JSON Lines, or DPR's JSON list); records without a question or a
     positive passage are skipped and counted; too many bad records fail naming the file."""
-    from dpr_lib.evaluate import _bad, _check_bad
+    from dpr_lib.datasets import check_bad, skip_bad
 
     pool: dict[tuple[str, str], int] = {}
     ts = TrainSet([], [], [], [], [], {})
@@ -110,20 +110,20 @@ def load_training_data(url: str, storage_options: dict | None = None) -> TrainSe
     for where, rec in _records(url, storage_options):
         total += 1
         if isinstance(rec, Exception):
-            _bad(ts.skipped, "invalid_json", where, str(rec))
+            skip_bad(ts.skipped, "invalid_json", where, str(rec))
             continue
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rec["question"].strip():
-            _bad(ts.skipped, "no_question", where, "no 'question' text")
+            skip_bad(ts.skipped, "no_question", where, "no 'question' text")
             continue
         pos = ctx_ids(rec.get("positive_ctxs"))
         if not pos:
-            _bad(ts.skipped, "no_positive", where, "no positive_ctxs with text")
+            skip_bad(ts.skipped, "no_positive", where, "no positive_ctxs with text")
             continue
         hard = [h for h in ctx_ids(rec.get("hard_negative_ctxs")) if h not in pos]
         ts.questions.append(rec["question"].strip())
         ts.positives.append(pos)
         ts.hard.append(hard)
-    _check_bad(ts.skipped, total, url)
+    check_bad(ts.skipped, total, url)
     if len(ts) < 2:
         raise InputError(f"{url}: {len(ts)} usable training questions; in-batch training needs at least 2")
     return ts

@@ -160,7 +160,7 @@ def score_partition(rows, terms: QuestionTerms, idf: np.ndarray, avgdl: float, k
 def make_record(question, cands: list, n_hard: int) -> tuple[dict, str | None]:
     """The biencoder record of one question from its candidates (pid, score, gold, doc_id, title,
     text), and None or the reason it has no positive."""
-    from dpr_lib.evaluate import answer_keys, passage_key
+    from dpr_lib.datasets import answer_keys, passage_key
 
     keys = answer_keys(question.answers)
     scored = []
@@ -190,7 +190,7 @@ def make_record(question, cands: list, n_hard: int) -> tuple[dict, str | None]:
 
 def _write_jsonl(spark, lines_rdd, url: str) -> None:
     """Write an RDD of JSON strings as part-NNNNN.jsonl files under ``url``, replacing it."""
-    from dpr_lib.corpus import publish_spark_output
+    from dpr_lib.outputs import publish_spark_output
 
     tmp = url.rstrip("/") + "._tmp"
     spark.createDataFrame(lines_rdd.map(lambda s: (s,)), "value string").write.mode("overwrite").text(tmp)
@@ -207,8 +207,9 @@ def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, pa
     dataset has been read and checked)."""
     from pyspark.sql import functions as F
 
-    from dpr_lib.corpus import shard_corpus, write_stats
-    from dpr_lib.evaluate import load_dataset
+    from dpr_lib.corpus import shard_corpus
+    from dpr_lib.datasets import load_dataset
+    from dpr_lib.outputs import write_stats
 
     t0 = time.time()
     out = out.rstrip("/")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 # Before anything starts a JVM or a Python worker: offline models, loopback Spark, test credentials
@@ -20,16 +19,12 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("AWS_PROFILE", None)
 
-import logging  # noqa: E402
 
 import pytest  # noqa: E402
-
-logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's access log
 
 from dpr_lib.config import Config, load_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
@@ -47,23 +42,12 @@ def spark():
     session.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint (moto server mode) on 127.0.0.1 with bucket ``dpr-test``."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from s3server import start_s3_server
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="dpr-test")
+    server, url = start_s3_server("dpr-test")
     yield url
     server.stop()
 
@@ -114,6 +98,11 @@ def make_config(tmp_path, *overrides: str) -> Config:
     base = [f"paths.work_dir={tmp_path}/work", f"paths.cache_dir={tmp_path}/cache", "corpus.num_files=2",
             "index.recall_queries=32", "index.exact_below=0"]
     return load_config(None, base + list(overrides))
+
+
+def encoder_sets(cfg: Config) -> list[str]:
+    """``--set`` overrides naming ``cfg``'s encoder: another stage's config reads the same vectors."""
+    return [f"encoder.{k}={getattr(cfg.encoder, k)}" for k in ("model", "pooling", "normalize")]
 
 
 def synthetic_docs(n: int, words_per_doc: int = 120, seed: int = 0) -> list[dict]:

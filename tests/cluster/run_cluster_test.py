@@ -18,19 +18,12 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUESTIONS = ["What does the with statement do?", "How do I parse command-line arguments?"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _executor_dirs() -> set[str]:
@@ -128,12 +121,9 @@ def main() -> int:
     archive = os.path.abspath(args.archive)
     if not os.path.exists(archive):
         sys.exit(f"{archive} not found: run `make package` first")
-    import logging
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from s3server import start_s3_server
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # the S3 server's access log
     before = _executor_dirs()
 
     out = os.path.abspath(args.out)
@@ -145,11 +135,7 @@ def main() -> int:
     env.pop("PYSPARK_PYTHON", None)          # executors must not fall back to this virtualenv
     env.pop("SPARK_ENV_LOADED", None)
     os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="dpr-cluster")
+    server, endpoint = start_s3_server("dpr-cluster")
     report: dict = {"archive": archive, "archive_bytes": os.path.getsize(archive), "docs": args.docs}
     try:
         work = os.path.join(out, "cluster")

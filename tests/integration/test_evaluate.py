@@ -57,7 +57,7 @@ def test_report_files_and_shape(squad_run):
     assert report["index"]["factory"].startswith("IVF") and report["index"]["nprobe"] >= 1
     assert report["encoder"]["id"] and report["seconds"] > 0
     for name, metrics in report["retrievers"].items():
-        assert set(metrics) == {f"top{k}" for k in ev.TOPS} | {f"gold_recall@{k}" for k in ev.TOPS}
+        assert set(metrics) == {f"top{k}" for k in metrics.TOPS} | {f"gold_recall@{k}" for k in metrics.TOPS}
         assert all(0.0 <= v <= 1.0 for v in metrics.values()), (name, metrics)
         curve = report["curves"][name]
         assert len(curve) == len(docs) and curve == sorted(curve)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, make_config, synthetic_docs, write_jsonl
+from conftest import REPO, encoder_sets, make_config, synthetic_docs, write_jsonl
 
 from dpr_lib import schemas, storage
 from dpr_lib.corpus import shard_corpus
@@ -35,10 +35,6 @@ def encoded(spark, tmp_path_factory, tiny_bert_dir):
     shard_corpus(spark, cfg)
     encode_passages(spark, cfg)
     return cfg
-
-
-def encoder_of(cfg) -> list[str]:
-    return [f"encoder.{k}={getattr(cfg.encoder, k)}" for k in ("model", "pooling", "normalize")]
 
 
 def all_vectors(cfg):
@@ -121,7 +117,7 @@ def test_passage_lookup_and_question_search(spark, encoded, tmp_path):
 
 
 def test_publish_to_s3_and_load_back(spark, encoded, s3_endpoint, tmp_path):
-    cfg = make_config(tmp_path, *encoder_of(encoded),
+    cfg = make_config(tmp_path, *encoder_sets(encoded),
                       f"paths.passages={encoded.path('passages')}", f"paths.embeddings={encoded.path('embeddings')}",
                       "paths.index_root=s3://dpr-test/idx", f"publish.endpoint_url={s3_endpoint}",
                       "publish.keep_versions=2")
@@ -138,7 +134,7 @@ def test_publish_to_s3_and_load_back(spark, encoded, s3_endpoint, tmp_path):
 
 
 def test_unwritable_bucket_is_a_clear_error(spark, encoded, s3_endpoint, tmp_path):
-    cfg = make_config(tmp_path, *encoder_of(encoded),
+    cfg = make_config(tmp_path, *encoder_sets(encoded),
                       f"paths.passages={encoded.path('passages')}", f"paths.embeddings={encoded.path('embeddings')}",
                       "paths.index_root=s3://no-such-bucket/idx", f"publish.endpoint_url={s3_endpoint}",
                       "publish.retries=2")
@@ -149,7 +145,7 @@ def test_unwritable_bucket_is_a_clear_error(spark, encoded, s3_endpoint, tmp_pat
 def test_interrupted_publish_keeps_the_previous_version(spark, encoded, tmp_path):
     work = tmp_path / "w"
     shutil.copytree(encoded.path("passages"), work / "passages")
-    cfg = make_config(tmp_path, *encoder_of(encoded), f"paths.passages={work}/passages",
+    cfg = make_config(tmp_path, *encoder_sets(encoded), f"paths.passages={work}/passages",
                       f"paths.embeddings={encoded.path('embeddings')}")
     first = build_index(spark, cfg)["version"]
     # The docstore step (after the shards were uploaded) fails: its input vanished.
@@ -173,7 +169,7 @@ def test_bad_embeddings_are_refused(spark, encoded, tmp_path):
         out = pa.Table.from_arrays([pa.array(pids, pa.int64()), pa.array(["h"] * len(pids)), flat],
                                    schema=schemas.embeddings_schema(vecs.shape[1]).with_metadata(table.schema.metadata))
         pq.write_table(out, tmp_path / name / "part-00000.parquet")
-        return make_config(tmp_path / name, *encoder_of(encoded),
+        return make_config(tmp_path / name, *encoder_sets(encoded),
                            f"paths.embeddings={tmp_path / name}", f"paths.passages={encoded.path('passages')}")
 
     pids = table.column("pid").to_numpy()
@@ -194,7 +190,7 @@ def test_bad_embeddings_are_refused(spark, encoded, tmp_path):
 
 def test_loader_refuses_broken_versions(spark, encoded, tmp_path):
     root = tmp_path / "root"
-    cfg = make_config(tmp_path, *encoder_of(encoded), f"paths.index_root={root}",
+    cfg = make_config(tmp_path, *encoder_sets(encoded), f"paths.index_root={root}",
                       f"paths.passages={encoded.path('passages')}", f"paths.embeddings={encoded.path('embeddings')}")
     with pytest.raises(IndexIntegrityError, match="LATEST is missing"):
         ShardedIndex(str(root), cache_dir=str(tmp_path / "c0"))
@@ -237,7 +233,7 @@ def test_question_encoder_must_match_the_manifest(spark, encoded, tiny_dpr_dir, 
 def test_cli_json_and_text(spark, encoded, tmp_path):
     build_index(spark, encoded)
     cmd = [sys.executable, "-m", "dpr_lib.search", "--index", encoded.path("index_root"), "alpha bravo", "-k", "2",
-           "--set", f"paths.cache_dir={tmp_path}"] + [a for kv in encoder_of(encoded) for a in ("--set", kv)]
+           "--set", f"paths.cache_dir={tmp_path}"] + [a for kv in encoder_sets(encoded) for a in ("--set", kv)]
     out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -253,7 +249,7 @@ def test_cli_json_and_text(spark, encoded, tmp_path):
 def test_compact_shards_rerank_from_disk_equals_exact_on_candidates(spark, encoded, tmp_path, s3_endpoint):
     """IVF-PQ codes in RAM + a float16 re-rank store per shard on the S3 server: the manifest lists
     the store with sha256, the loader maps it and re-ranks each shard's candidates exactly."""
-    cfg = make_config(tmp_path, *encoder_of(encoded), f"paths.passages={encoded.path('passages')}",
+    cfg = make_config(tmp_path, *encoder_sets(encoded), f"paths.passages={encoded.path('passages')}",
                       f"paths.embeddings={encoded.path('embeddings')}", "index.num_shards=2",
                       "index.factory=IVF4,PQ8x4", "paths.index_root=s3://dpr-test/compact",
                       f"publish.endpoint_url={s3_endpoint}")

@@ -18,7 +18,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, make_config, synthetic_docs, write_jsonl
+from conftest import REPO, encoder_sets, make_config, synthetic_docs, write_jsonl
 from faultproxy import FaultProxy
 
 from dpr_lib import accounting, storage
@@ -55,12 +55,8 @@ def corpus(spark, tmp_path_factory, tiny_bert_dir):
 def s3_cfg(base, tmp_path, endpoint: str, prefix: str, *extra: str):
     """``base``'s work dir (Passages, Embeddings, stats), publishing to s3://dpr-test/<prefix>."""
     return make_config(tmp_path, f"paths.work_dir={base.paths.work_dir}", f"paths.cache_dir={tmp_path}/cache",
-                       *_encoder_sets(base), f"paths.index_root=s3://dpr-test/{prefix}",
+                       *encoder_sets(base), f"paths.index_root=s3://dpr-test/{prefix}",
                        f"publish.endpoint_url={endpoint}", "index.num_shards=2", *extra)
-
-
-def _encoder_sets(cfg) -> list[str]:
-    return [f"encoder.{k}={getattr(cfg.encoder, k)}" for k in ("model", "pooling", "normalize")]
 
 
 def job(script: str, sets: list[str], log_path, env: dict | None = None) -> subprocess.Popen:
@@ -115,7 +111,7 @@ def test_manifest_carries_the_checked_ledger_and_a_lost_embedding_row_is_refused
     table = pq.read_table(first)
     pq.write_table(table.slice(0, table.num_rows - 3), first)
     cfg = make_config(tmp_path, f"paths.work_dir={corpus.paths.work_dir}", f"paths.embeddings={emb}",
-                      f"paths.index_root={corpus.path('index_root')}", *_encoder_sets(corpus), "index.num_shards=2")
+                      f"paths.index_root={corpus.path('index_root')}", *encoder_sets(corpus), "index.num_shards=2")
     with pytest.raises(AccountingError, match=f"embeddings {c['passages'] - 3} != passages {c['passages']}"):
         build_index(spark, cfg)
     assert read_latest(corpus.path("index_root")) == manifest.version
@@ -195,7 +191,7 @@ def test_driver_killed_while_publishing_keeps_the_previous_version(spark, corpus
     first = build_index(spark, cfg)["version"]
 
     proxy.add_rule("PUT", f"/dpr-test/{prefix}.*{pattern}", "hold")
-    sets = [f"paths.work_dir={corpus.paths.work_dir}", f"paths.cache_dir={tmp_path}/cache", *_encoder_sets(corpus),
+    sets = [f"paths.work_dir={corpus.paths.work_dir}", f"paths.cache_dir={tmp_path}/cache", *encoder_sets(corpus),
             f"paths.index_root={root}", f"publish.endpoint_url={proxy.url}", "index.num_shards=2",
             "index.recall_queries=32"]
     log_path = tmp_path / "build.log"
@@ -336,7 +332,7 @@ def test_loader_refuses_pickles_and_paths_outside_the_index(spark, corpus, tmp_p
 
     root = tmp_path / "root"
     cfg = make_config(tmp_path, f"paths.work_dir={corpus.paths.work_dir}", f"paths.index_root={root}",
-                      *_encoder_sets(corpus), "index.num_shards=2")
+                      *encoder_sets(corpus), "index.num_shards=2")
     manifest = build_index(spark, cfg)
     vdir = root / "versions" / manifest.version
     marker = tmp_path / "pwned"
@@ -368,7 +364,7 @@ def test_stats_reports_and_manifests_hold_no_credentials(spark, corpus, tmp_path
     root = "s3://dpr-test/secrets"
     sets = [f"paths.work_dir={tmp_path}/work", f"paths.passages={corpus.path('passages')}",
             f"paths.embeddings={corpus.path('embeddings')}", f"paths.cache_dir={tmp_path}/cache",
-            *_encoder_sets(corpus), f"paths.index_root={root}", "index.num_shards=2", "index.recall_queries=32",
+            *encoder_sets(corpus), f"paths.index_root={root}", "index.num_shards=2", "index.recall_queries=32",
             f"publish.endpoint_url={os.environ['DPR_TEST_S3']}"]
     proc = job("build_index.py", sets, tmp_path / "job.log",
                env={"AWS_ACCESS_KEY_ID": "AKIA-reliability-id", "AWS_SECRET_ACCESS_KEY": SECRET})

@@ -10,7 +10,8 @@ import time
 
 import httpx
 import pytest
-from conftest import _free_port, make_config, synthetic_docs, write_jsonl
+from conftest import make_config, synthetic_docs, write_jsonl
+from s3server import free_port
 
 from dpr_lib import storage
 from dpr_lib.corpus import shard_corpus
@@ -30,7 +31,7 @@ def service(spark, tmp_path_factory, tiny_bert_dir, s3_endpoint):
     shard_corpus(spark, cfg)
     encode_passages(spark, cfg)
     first = build_index(spark, cfg)
-    port = _free_port()
+    port = free_port()
     log_path = tmp / "serve.log"
     cmd = [os.path.join(os.path.dirname(sys.executable), "dpr-serve"), "--index", ROOT, "--port", str(port),
            "--set", f"paths.cache_dir={tmp}/serve-cache", "--set", "serve.poll_s=0.3", "--set", "serve.max_batch=8",

@@ -10,8 +10,8 @@ import os
 import pytest
 from conftest import make_config
 
+from dpr_lib.datasets import has_answer
 from dpr_lib.errors import InputError
-from dpr_lib.evaluate import has_answer
 
 # Two real SQuAD training articles shipped with the tests (tests/data/README.md): the tests run
 # in a clone without ../shared.
@@ -99,7 +99,7 @@ def test_mining_counts_and_keeps_questions_without_a_positive(mined):
 
 def test_mining_bm25_ranks_as_the_evaluation_bm25(mined):
     """The distributed BM25 orders candidates as bm25s (the evaluation baseline) does."""
-    from dpr_lib.evaluate import Passages, bm25_topk
+    from dpr_lib.bm25 import Passages, bm25_topk
 
     stats, recs = mined
     table = Passages(stats["passages_table"])

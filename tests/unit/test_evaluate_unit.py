@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dpr_lib import evaluate as ev
+from dpr_lib import bm25, datasets, metrics
 from dpr_lib.errors import InputError
 
 
@@ -29,27 +29,27 @@ from dpr_lib.errors import InputError
     ("nothing here", ["missing", "here"], True),                       # any of several answers
 ])
 def test_has_answer_normalisation(passage, answers, expected):
-    assert ev.has_answer(passage, answers) is expected
+    assert datasets.has_answer(passage, answers) is expected
 
 
 def test_normalize_tokens():
-    assert ev.normalize_tokens("The  Quick, brown—fox!") == ["quick", "brown", "fox"]
-    assert ev.normalize_tokens("An apple a day") == ["apple", "day"]
-    assert ev.normalize_tokens("") == []
+    assert datasets.normalize_tokens("The  Quick, brown—fox!") == ["quick", "brown", "fox"]
+    assert datasets.normalize_tokens("An apple a day") == ["apple", "day"]
+    assert datasets.normalize_tokens("") == []
 
 
 def test_accuracy_curve_and_first_hit_ranks():
     pids = np.array([[5, 6, 7], [8, 9, -1], [1, 2, 3]])
     hits = {(0, 7), (1, 8), (2, 99)}
-    ranks = ev.first_hit_ranks(pids, lambda q, pid: (q, pid) in hits)
+    ranks = metrics.first_hit_ranks(pids, lambda q, pid: (q, pid) in hits)
     assert ranks.tolist() == [3, 1, 0]
-    assert ev.accuracy_curve(ranks, 3) == [round(1 / 3, 4), round(1 / 3, 4), round(2 / 3, 4)]
+    assert metrics.accuracy_curve(ranks, 3) == [round(1 / 3, 4), round(1 / 3, 4), round(2 / 3, 4)]
 
 
 def test_rrf_fusion_by_hand():
     bm25 = (np.array([[3.0, 2.0, 1.0]], np.float32), np.array([[10, 20, 30]]))
     dense = (np.array([[0.9, 0.8, 0.1]], np.float32), np.array([[20, 40, 10]]))
-    scores, pids = ev.fuse([bm25, dense], 4, "rrf", rrf_k=60)
+    scores, pids = metrics.fuse([bm25, dense], 4, "rrf", rrf_k=60)
     expect = {10: 1 / 61 + 1 / 63, 20: 1 / 62 + 1 / 61, 30: 1 / 63, 40: 1 / 62}
     order = sorted(expect, key=lambda p: (-expect[p], p))
     assert pids[0].tolist() == order == [20, 10, 40, 30]
@@ -59,16 +59,16 @@ def test_rrf_fusion_by_hand():
 def test_linear_fusion_by_hand_and_missing_hits():
     bm25 = (np.array([[4.0, 2.0, 0.0]], np.float32), np.array([[1, 2, 3]]))
     dense = (np.array([[0.5, 0.3, -1.0]], np.float32), np.array([[2, 4, -1]]))
-    scores, pids = ev.fuse([bm25, dense], 5, "linear", weights=[0.4, 0.6])
+    scores, pids = metrics.fuse([bm25, dense], 5, "linear", weights=[0.4, 0.6])
     # bm25 normalised: 1 -> 1, 2 -> .5, 3 -> 0; dense (pid -1 ignored): 2 -> 1, 4 -> 0
     expect = {1: 0.4, 2: 0.4 * 0.5 + 0.6, 3: 0.0, 4: 0.0}
     assert pids[0].tolist() == [2, 1, 3, 4, -1]
     assert np.allclose(scores[0][:4], [expect[p] for p in [2, 1, 3, 4]])
     with pytest.raises(InputError, match="fusion"):
-        ev.fuse([bm25], 2, "max")
+        metrics.fuse([bm25], 2, "max")
 
 
-class _Table(ev.Passages):
+class _Table(bm25.Passages):
     """A Passages table built in memory (the loader reads Parquet; the metrics only need lookups)."""
 
     def __init__(self, rows):
@@ -82,10 +82,10 @@ class _Table(ev.Passages):
 
 def test_qa_metrics_topk_and_gold_recall():
     table = _Table([(1, "d1", "paris is the capital"), (2, "d2", "berlin is big"), (3, "d1", "more on paris")])
-    qs = [ev.Question("a", "capital of france?", ["Paris"], frozenset({"d1"})),
-          ev.Question("b", "capital of germany?", ["Berlin"], frozenset({"d2"}))]
+    qs = [datasets.Question("a", "capital of france?", ["Paris"], frozenset({"d1"})),
+          datasets.Question("b", "capital of germany?", ["Berlin"], frozenset({"d2"}))]
     pids = np.array([[2, 1, 3], [1, 3, 2]])
-    out = ev.qa_metrics(table, qs, pids, 3)
+    out = metrics.qa_metrics(table, qs, pids, 3)
     assert out["curve"] == [0.0, 0.5, 1.0]
     assert out["metrics"]["top1"] == 0.0 and out["metrics"]["top5"] == 1.0  # k beyond the list = k_max
     assert out["metrics"]["gold_recall@1"] == 0.0 and out["metrics"]["gold_recall@20"] == 1.0
@@ -93,13 +93,13 @@ def test_qa_metrics_topk_and_gold_recall():
 
 def test_qrels_metrics_by_hand():
     table = _Table([(1, "A", "x"), (2, "A", "y"), (3, "B", "z"), (4, "C", "w"), (5, "D", "v")])
-    ds = ev.Dataset("t", "qrels", "", "jsonl",
-                    [ev.Question("q1", "?", gold=frozenset({"B"})), ev.Question("q2", "?", gold=frozenset({"A", "D"}))],
+    ds = datasets.Dataset("t", "qrels", "", "jsonl",
+                    [datasets.Question("q1", "?", gold=frozenset({"B"})), datasets.Question("q2", "?", gold=frozenset({"A", "D"}))],
                     qrels={"q1": {"B": 1, "C": 0}, "q2": {"A": 1, "D": 1}})
     # q1: docs A (pid 1), A (pid 2, MaxP drops it), B, C -> B at document rank 2
     # q2: D, C, A -> relevant at ranks 1 and 3
     pids = np.array([[1, 2, 3, 4], [5, 4, 1, -1]])
-    out = ev.qrels_metrics(table, ds, pids, 4)["metrics"]
+    out = metrics.qrels_metrics(table, ds, pids, 4)["metrics"]
     assert out["mrr@10"] == round((1 / 2 + 1) / 2, 4)
     assert out["recall@1"] == round((0 + 0.5) / 2, 4)
     assert out["recall@5"] == 1.0
@@ -120,7 +120,7 @@ def test_squad_loader_counts_questions_without_answers(tmp_path):
             {"id": "1", "question": "what?", "answers": [{"text": "beta", "answer_start": 6}]},
             {"id": "2", "question": "none?", "answers": []},
             {"id": "3", "question": "the?", "answers": [{"text": "the", "answer_start": 0}]}]}]}]}
-    ds = ev.load_squad(_squad(tmp_path, data), str(tmp_path / "work"))
+    ds = datasets.load_squad(_squad(tmp_path, data), str(tmp_path / "work"))
     assert [q.qid for q in ds.questions] == ["1"]
     assert ds.questions[0].gold == frozenset({"Some Title#0"})
     assert ds.skipped == {"question_without_answers": 2}
@@ -132,16 +132,16 @@ def test_loaders_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"data": [\n  {"title": "x",\n  "paragraphs": [}\n]}')
     with pytest.raises(InputError, match=r"bad\.json, line 3: not valid JSON"):
-        ev.load_dataset("squad", str(bad), str(tmp_path / "w"))
+        datasets.load_dataset("squad", str(bad), str(tmp_path / "w"))
     with pytest.raises(InputError, match="not a SQuAD file"):
-        ev.load_dataset("squad", _squad(tmp_path, [{"question": "q", "answers": ["a"]}]), str(tmp_path / "w"))
+        datasets.load_dataset("squad", _squad(tmp_path, [{"question": "q", "answers": ["a"]}]), str(tmp_path / "w"))
     with pytest.raises(InputError, match="no paragraphs: empty corpus"):
-        ev.load_dataset("squad", _squad(tmp_path, {"data": []}), str(tmp_path / "w"))
+        datasets.load_dataset("squad", _squad(tmp_path, {"data": []}), str(tmp_path / "w"))
     with pytest.raises(InputError, match="no usable questions"):
-        ev.load_dataset("squad", _squad(tmp_path, {"data": [{"title": "t", "paragraphs": [
+        datasets.load_dataset("squad", _squad(tmp_path, {"data": [{"title": "t", "paragraphs": [
             {"context": "text", "qas": [{"id": "1", "question": "q", "answers": []}]}]}]}), str(tmp_path / "w"))
     with pytest.raises(InputError, match="--format must be one of"):
-        ev.load_dataset("msmarco", str(bad), str(tmp_path / "w"))
+        datasets.load_dataset("msmarco", str(bad), str(tmp_path / "w"))
 
 
 def test_dpr_loader_builds_corpus_from_contexts(tmp_path):
@@ -151,7 +151,7 @@ def test_dpr_loader_builds_corpus_from_contexts(tmp_path):
             {"question": "none?", "answers": []}]
     path = tmp_path / "dpr.json"
     path.write_text(json.dumps(data))
-    ds = ev.load_dataset("dpr", str(path), str(tmp_path / "w"))
+    ds = datasets.load_dataset("dpr", str(path), str(tmp_path / "w"))
     assert len(ds.questions) == 1 and ds.questions[0].gold == frozenset({"7"})
     assert [json.loads(x)["id"] for x in open(ds.corpus_url)] == ["7", "8"]
     assert ds.skipped == {"question_without_answers": 1}
@@ -168,10 +168,10 @@ def _beir(tmp_path, qrels_lines):
 
 
 def test_beir_loader_and_unknown_ids(tmp_path):
-    ds = ev.load_dataset("beir", _beir(tmp_path, ["q1\td1\t1\n", "q1\td9\t1\n"]), str(tmp_path / "w"))
+    ds = datasets.load_dataset("beir", _beir(tmp_path, ["q1\td1\t1\n", "q1\td9\t1\n"]), str(tmp_path / "w"))
     assert ds.qrels == {"q1": {"d1": 1}} and ds.skipped == {"qrels_unknown_doc": 1}
     lines = [f"q1\tnope{i}\t1\n" for i in range(12)]
     with pytest.raises(InputError, match=r"test\.tsv: 12 of 12 records are bad"):
-        ev.load_dataset("beir", _beir(tmp_path / "b", lines), str(tmp_path / "w2"))
+        datasets.load_dataset("beir", _beir(tmp_path / "b", lines), str(tmp_path / "w2"))
     with pytest.raises(InputError, match=r"test\.tsv, line 2: expected query-id, corpus-id, score"):
-        ev.load_dataset("beir", _beir(tmp_path / "c", ["q1 d1 1\n"]), str(tmp_path / "w3"))
+        datasets.load_dataset("beir", _beir(tmp_path / "c", ["q1 d1 1\n"]), str(tmp_path / "w3"))

@@ -266,7 +266,6 @@ def test_shard_pieces_cover_every_row_once_and_balance(tmp_path):
 
 
 def test_stale_quantizer_rule():
-    from types import SimpleNamespace
 
     from dpr_lib.index import _stale_quantizer
 

@@ -5,8 +5,7 @@ import json
 import pytest
 
 from dpr_lib.errors import IncompatibleIndexError, IndexIntegrityError
-from dpr_lib.manifest import (FORMAT_VERSION, DocstoreEntry, FileEntry, Manifest, ShardEntry, relative_to,
-                              version_url)
+from dpr_lib.manifest import FORMAT_VERSION, DocstoreEntry, FileEntry, Manifest, ShardEntry, relative_to, version_url
 
 
 def _manifest() -> Manifest:

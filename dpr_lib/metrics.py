@@ -1,0 +1,116 @@
+"""Retrieval metrics and rank fusion, Spark-free: DPR's top-k accuracy (first answer-bearing
+rank), gold-passage recall, qrels metrics through ``pytrec_eval`` (recall@k, MRR@10, nDCG@10, by
+document: MaxP), and fusion of ranked lists (reciprocal rank fusion, min-max normalised linear).
+
+Arrays: ``pids`` int64 [questions, k] (-1 = no hit), ``scores`` float32 of the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dpr_lib.datasets import Dataset, Question, answer_keys
+from dpr_lib.errors import InputError
+
+if TYPE_CHECKING:
+    from dpr_lib.bm25 import Passages
+
+FUSIONS = ("rrf", "linear")
+TOPS = (1, 5, 20, 100)
+
+def fuse(runs: list[tuple[np.ndarray, np.ndarray]], k: int, method: str = "rrf", rrf_k: int = 60,
+         weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fuse ranked lists (scores [q, k_i], pids [q, k_i]; pid -1 = no hit) into one top-k.
+
+    ``rrf``: sum of 1 / (rrf_k + rank), rank from 1 (Cormack et al., 2009). ``linear``: weighted
+    sum of per-query min-max normalised scores, a pid missing from a list scoring 0 there.
+    Ties are broken by pid.
+    """
+    if method not in FUSIONS:
+        raise InputError(f"fusion must be one of {', '.join(FUSIONS)}, got {method!r}")
+    weights = weights or [1.0] * len(runs)
+    nq = runs[0][1].shape[0]
+    out_s = np.full((nq, k), -np.inf, np.float32)
+    out_p = np.full((nq, k), -1, np.int64)
+    for q in range(nq):
+        acc: dict[int, float] = {}
+        for (scores, pids), w in zip(runs, weights):
+            valid = pids[q] >= 0
+            p, s = pids[q][valid], scores[q][valid].astype(np.float64)
+            if method == "rrf":
+                contrib = w / (rrf_k + np.arange(1, len(p) + 1))
+            else:
+                span = s.max() - s.min() if len(s) else 0.0
+                contrib = w * ((s - s.min()) / span if span > 0 else np.ones_like(s))
+            for pid, c in zip(p.tolist(), contrib.tolist()):
+                acc[pid] = acc.get(pid, 0.0) + c
+        ranked = sorted(acc.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        for j, (pid, score) in enumerate(ranked):
+            out_p[q, j], out_s[q, j] = pid, score
+    return out_s, out_p
+
+
+def first_hit_ranks(pids: np.ndarray, hit) -> np.ndarray:
+    """1-based rank of each query's first pid for which ``hit(q, pid)`` holds; 0 when none."""
+    ranks = np.zeros(len(pids), np.int64)
+    for q, row in enumerate(pids):
+        for r, pid in enumerate(row.tolist(), 1):
+            if pid >= 0 and hit(q, pid):
+                ranks[q] = r
+                break
+    return ranks
+
+
+def accuracy_curve(ranks: np.ndarray, k_max: int) -> list[float]:
+    """Top-k accuracy for k = 1..k_max from first-hit ranks (0 = never)."""
+    found = ranks[ranks > 0]
+    counts = np.bincount(found, minlength=k_max + 1)[1:k_max + 1]
+    return (np.cumsum(counts) / max(1, len(ranks))).round(4).tolist()
+
+
+def qa_metrics(passages: Passages, questions: list[Question], pids: np.ndarray, k_max: int) -> dict:
+    keys = [answer_keys(q.answers) for q in questions]
+    ranks = first_hit_ranks(pids, lambda q, pid: any(a in passages.key(pid) for a in keys[q]))
+    curve = accuracy_curve(ranks, k_max)
+    out = {f"top{k}": curve[min(k, k_max) - 1] for k in TOPS}
+    if all(q.gold for q in questions):
+        gold_ranks = first_hit_ranks(pids, lambda q, pid: passages.doc_id(pid) in questions[q].gold)
+        gold_curve = accuracy_curve(gold_ranks, k_max)
+        out.update({f"gold_recall@{k}": gold_curve[min(k, k_max) - 1] for k in TOPS})
+    return {"metrics": out, "curve": curve}
+
+
+def doc_run(passages: Passages, questions: list[Question], pids: np.ndarray) -> dict[str, dict[str, float]]:
+    """Passage top-k -> a document run (MaxP: a document ranks at its best passage's rank); the
+    score is a decreasing function of rank so trec_eval's tie-breaking cannot reorder it."""
+    run = {}
+    for q, row in zip(questions, pids):
+        docs: dict[str, float] = {}
+        for r, pid in enumerate(row.tolist()):
+            d = passages.doc_id(pid) if pid >= 0 else None
+            if d is not None and d not in docs:
+                docs[d] = float(len(row) - r)
+        run[q.qid] = docs
+    return run
+
+
+def qrels_metrics(passages: Passages, ds: Dataset, pids: np.ndarray, k_max: int) -> dict:
+    import pytrec_eval
+
+    qrels = {q.qid: ds.qrels[q.qid] for q in ds.questions}
+    run = doc_run(passages, ds.questions, pids)
+    cutoffs = ",".join(str(k) for k in range(1, k_max + 1))
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {f"recall.{cutoffs}", "ndcg_cut.10"}).evaluate(run)
+    top10 = {qid: dict(sorted(d.items(), key=lambda kv: -kv[1])[:10]) for qid, d in run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+
+    def mean(measure: str, results=per_query) -> float:
+        return round(float(np.mean([results.get(q.qid, {}).get(measure, 0.0) for q in ds.questions])), 4)
+
+    curve = [mean(f"recall_{k}") for k in range(1, k_max + 1)]
+    out = {f"recall@{k}": curve[min(k, k_max) - 1] for k in TOPS}
+    out["mrr@10"] = mean("recip_rank", rr)
+    out["ndcg@10"] = mean("ndcg_cut_10")
+    return {"metrics": out, "curve": curve}
