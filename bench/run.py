@@ -580,7 +580,7 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     served = manifests[small * 4]  # both sizes searched as the larger one is served
     for n in (small, small * 4):
         anon[n] = anon_bytes_after_load(os.path.join(WORK, "serve", f"idx-{n}", "index"),
-                                        os.path.join(WORK, "serve", "cache"), served["nprobe"], served["k_factor"] or 1)
+                                        os.path.join(WORK, "serve", "cache"), served.nprobe, served.k_factor or 1)
     slope = (anon[small * 4]["loaded"] - anon[small]["loaded"]) / (3 * small)
     cfg, vectors = big
     pids = np.arange(len(vectors), dtype=np.int64) * 7919 + 1  # as write_embeddings assigns them
@@ -592,11 +592,11 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     results.update({"serve.resident_bytes_per_passage": round(slope, 1),
                     "serve.memory_ratio_vs_flat": round(slope / (4 * d), 4),
                     "serve.recall_at_10": round(recall_at_k(found, exact), 4)})
-    details["serve_memory"] = {"factory": m["factory"], "nprobe": m["nprobe"], "k_factor": m["k_factor"],
-                               "manifest_memory": m["memory"], "anon_bytes": {str(k): v for k, v in anon.items()},
-                               "recall_by_nprobe_k_factor": m["rerank"]["recall_by_nprobe_k_factor"]}
+    details["serve_memory"] = {"factory": m.factory, "nprobe": m.nprobe, "k_factor": m.k_factor,
+                               "manifest_memory": m.memory, "anon_bytes": {str(k): v for k, v in anon.items()},
+                               "recall_by_nprobe_k_factor": m.rerank["recall_by_nprobe_k_factor"]}
     del vectors, big
-    log(f"serve: {slope:.1f} B/passage resident ({m['factory']}, k_factor {m['k_factor']}), "
+    log(f"serve: {slope:.1f} B/passage resident ({m.factory}, k_factor {m.k_factor}), "
         f"recall@10 {results['serve.recall_at_10']}")
 
     # 2. Top-20 accuracy lost by the compact index, through the evaluation job (SQuAD dev part a).
@@ -622,7 +622,7 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     shutil.rmtree(root, ignore_errors=True)
     srv_cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), compact + [
         f"paths.work_dir={WORK}/encode", f"paths.index_root={root}", "publish.keep_versions=5"])
-    versions = [build_index(spark, srv_cfg, question_vectors=qvecs)["version"] for _ in range(4)]
+    versions = [build_index(spark, srv_cfg, question_vectors=qvecs).version for _ in range(4)]
     set_latest(root, versions[0])
     port = 18000 + os.getpid() % 1000
     cache = os.path.join(WORK, "serve", "http-cache")

@@ -98,12 +98,12 @@ def clean_text(text: str) -> str:
     return text.translate(_CONTROL)
 
 
-def passages_of(doc_id: str, title: str, text: str, words: int, overlap: int) -> list[tuple]:
+def passages_of(doc_id: str, title: str, text: str, words: int, overlap: int, pid_of=make_pid) -> list[tuple]:
     """Rows (pid, doc_id, chunk, title, text, content_hash) of one document."""
     rows = []
     for chunk, window in enumerate(split_words(text.split(), words, overlap)):
         body = " ".join(window)
-        rows.append((make_pid(doc_id, chunk), doc_id, chunk, title, body, content_hash(title, body)))
+        rows.append((pid_of(doc_id, chunk), doc_id, chunk, title, body, content_hash(title, body)))
     return rows
 
 
@@ -365,12 +365,14 @@ def _parse_dataframe(df, max_doc: int, source: str):
     return df.mapInArrow(parse, spark_schema(PARSED))
 
 
-def _passages_mapper(words: int, overlap: int):
+def _passages_mapper(words: int, overlap: int, pid_of):
+    """The corpus stage's mapper: documents -> Passages rows. ``pid_of`` is the pid function the
+    driver names (shipped with the closure), so every executor uses the same one."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             rows = []
             for d in batch.select(["doc_id", "title", "text"]).to_pylist():
-                rows.extend(passages_of(d["doc_id"], d["title"], d["text"], words, overlap))
+                rows.extend(passages_of(d["doc_id"], d["title"], d["text"], words, overlap, pid_of))
             if rows:
                 yield pa.RecordBatch.from_arrays(
                     [pa.array(col, type=f.type) for col, f in zip(zip(*rows), schemas.PASSAGES)],
@@ -440,7 +442,7 @@ def _shard_corpus(spark, cfg: Config, df=None) -> dict:
                 "The Passages table was left as it was.")
 
         passages = ranked.filter(F.col("_rn") == 1).select("doc_id", "title", "text").mapInArrow(
-            _passages_mapper(ccfg.words, ccfg.overlap), spark_schema(schemas.PASSAGES))
+            _passages_mapper(ccfg.words, ccfg.overlap, make_pid), spark_schema(schemas.PASSAGES))
         passages_url = cfg.path("passages")
         tmp = f"{passages_url.rstrip('/')}.tmp-{run_id}"
         (passages.repartitionByRange(ccfg.num_files, "pid").sortWithinPartitions("pid")

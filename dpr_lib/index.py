@@ -43,6 +43,7 @@ from dpr_lib.index_ops import (
     deserialize,
     local_tmp_dir,
     merge_topk,
+    recall_at_k,
     rerank,
     set_nprobe,
     topk_block,
@@ -168,7 +169,7 @@ SHARD_RESULT = pa.schema([("shard", pa.int32()), ("vectors", pa.int64()), ("byte
 def build_shards(spark, source, trained: bytes, num_shards: int, dim: int, out_url_of,
                  queries: np.ndarray, k: int, nprobes: list[int], add_batch: int,
                  storage_options: dict, retries: int, k_factors: list[int] | None = None,
-                 pieces: list[list[dict]] | None = None) -> list[dict]:
+                 pieces: list[list[dict]] | None = None, stop_recall: float = 1.0) -> list[dict]:
     """Build every shard on executors; return per-shard {shard, vectors, bytes, sha256, path, rerank, hit_*, exact_*}.
 
     Two ways to feed the shard tasks:
@@ -184,6 +185,10 @@ def build_shards(spark, source, trained: bytes, num_shards: int, dim: int, out_u
     [P, F, q, k]; without re-rank F = 1 and the scores are the index's); ``exact_scores``/
     ``exact_ids`` its brute-force top-k ([q, k]); ``rerank`` a JSON {pids: {path, bytes, sha256},
     vectors: {...}} or "".
+
+    ``stop_recall``: an exact-code shard stops its nprobe sweep once its own recall@k against its
+    exact top-k reaches this; the larger nprobes repeat the last results (a lower bound of theirs:
+    with exact codes more probes never lose a neighbour).
     """
     import json
 
@@ -193,7 +198,7 @@ def build_shards(spark, source, trained: bytes, num_shards: int, dim: int, out_u
     bc_queries = spark.sparkContext.broadcast(queries.astype(np.float32))
     urls = {s: out_url_of(s) for s in range(num_shards)}
     builder = _ShardTask(bc_index, bc_queries, urls, dim, k, nprobes, add_batch, storage_options, retries,
-                         k_factors)
+                         k_factors, stop_recall)
 
     if pieces is not None:
         def run_pieces(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -231,10 +236,12 @@ class _ShardTask:
     """The work of a shard task, whatever feeds it: (shard, pids, vectors) chunks in -> for each
     shard, its index written (and re-rank store), its recall hits and exact top-k out."""
 
-    def __init__(self, bc_index, bc_queries, urls, dim, k, nprobes, add_batch, storage_options, retries, k_factors):
+    def __init__(self, bc_index, bc_queries, urls, dim, k, nprobes, add_batch, storage_options, retries, k_factors,
+                 stop_recall=1.0):
         self.bc_index, self.bc_queries, self.urls = bc_index, bc_queries, urls
         self.dim, self.k, self.nprobes, self.add_batch = dim, k, nprobes, add_batch
         self.storage_options, self.retries, self.k_factors = storage_options, retries, k_factors
+        self.stop_recall = stop_recall
 
     def _upload(self, local: str, url: str) -> dict:
         from dpr_lib import storage
@@ -307,14 +314,14 @@ class _ShardTask:
                     store_pids = np.load(pids_path, mmap_mode="r")
                     store_vecs = np.load(vecs_path, mmap_mode="r")
                 all_s, all_i = [], []
-                exact_sets = np.sort(st["exact"][1], axis=1)
-                # With exact codes (IVF-Flat, no pre-transform), once every query finds its exact
-                # top-k in this shard, more probes only scan vectors that score lower: the results
-                # of larger nprobes are the same, so they are not recomputed. (Lossy codes could
-                # let a newly scanned vector overtake; they are searched at every nprobe.)
+                # With exact codes (IVF-Flat, no pre-transform) more probes never lose a neighbour:
+                # once this shard's own recall reaches stop_recall (1.0: every query found its exact
+                # top-k, so larger nprobes return the same), the larger nprobes repeat the last
+                # results instead of scanning up to half the shard per query. (Lossy codes could let
+                # a newly scanned vector overtake; they are searched at every nprobe.)
                 exact_codes = st["store"] is None and type(faiss.downcast_index(idx)) is faiss.IndexIVFFlat
                 for nprobe in self.nprobes:
-                    if exact_codes and all_i and (np.sort(all_i[-1][0], axis=1) == exact_sets).all():
+                    if exact_codes and all_i and recall_at_k(all_i[-1][0], st["exact"][1]) >= self.stop_recall:
                         all_s.append(all_s[-1])
                         all_i.append(all_i[-1])
                         continue
@@ -782,9 +789,12 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
     k_factors = ([icfg.k_factor] if icfg.k_factor else list(ops.K_FACTORS)) if with_store else None
     t = time.time()
     with task_errors():
+        # A shard's sweep stops once its own recall is within a tenth of the target's shortfall of
+        # 1.0 (0.995 for 0.95): the merged recall the target is judged by is then well above it.
+        stop_recall = 1.0 - (1.0 - icfg.recall_target) / 10
         shards = build_shards(spark, source, trained_bytes, num_shards, dim,
-                                 lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k_search, nprobes,
-                                 icfg.add_batch, opts, cfg.publish.retries, k_factors, pieces)
+                              lambda s: join_url(vurl, f"shard-{s:05d}.faiss"), queries, k_search, nprobes,
+                              icfg.add_batch, opts, cfg.publish.retries, k_factors, pieces, stop_recall)
     timings["add_write"] = time.time() - t
     t = time.time()
     _, exact_i = ops.merge_topk([s["exact_scores"] for s in shards], [s["exact_ids"] for s in shards], k_search)

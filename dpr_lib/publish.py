@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from dpr_lib import schemas, storage
 from dpr_lib.config import Config, join_url
+from dpr_lib.errors import InputError
 from dpr_lib.index_ops import local_tmp_dir
 from dpr_lib.manifest import DocstoreEntry, Manifest, prune_versions, relative_to, set_latest, write_manifest
 
@@ -71,8 +72,12 @@ def write_docstore_file(in_url: str, out_url: str, row_group: int, storage_optio
     fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="dpr-docstore-", dir=local_tmp_dir())
     os.close(fd)
     try:
-        with fs.open(path, "rb") as fh:
-            copied = _copy_sorted(fh, tmp, row_group)
+        try:
+            with fs.open(path, "rb") as fh:
+                copied = _copy_sorted(fh, tmp, row_group)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"cannot read the Passages file {in_url} for the docstore: "
+                             f"{str(exc).splitlines()[0]}") from None
         if copied is None:
             log.warning("docstore: %s is not sorted by pid; reading it whole to sort it", in_url)
             with fs.open(path, "rb") as fh:

@@ -27,6 +27,7 @@ class FaultProxy:
         self.upstream = (host, int(port))
         self.rules: list[list] = []
         self.counts: dict[str, int] = {"forwarded": 0, "error": 0, "reset": 0, "hold": 0}
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request received
         self.seen: list[tuple[str, str]] = []
         self.held = threading.Event()  # set when a request is being held
         self._release = threading.Event()
@@ -54,6 +55,8 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path))
                 action = proxy._match(self.command, self.path)
                 if action == "reset":
                     self.close_connection = True

@@ -203,21 +203,10 @@ def test_tsv_broken_columns_and_unreadable_input(spark, tmp_path):
 def test_pid_collision_is_an_error(spark, tmp_path, monkeypatch):
     import dpr_lib.corpus as corpus
 
-    # Force a collision the way a hash can: two different keys, one pid (the mapper runs in
-    # worker processes, so the mapper factory is what must change).
-    real = corpus.passages_of
-
-    def colliding_mapper(words, overlap):
-        def run(batches):
-            for batch in batches:
-                rows = []
-                for d in batch.select(["doc_id", "title", "text"]).to_pylist():
-                    rows.extend((42,) + r[1:] for r in real(d["doc_id"], d["title"], d["text"], words, overlap))
-                yield pa.RecordBatch.from_arrays(
-                    [pa.array(c, type=f.type) for c, f in zip(zip(*rows), schemas.PASSAGES)], schema=schemas.PASSAGES)
-        return run
-
-    monkeypatch.setattr(corpus, "_passages_mapper", colliding_mapper)
+    # Force a collision the way a hash can: two different keys, one pid. The real mapper runs on
+    # the executors with the pid function the driver hands it, so replacing that function here
+    # reaches every worker.
+    monkeypatch.setattr(corpus, "make_pid", lambda doc_id, chunk: 42)
     cfg = make_config(tmp_path, f"corpus.input={write_jsonl(tmp_path / 'c.jsonl', synthetic_docs(2))}")
     with pytest.raises(InputError, match="pid collision between different"):
         shard_corpus(spark, cfg)

@@ -109,18 +109,24 @@ def test_missing_passages_is_a_clear_error(spark, tmp_path, tiny_bert_dir):
 
 def test_model_from_object_storage(s3_endpoint, tiny_bert_dir, tmp_path):
     import fsspec
+    from faultproxy import FaultProxy
 
     from dpr_lib.config import EncoderConfig
 
-    opts = {"client_kwargs": {"endpoint_url": s3_endpoint}}
-    fs = fsspec.filesystem("s3", **opts)
-    fs.put(tiny_bert_dir.rstrip("/") + "/", "dpr-test/models/tiny/", recursive=True)
-    remote = resolve_spec(EncoderConfig(model="s3://dpr-test/models/tiny"), str(tmp_path), storage_options=opts)
+    fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint}).put(
+        tiny_bert_dir.rstrip("/") + "/", "dpr-test/models/tiny/", recursive=True)
+    with FaultProxy(s3_endpoint) as proxy:  # counts every request the model download makes
+        opts = {"client_kwargs": {"endpoint_url": proxy.url}}
+        remote = resolve_spec(EncoderConfig(model="s3://dpr-test/models/tiny"), str(tmp_path), storage_options=opts)
+        weights = [r for r in proxy.requests if r[0] == "GET" and r[1].endswith("/models/tiny/model.safetensors")]
+        assert len(weights) >= 1, proxy.requests
+        seen = len(proxy.requests)
+        again = resolve_spec(EncoderConfig(model="s3://dpr-test/models/tiny"), str(tmp_path), storage_options=opts)
+        assert proxy.requests[seen:] == [], "the second resolve is served from the cache: no request at all"
     local = resolve_spec(EncoderConfig(model=tiny_bert_dir), str(tmp_path))
     assert remote.model_dir.startswith(str(tmp_path)) and os.path.exists(os.path.join(remote.model_dir, "config.json"))
-    assert remote.weights_sha256 == local.weights_sha256
-    again = resolve_spec(EncoderConfig(model="s3://dpr-test/models/tiny"), str(tmp_path), storage_options=opts)
-    assert again.model_dir == remote.model_dir, "downloaded once, then served from the cache"
+    assert remote.weights_sha256 == local.weights_sha256 and again.weights_sha256 == local.weights_sha256
+    opts = {"client_kwargs": {"endpoint_url": s3_endpoint}}
     from dpr_lib.errors import EncoderError
 
     with pytest.raises(EncoderError, match="not found: s3://dpr-test/models/none"):

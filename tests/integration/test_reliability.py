@@ -188,12 +188,13 @@ def test_driver_killed_while_publishing_keeps_the_previous_version(spark, corpus
     prefix = "killed-" + moment.split()[0].lower()
     cfg = s3_cfg(corpus, tmp_path, proxy.url, prefix)
     opts, root = cfg.storage_options(), cfg.path("index_root")
-    first = build_index(spark, cfg)["version"]
+    first = build_index(spark, cfg).version
 
     proxy.add_rule("PUT", f"/dpr-test/{prefix}.*{pattern}", "hold")
     sets = [f"paths.work_dir={corpus.paths.work_dir}", f"paths.cache_dir={tmp_path}/cache", *encoder_sets(corpus),
             f"paths.index_root={root}", f"publish.endpoint_url={proxy.url}", "index.num_shards=2",
-            "index.recall_queries=32"]
+            "index.recall_queries=32",  # the secret also sits in the config the job reads (s3a style)
+            f"spark.conf={{spark.ui.enabled: 'false', spark.hadoop.fs.s3a.secret.key: {SECRET}}}"]
     log_path = tmp_path / "build.log"
     proc = job("build_index.py", sets, log_path, env={"AWS_SECRET_ACCESS_KEY": SECRET})
     try:
@@ -213,7 +214,7 @@ def test_driver_killed_while_publishing_keeps_the_previous_version(spark, corpus
     assert ShardedIndex(root, cache_dir=str(tmp_path / "reader"), storage_options=opts).version == first
 
     # The next run completes and publishes; an incomplete leftover is removed by its pruning.
-    nxt = build_index(spark, cfg)["version"]
+    nxt = build_index(spark, cfg).version
     assert read_latest(root, opts) == nxt
     assert ShardedIndex(root, cache_dir=str(tmp_path / "reader"), storage_options=opts).version == nxt
     if not has_manifest:
@@ -249,7 +250,7 @@ def test_s3_errors_for_a_while_are_retried(spark, corpus, proxy, tmp_path):
 def test_s3_down_fails_clearly_and_publishes_nothing(spark, corpus, proxy, tmp_path):
     cfg = s3_cfg(corpus, tmp_path, proxy.url, "down", "publish.retries=1")
     opts, root = cfg.storage_options(), cfg.path("index_root")
-    first = build_index(spark, cfg)["version"]
+    first = build_index(spark, cfg).version
     proxy.add_rule("PUT", "/dpr-test/down/.*", "error")  # the store refuses every write from now on
     try:
         with pytest.raises(StorageError, match="s3://dpr-test/down/versions/.*"):
@@ -360,12 +361,15 @@ def test_loader_refuses_pickles_and_paths_outside_the_index(spark, corpus, tmp_p
 
 def test_stats_reports_and_manifests_hold_no_credentials(spark, corpus, tmp_path):
     """Credentials come from the environment (the AWS chain) and are written nowhere: the job's
-    log, its stats and the published objects are searched for the secret."""
+    log, its stats and the published objects are searched for the secret. The secret is also in
+    the job's config, where Spark users put s3a credentials (spark.hadoop.fs.s3a.secret.key): the
+    product reads that config, passes it to Spark, and must not log or report it."""
     root = "s3://dpr-test/secrets"
     sets = [f"paths.work_dir={tmp_path}/work", f"paths.passages={corpus.path('passages')}",
             f"paths.embeddings={corpus.path('embeddings')}", f"paths.cache_dir={tmp_path}/cache",
             *encoder_sets(corpus), f"paths.index_root={root}", "index.num_shards=2", "index.recall_queries=32",
-            f"publish.endpoint_url={os.environ['DPR_TEST_S3']}"]
+            f"publish.endpoint_url={os.environ['DPR_TEST_S3']}",
+            f"spark.conf={{spark.ui.enabled: 'false', spark.hadoop.fs.s3a.secret.key: {SECRET}}}"]
     proc = job("build_index.py", sets, tmp_path / "job.log",
                env={"AWS_ACCESS_KEY_ID": "AKIA-reliability-id", "AWS_SECRET_ACCESS_KEY": SECRET})
     assert proc.wait(timeout=300) == 0, open(tmp_path / "job.log").read()[-3000:]

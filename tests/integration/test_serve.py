@@ -58,24 +58,40 @@ def service(spark, tmp_path_factory, tiny_bert_dir, s3_endpoint):
     proc.wait(timeout=30)
 
 
+def _search_ok(metrics: str) -> float:
+    line = next(x for x in metrics.splitlines() if x.startswith('dpr_requests_total{code="200",endpoint="search"}'))
+    return float(line.rsplit(" ", 1)[1])
+
+
 def test_search_over_http(service):
     client = service["client"]
     health = client.get("/health").json()
-    assert health["status"] == "ready" and health["version"] == service["first"]["version"]
-    assert health["vectors"] == service["first"]["totals"]["vectors"]
+    assert health["status"] == "ready" and health["version"] == service["first"].version
+    assert health["vectors"] == service["first"].totals["vectors"]
     r = client.post("/search", json={"questions": ["fact3 alpha", "bravo fact7"], "k": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["version"] == service["first"]["version"]
+    assert body["version"] == service["first"].version
     assert [x["question"] for x in body["results"]] == ["fact3 alpha", "bravo fact7"]
-    for res in body["results"]:
+    # The hits are those of the library's Searcher on the same version (same question encoder, nprobe
+    # and re-rank factor), with their passages' text from the docstore.
+    from dpr_lib.search import Searcher
+
+    cfg = service["cfg"]
+    want = Searcher(ROOT, cfg.encoder, cfg.path("cache_dir") + "-direct",
+                    storage_options=cfg.storage_options()).ask(["fact3 alpha", "bravo fact7"], 5)
+    for res, hits in zip(body["results"], want):
         assert len(res["hits"]) == 5
+        assert [h["pid"] for h in res["hits"]] == [h.pid for h in hits]
+        assert [h["score"] for h in res["hits"]] == pytest.approx([h.score for h in hits], rel=1e-5, abs=1e-6)
+        assert [(h["doc_id"], h["title"], h["text"]) for h in res["hits"]] == [(h.doc_id, h.title, h.text) for h in hits]
         assert all(set(h) == {"pid", "score", "doc_id", "title", "text"} and h["text"] for h in res["hits"])
-        scores = [h["score"] for h in res["hits"]]
-        assert scores == sorted(scores, reverse=True)
     metrics = client.get("/metrics").text
-    assert f'dpr_index_info{{version="{service["first"]["version"]}"}} 1.0' in metrics
-    assert 'dpr_requests_total{code="200",endpoint="search"}' in metrics
+    assert f'dpr_index_info{{version="{service["first"].version}"}} 1.0' in metrics
+    # this request was counted (one more 200 on /search than before it)
+    before = _search_ok(metrics)
+    assert client.post("/search", json={"questions": ["alpha"], "k": 1}).status_code == 200
+    assert _search_ok(client.get("/metrics").text) == before + 1
     assert "dpr_request_seconds_bucket" in metrics and 'dpr_process_memory_bytes{kind="anonymous"}' in metrics
 
 
@@ -124,7 +140,7 @@ def test_swap_under_load_fails_no_request(service):
     threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    new = build_index(spark, cfg)["version"]
+    new = build_index(spark, cfg).version
     deadline = time.time() + 90
     while client.get("/health").json()["version"] != new and time.time() < deadline:
         time.sleep(0.2)
@@ -187,3 +203,36 @@ def test_holder_reports_an_index_root_with_nothing_published(tmp_path):
     holder = IndexHolder(make_config(tmp_path), str(tmp_path / "empty-root"))
     assert holder.poll_once() is False and holder.current is None
     assert "LATEST is missing" in holder.failed["error"]
+
+
+def test_released_versions_leave_the_cache(service, tmp_path):
+    """A swap keeps the version it replaced on disk (requests may still use it); the swap after
+    removes the files of the version released before, except those a live version shares."""
+    import copy
+
+    from dpr_lib.config import load_config
+    from dpr_lib.serve import IndexHolder
+
+    spark, base = service["spark"], service["cfg"]
+    root = str(tmp_path / "root")
+
+    def publish(shards: int):
+        cfg = copy.deepcopy(base)
+        cfg.paths.index_root, cfg.publish.endpoint_url = root, ""
+        cfg.index.num_shards, cfg.index.factory, cfg.publish.keep_versions = shards, "IVF4,Flat", 5
+        return build_index(spark, cfg)
+
+    holder = IndexHolder(load_config(None, [f"encoder.model={base.encoder.model}", "serve.warmup_queries=2",
+                                            f"paths.cache_dir={tmp_path}/cache"]), root)
+    cached = lambda: {n.split(".")[0] for n in os.listdir(tmp_path / "cache" / "blobs")}  # noqa: E731
+    m1 = publish(2)
+    assert holder.poll_once() and cached() >= m1.blobs()
+    m2 = publish(3)
+    assert holder.poll_once() and cached() >= m1.blobs() | m2.blobs(), "the replaced version stays"
+    m3 = publish(1)
+    assert holder.poll_once() and holder.current.version == m3.version
+    stale = m1.blobs() - m2.blobs() - m3.blobs()
+    assert stale, "the three versions have shards of their own (the docstore is shared)"
+    assert not stale & cached(), "the version released before the last is gone from the cache"
+    assert cached() >= m2.blobs() | m3.blobs()
+    assert m1.blobs() & m3.blobs() <= cached(), "files a live version shares are kept"

@@ -50,9 +50,19 @@ def test_bad_yaml_file(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
-def test_storage_options_never_hold_credentials():
+def test_storage_options_never_hold_credentials(monkeypatch):
+    """Credentials reach fsspec through the AWS chain only: with keys in the environment, the
+    storage options (which are logged and shipped to executors) still hold the endpoint alone, and
+    a URL carrying user:secret@ is refused without echoing the secret."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-config-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-config-test")
     cfg = load_config(None, ["publish.endpoint_url=http://127.0.0.1:9000"])
-    assert cfg.storage_options() == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    opts = cfg.storage_options()
+    assert opts == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert "s3cr3t-config-test" not in repr(opts) and "AKIA-config-test" not in repr(opts)
+    with pytest.raises(ConfigError, match="publish.endpoint_url contains credentials in a URL") as err:
+        load_config(None, ["publish.endpoint_url=http://AKIA-config-test:s3cr3t-config-test@127.0.0.1:9000"])
+    assert "s3cr3t-config-test" not in str(err.value)
 
 
 def test_section_must_be_a_mapping(tmp_path):

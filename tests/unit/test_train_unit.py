@@ -30,9 +30,12 @@ def test_loss_equals_hand_computation_with_hard_negatives_and_duplicates():
     s1 = [2.0 * (0.0 * vec[i][0] + 2.0 * vec[i][1]) for i in (10, 11, 20)]
     hand = (_nll(s0, 0) + _nll(s1, 2)) / 2
     assert loss.item() == pytest.approx(hand, rel=1e-6)
-    # Without de-duplication the shared passage would appear twice in the denominator: different.
-    s1_dup = s1 + [s1[0]]
-    assert _nll(s1, 2) != pytest.approx(_nll(s1_dup, 2))
+    # The same vector under another id is another candidate: it enters both denominators, and the
+    # product's loss moves by exactly that (so the de-duplication above is by id, and it matters).
+    distinct = biencoder_loss(q, p, torch.tensor([10, 11, 20, 12]), torch.tensor([10, 20]), scale=2.0)
+    hand_distinct = (_nll(s0 + [s0[0]], 0) + _nll(s1 + [s1[0]], 2)) / 2
+    assert distinct.item() == pytest.approx(hand_distinct, rel=1e-6)
+    assert distinct.item() != pytest.approx(loss.item(), rel=1e-3)
 
 
 def test_loss_gradient_reaches_every_distinct_passage():
