@@ -27,12 +27,12 @@ import subprocess
 import sys
 import time
 
+import common
 import numpy as np
+from common import QUICK, REPO, log
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = os.environ.get("BENCH_QUICK") == "1"
 WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wiki")
-WORK = os.path.join(REPO, "work", "bench", "scale")
+WORK = os.path.join(common.WORK, "scale")
 DIM = 768
 N_REAL = 6_000 if QUICK else 51_000   # encoded real passages (1,000 held out as queries)
 N_QUERIES = 1_000
@@ -43,10 +43,6 @@ NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Gaussian clusters (pooled covariance) made every cluster's members equidistant (off by >= 0.1).
 GRID = [(c, t, s) for c in (8, 16) for t in (1.25, 1.5, 2.0) for s in (0.01, 0.02)]
 DRIVER_MEMORY = "4g"  # conf/local.yaml's: a training budget of 2 GiB
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------- real text and vectors
@@ -520,7 +516,6 @@ def main() -> int:
     figures a scale run recorded, and store it in that file's details."""
     import argparse
 
-    sys.path.insert(0, REPO)
     parser = argparse.ArgumentParser()
     parser.add_argument("--cost-model", action="store_true", required=True)
     parser.add_argument("results", nargs="?", default=os.path.join(REPO, "bench", "results", "latest.json"))

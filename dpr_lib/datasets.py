@@ -19,6 +19,7 @@ import logging
 import os
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from dpr_lib.config import join_url
 from dpr_lib.errors import InputError
@@ -126,40 +127,49 @@ def _write_corpus(docs, path: str) -> int:
     return n
 
 
-def load_squad(path: str, work_dir: str) -> Dataset:
-    """SQuAD v1.1 JSON: every paragraph becomes a corpus document ``<title>#<paragraph no>``
-    (its gold passage), every question with at least one answer a question."""
+def squad_paragraphs(path: str) -> Iterator[tuple[str, int, object, list]]:
+    """(title, paragraph number, context, qas) of every paragraph of a SQuAD v1.1 file, in file
+    order; titles with spaces for underscores. A file that is not SQuAD's shape fails naming where."""
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise InputError(f"{path}: not a SQuAD file (expected an object with a 'data' list of articles)")
-    skipped: dict[str, int] = {}
-    docs, questions, total = [], [], 0
     for a, article in enumerate(data["data"]):
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
             raise InputError(f"{path}: data[{a}] is not a SQuAD article (no 'paragraphs' list)")
         title = str(article.get("title") or f"article {a}").replace("_", " ")
         for p, para in enumerate(article["paragraphs"]):
+            if isinstance(para, dict):
+                yield title, p, para.get("context"), para.get("qas") or []
+            else:
+                yield title, p, None, []
+
+
+def load_squad(path: str, work_dir: str) -> Dataset:
+    """SQuAD v1.1 JSON: every paragraph becomes a corpus document ``<title>#<paragraph no>``
+    (its gold passage), every question with at least one answer a question."""
+    skipped: dict[str, int] = {}
+    docs, questions, total = [], [], 0
+    for title, p, context, qas in squad_paragraphs(path):
+        total += 1
+        where = f"{title}, paragraph {p}"
+        if not isinstance(context, str) or not context.strip():
+            skip_bad(skipped, "paragraph_without_context", where, "no 'context' text")
+            continue
+        doc_id = f"{title}#{p}"
+        docs.append((doc_id, title, context))
+        for j, qa in enumerate(qas):
             total += 1
-            where = f"data[{a}].paragraphs[{p}]"
-            context = para.get("context") if isinstance(para, dict) else None
-            if not isinstance(context, str) or not context.strip():
-                skip_bad(skipped, "paragraph_without_context", where, "no 'context' text")
+            qwhere = f"{where}, question {j}"
+            if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or not qa["question"].strip():
+                skip_bad(skipped, "question_without_text", qwhere, "no 'question' text")
                 continue
-            doc_id = f"{title}#{p}"
-            docs.append((doc_id, title, context))
-            for j, qa in enumerate(para.get("qas") or []):
-                total += 1
-                qwhere = f"{where}.qas[{j}]"
-                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or not qa["question"].strip():
-                    skip_bad(skipped, "question_without_text", qwhere, "no 'question' text")
-                    continue
-                answers = [x.get("text") for x in qa.get("answers") or [] if isinstance(x, dict)]
-                answers = [x for x in answers if isinstance(x, str) and answer_keys([x])]
-                if not answers:
-                    count_skipped(skipped, "question_without_answers")
-                    continue
-                questions.append(Question(str(qa.get("id") or f"{a}.{p}.{j}"), qa["question"].strip(),
-                                          list(dict.fromkeys(answers)), frozenset({doc_id})))
+            answers = [x.get("text") for x in qa.get("answers") or [] if isinstance(x, dict)]
+            answers = [x for x in answers if isinstance(x, str) and answer_keys([x])]
+            if not answers:
+                count_skipped(skipped, "question_without_answers")
+                continue
+            questions.append(Question(str(qa.get("id") or f"{title}.{p}.{j}"), qa["question"].strip(),
+                                      list(dict.fromkeys(answers)), frozenset({doc_id})))
     check_bad({k: v for k, v in skipped.items() if k != "question_without_answers"}, total, path)
     corpus = join_url(work_dir, "corpus.jsonl")
     if not _write_corpus(docs, corpus):

@@ -180,7 +180,7 @@ def parse_search(body: bytes, cfg: Config) -> tuple[list[str], int]:
     return [q.strip() for q in questions], k
 
 
-def _memory() -> dict[str, int]:
+def process_memory() -> dict[str, int]:
     """Resident and anonymous (private, not file-backed) memory of this process, bytes (Linux)."""
     out = {}
     try:
@@ -274,7 +274,7 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
         g_swaps.set(holder.swaps)
         g_failures.set(holder.failures)
         g_failing.set(1 if holder.failed else 0)
-        for key, value in _memory().items():
+        for key, value in process_memory().items():
             g_mem.labels({"VmRSS": "resident", "RssAnon": "anonymous", "RssFile": "file"}[key]).set(value)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
