@@ -77,9 +77,11 @@ def test_rule_table_never_trains_fewer_than_39_points_per_list():
     assert rows[1_000_000_000]["nlist"] == 65536
     assert rows[21_000_000]["train_method"] == "two_level" and rows[1_000_000]["train_method"] == "two_level"
     assert rows[100_000]["train_method"] == "flat"
-    # two-level k-means scores each point against 2*sqrt(nlist) centroids, not nlist
+    # two-level k-means scores each point against 2*sqrt(nlist) centroids for 10 iterations, then
+    # refines with 3 full iterations; flat k-means scores it against all nlist for 10
     flat = choose_factory(21_000_000, 768, max_train_bytes=8 * GiB, train_method="flat")
-    assert flat.train_flops / rows[21_000_000]["train_flops"] == pytest.approx(32768 / (2 * 32768 ** 0.5))
+    assert flat.train_flops / rows[21_000_000]["train_flops"] == pytest.approx(
+        32768 * 10 / (2 * 32768 ** 0.5 * 10 + 32768 * 3))
     assert flat.train_flops == pytest.approx(32768 * 64 * 32768 * 768 * 2 * 10)
 
 
