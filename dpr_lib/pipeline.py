@@ -38,11 +38,11 @@ def run_pipeline(spark, cfg: Config, questions: list[str] | None = None, k: int 
     for q, hits in zip(questions, answers):
         print(format_hits(q, hits), flush=True)
     seconds = round(time.time() - t0, 1)
-    print(f"\npublished index version {manifest['version']} to {cfg.path('index_root')} "
-          f"({manifest['totals']['vectors']} passages, {manifest['factory']}, nprobe {manifest['nprobe']}) "
+    print(f"\npublished index version {manifest.version} to {cfg.path('index_root')} "
+          f"({manifest.totals['vectors']} passages, {manifest.factory}, nprobe {manifest.nprobe}) "
           f"in {seconds}s", flush=True)
-    return {"version": manifest["version"], "index_root": cfg.path("index_root"), "seconds": seconds,
+    return {"version": manifest.version, "index_root": cfg.path("index_root"), "seconds": seconds,
             "passages": corpus["passages"], "rejects": corpus["rejects"],
             "encoded": encode["passages_encoded"], "encode_passages_per_s": encode["passages_per_s"],
-            "recall_at_nprobe": manifest["recall"]["at_nprobe"],
+            "recall_at_nprobe": manifest.recall["at_nprobe"],
             "top_hits": {q: [h.title for h in hits] for q, hits in zip(questions, answers)}}

@@ -10,7 +10,7 @@ def main(cfg, args):
     from dpr_lib.spark import get_session
 
     manifest = build_index(get_session(cfg), cfg)
-    return {k: manifest[k] for k in ("version", "factory", "nprobe", "recall", "totals", "timings")}
+    return {k: getattr(manifest, k) for k in ("version", "factory", "nprobe", "recall", "totals", "timings")}
 
 
 if __name__ == "__main__":
