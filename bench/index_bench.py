@@ -139,8 +139,10 @@ def driver_rss(emb_dir: str, n: int) -> float:
     with the training sample size held fixed."""
     d = os.path.join(WORK, "rss", str(n))
     code = f"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {REPO!r})
+from dpr_lib.index_ops import peak_rss, reset_peak_rss
+reset_peak_rss()  # this process's own peak, not the bench's it inherited at fork
 from dpr_lib.config import load_config
 from dpr_lib.index import build_index
 from dpr_lib.spark import get_session
@@ -148,7 +150,7 @@ cfg = load_config({os.path.join(REPO, 'conf', 'local.yaml')!r}, ['paths.work_dir
     'paths.passages={os.path.join(WORK, 'encode', 'passages')}', 'index.max_train_sample={RSS_SAMPLE}',
     'index.factory=IVF256,Flat', 'index.recall_queries=64', 'publish.docstore=false'])
 build_index(get_session(cfg), cfg)
-print(json.dumps({{'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+print(json.dumps({{'peak_mb': peak_rss() / 2**20}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=1200)
     if out.returncode != 0:

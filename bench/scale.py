@@ -216,9 +216,11 @@ def write_table(path: str, n: int, gen: Generator, setting: tuple[float, float],
 # ---------------------------------------------------------------- runs in fresh processes
 
 MERGE = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 sys.path.insert(0, {repo!r})
+from dpr_lib.index_ops import peak_rss, reset_peak_rss
+reset_peak_rss()  # this process's own peak, not the bench's it inherited at fork
 from dpr_lib.cli import setup_logging
 from dpr_lib.config import load_config
 from dpr_lib.index import build_index
@@ -231,14 +233,16 @@ t = time.perf_counter()
 m = build_index(spark, cfg, question_vectors=q, questions_source="held-out synthetic vectors")
 seconds = time.perf_counter() - t
 spark.stop()
-print(json.dumps({{"seconds": seconds, "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({{"seconds": seconds, "driver_peak_rss": peak_rss(),
                   "manifest": m.to_dict()}}))
 """
 
 PLAIN = """
-import json, resource, sys, time
+import json, sys, time
 import faiss, numpy as np, pyarrow.parquet as pq
 sys.path.insert(0, {repo!r})
+from dpr_lib.index_ops import peak_rss, reset_peak_rss
+reset_peak_rss()
 from dpr_lib import index_ops as ix
 files, factory, train_size, method, out = {files!r}, {factory!r}, {train_size!r}, {method!r}, {out!r}
 t = time.perf_counter()
@@ -259,7 +263,7 @@ for f in files:  # pass 2: add every vector with its pid
     del table
 faiss.write_index(index, out)
 seconds = time.perf_counter() - t
-print(json.dumps({{"seconds": seconds, "train_seconds": t_train, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+print(json.dumps({{"seconds": seconds, "train_seconds": t_train, "peak_rss": peak_rss()}}))
 """
 
 

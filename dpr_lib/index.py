@@ -43,8 +43,10 @@ from dpr_lib.index_ops import (
     deserialize,
     local_tmp_dir,
     merge_topk,
+    peak_rss,
     recall_at_k,
     rerank,
+    reset_peak_rss,
     set_nprobe,
     topk_block,
     vectors_of,
@@ -62,28 +64,6 @@ def _npy(arr: np.ndarray) -> bytes:
 
 def _unnpy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _reset_peak_rss() -> None:
-    """Start this process's peak-RSS count afresh (Linux: VmHWM), so a reused Python worker
-    reports the peak of the current task only. Best effort."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss() -> int:
-    """Peak resident bytes of this process since the last reset (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 # ---------------------------------------------------------------- Spark runners
@@ -268,7 +248,7 @@ class _ShardTask:
 
 
         ctx = TaskContext.get()
-        _reset_peak_rss()
+        reset_peak_rss()
         # FAISS's OpenMP would start one thread per core in every concurrent task: oversubscribed,
         # its spinning threads slow everything down. One task = its spark.task.cpus threads.
         faiss.omp_set_num_threads(max(1, int(ctx.cpus()) if ctx is not None and hasattr(ctx, "cpus") else 1))
@@ -339,7 +319,7 @@ class _ShardTask:
                 yield pa.RecordBatch.from_pylist([{
                     "shard": s, "vectors": int(len(all_pids)), "bytes": shard_meta["bytes"],
                     "sha256": shard_meta["sha256"], "path": self.urls[s], "rerank": store_meta,
-                    "task_shards": len(shards), "peak_rss": _peak_rss(),
+                    "task_shards": len(shards), "peak_rss": peak_rss(),
                     "hit_scores": _npy(np.array(all_s, np.float32)), "hit_ids": _npy(np.array(all_i, np.int64)),
                     "exact_scores": _npy(st["exact"][0]), "exact_ids": _npy(st["exact"][1])}], schema=SHARD_RESULT)
                 del st["index"], idx
@@ -467,10 +447,16 @@ def sample_files(spark, layout: list[dict], dim: int, size: int, seed: int, spil
     dups = [d for d in rows.column("duplicates").to_pylist() if d]
     if dups:
         raise InputError(f"duplicate pids in the Embeddings table: {dups[0]}")
-    if spill_dir:
+    if spill_dir:  # filled part by part into one array: the driver holds the sample once, not twice
         parts = [os.path.join(spill_dir, f"{i:06d}") for i in range(len(layout))]
         pids = np.concatenate([np.load(p + ".pids.npy") for p in parts] or [np.zeros(0, np.int64)])
-        vecs = np.concatenate([np.load(p + ".vectors.npy") for p in parts] or [np.zeros((0, dim), np.float32)])
+        vecs = np.empty((len(pids), dim), np.float32)
+        offset = 0
+        for p in parts:
+            part = np.load(p + ".vectors.npy", mmap_mode="r")
+            vecs[offset:offset + len(part)] = part
+            offset += len(part)
+            del part
     else:
         pids = np.concatenate([np.frombuffer(b, dtype=np.int64) for b in rows.column("pids").to_pylist()] or
                               [np.zeros(0, np.int64)])

@@ -398,6 +398,29 @@ def local_tmp_dir() -> str | None:
     return local_dirs[0] if local_dirs else None
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak-RSS count afresh (Linux: VmHWM), so a reused Python worker
+    reports the peak of the current task only. Best effort. (``getrusage``'s ru_maxrss cannot be
+    reset, and a child process inherits its parent's high-water mark across fork and exec.)"""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process since the last reset (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class RerankStoreWriter:
     """Collects a shard's (pid, vector) pairs in local temp files, then writes the store: two
     ``.npy`` files (pids int64 sorted; vectors float16 [n, d] in pid order), never holding the
@@ -476,10 +499,14 @@ def vectors_of(batch: pa.RecordBatch | pa.Table, dim: int, column: str = "vector
     return flat.reshape(len(col), dim)
 
 
-def check_finite(vectors: np.ndarray, pids: np.ndarray) -> None:
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        raise EncoderError(f"NaN/inf vectors for pid(s) {pids[bad][:5].tolist()} in the Embeddings table")
+def check_finite(vectors: np.ndarray, pids: np.ndarray, block: int = 65536) -> None:
+    """NaN/inf vectors are an EncoderError naming their pids (checked in blocks of rows: no
+    whole-size temporary for a large sample)."""
+    for start in range(0, len(vectors), block):
+        bad = ~np.isfinite(vectors[start:start + block]).all(axis=1)
+        if bad.any():
+            raise EncoderError(f"NaN/inf vectors for pid(s) {pids[start:start + block][bad][:5].tolist()} "
+                               "in the Embeddings table")
 
 
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
