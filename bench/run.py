@@ -86,14 +86,9 @@ def main() -> int:
         return 0
     spark = get_session(load_config(os.path.join(REPO, "conf", "local.yaml"),
                                     ["spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 6g}"]))
-    if ONLY == "scale":  # needs nothing from the encode benchmark
-        bench_scale(spark, results, details)
-        spark.stop()
-        write_report(results, details, mach, time.time() - t0)
-        print(open(os.path.join(OUT, "latest.md")).read())
-        return 0
-    if ONLY == "nightly":  # needs nothing from the encode benchmark
-        bench_nightly(spark, results, details)
+    standalone = {"scale": bench_scale, "nightly": bench_nightly}  # parts that need nothing from encode
+    if ONLY in standalone:
+        standalone[ONLY](spark, results, details)
         spark.stop()
         write_report(results, details, mach, time.time() - t0)
         print(open(os.path.join(OUT, "latest.md")).read())
