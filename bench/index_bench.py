@@ -148,7 +148,7 @@ from dpr_lib.index import build_index
 from dpr_lib.spark import get_session
 cfg = load_config({os.path.join(REPO, 'conf', 'local.yaml')!r}, ['paths.work_dir={d}', 'paths.embeddings={emb_dir}',
     'paths.passages={os.path.join(WORK, 'encode', 'passages')}', 'index.max_train_sample={RSS_SAMPLE}',
-    'index.factory=IVF256,Flat', 'index.recall_queries=64', 'publish.docstore=false'])
+    'index.factory=IVF{64 if QUICK else 256},Flat', 'index.recall_queries=64', 'publish.docstore=false'])
 build_index(get_session(cfg), cfg)
 print(json.dumps({{'peak_mb': peak_rss() / 2**20}}))
 """
