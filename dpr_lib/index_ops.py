@@ -123,7 +123,7 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
             raise ConfigError(f"index.factory {factory}: nlist={nlist} needs {MIN_POINTS_PER_LIST * nlist} "
                               f"training vectors ({MIN_POINTS_PER_LIST} per list), the sample can have {train} "
                               f"({limit}); raise {budget_key}, lower nlist or use index.factory=auto")
-        method = _method(train_method, nlist, large_nlist, factory)
+        method = _method(train_method, nlist, large_nlist)
         return IndexPlan(factory, nlist, train, "index.factory from config", method, train * 4 * dim,
                          train_flops(train, nlist, dim, method, factory))
     nlist = 2 ** math.ceil(math.log2(max(4 * math.sqrt(n), 1)))
@@ -160,7 +160,7 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
     train = min(train, cap)
     hnsw = coarse == "hnsw"
     factory = f"IVF{nlist}_HNSW{HNSW_M},{code}" if hnsw and nlist > 1 else f"IVF{nlist},{code}"
-    method = _method(train_method, nlist, large_nlist, factory)
+    method = _method(train_method, nlist, large_nlist)
     reason = (f"n={n}, d={dim}: nlist={nlist} (power of two >= 4*sqrt(n), >= {MIN_POINTS_PER_LIST} "
               f"points per list){lowered}; {train} training points ({train // max(1, nlist)} per list), "
               f"{method} k-means{', HNSW coarse quantizer' if hnsw and nlist > 1 else ''}; {why}")
@@ -168,7 +168,7 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
                      train_flops(train, nlist, dim, method, factory))
 
 
-def _method(train_method: str, nlist: int, large_nlist: int, factory: str) -> str:
+def _method(train_method: str, nlist: int, large_nlist: int) -> str:
     if train_method != "auto":
         return train_method
     return "two_level" if nlist >= large_nlist else "flat"
