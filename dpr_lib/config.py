@@ -209,6 +209,9 @@ class NightlyConfig:
     max_nprobe_growth: float = 2.0
     """Retrain when the reused quantizer needs more than this factor times the nprobe the previous
     version served with to reach index.recall_target (it has drifted from the corpus)."""
+    lock: bool = True
+    """Take the index root's lock (an exclusive create) for the run. false only where the store has no
+    conditional writes and the scheduler guarantees one run at a time."""
     stale_lock_s: int = 6 * 3600
     """A lock older than this (seconds) is considered left by a dead run and taken over."""
     keep_runs: int = 2

@@ -44,7 +44,10 @@ class LockError(DprError):
 # ---------------------------------------------------------------- lock
 
 class RunLock:
-    """A lock object in the index storage. Written, then read back: the run whose id is there owns it."""
+    """One nightly run at a time per index root: a lock object created only if absent (S3 PUT
+    If-None-Match: *; link(2) on local paths). A lock older than ``stale_s`` was left by a dead run
+    and is taken over by replacing exactly the object that was read (If-Match: its ETag), so of
+    several runs that find it stale, one wins. Release deletes the lock only if it is still ours."""
 
     def __init__(self, root: str, stale_s: float, storage_options: dict | None = None):
         self.url = join_url(root, "_lock")
@@ -52,29 +55,46 @@ class RunLock:
         self.opts = storage_options
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "since": time.time()}).encode()
+
     def acquire(self) -> None:
-        if storage.exists(self.url, self.opts):
-            try:
-                held = json.loads(storage.read_bytes(self.url, self.opts))
-            except (ValueError, FileNotFoundError):
-                held = {"since": 0, "owner": "unreadable"}
-            age = time.time() - float(held.get("since", 0))
-            if age < self.stale_s:
-                raise LockError(f"another run ({held.get('owner')}) holds {self.url} since {age:.0f}s; "
-                                f"it is considered stale after nightly.stale_lock_s={self.stale_s:.0f}s")
-            log.warning("taking over a stale lock of %s (%.0fs old)", held.get("owner"), age)
-        body = json.dumps({"owner": self.owner, "since": time.time()}).encode()
-        storage.write_bytes_atomic(self.url, body, self.opts)
-        if json.loads(storage.read_bytes(self.url, self.opts)).get("owner") != self.owner:
-            raise LockError(f"lost the race for {self.url} to another run")
+        try:
+            if storage.create_exclusive(self.url, self._body(), self.opts):
+                return
+            current = storage.read_tagged(self.url, self.opts)
+            if current is None:  # released between the two calls: one more exclusive create
+                if storage.create_exclusive(self.url, self._body(), self.opts):
+                    return
+                raise LockError(f"lost the race for {self.url} to another run")
+        except storage.ConditionalWriteUnsupported as exc:
+            raise LockError(f"cannot lock {self.url}: {exc}. Run the nightly job with nightly.lock=false "
+                            "only if your scheduler never starts two runs at once") from None
+        data, tag = current
+        try:
+            held = json.loads(data)
+        except ValueError:
+            held = {"since": 0, "owner": "unreadable"}
+        if held.get("owner") == self.owner:  # our create was retried after it had landed
+            return
+        age = time.time() - float(held.get("since", 0))
+        if age < self.stale_s:
+            raise LockError(f"another run ({held.get('owner')}) holds {self.url} since {age:.0f}s; "
+                            f"it is considered stale after nightly.stale_lock_s={self.stale_s:.0f}s")
+        if not storage.replace_if(self.url, self._body(), tag, self.opts):
+            raise LockError(f"lost the race to take over the stale lock {self.url} to another run")
+        log.warning("took over a stale lock of %s (%.0fs old)", held.get("owner"), age)
 
     def release(self) -> None:
+        current = storage.read_tagged(self.url, self.opts)
+        if current is None:
+            return
         try:
-            if json.loads(storage.read_bytes(self.url, self.opts)).get("owner") == self.owner:
-                fs, path = storage.get_fs(self.url, self.opts)
-                fs.rm(path)
-        except FileNotFoundError:
-            pass
+            owner = json.loads(current[0]).get("owner")
+        except ValueError:
+            return
+        if owner == self.owner and not storage.delete_if(self.url, current[1], self.opts):
+            log.warning("the lock %s changed hands before this run released it", self.url)
 
 
 # ---------------------------------------------------------------- state
@@ -146,8 +166,11 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
     t0 = time.time()
     ncfg = cfg.nightly
     root, opts = cfg.path("index_root"), cfg.storage_options()
-    lock = RunLock(root, ncfg.stale_lock_s, opts)
-    lock.acquire()
+    lock = RunLock(root, ncfg.stale_lock_s, opts) if ncfg.lock else None
+    if lock:
+        lock.acquire()
+    else:
+        log.warning("nightly.lock=false: nothing stops a second run on %s from starting now", root)
     try:
         # Read (and encode) once, before any stage: a bad file fails now, not after the encode stage.
         questions = encode_recall_questions(cfg) if cfg.index.recall_questions else None
@@ -267,7 +290,8 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
         _write_json(state_url, state)
         _prune_runs(cfg, keep=ncfg.keep_runs, current=state["run"])
     finally:
-        lock.release()
+        if lock:
+            lock.release()
     report = {
         "run": state["run"], "version": published["version"], "diff": diff,
         "encoded": encoded["encoded"], "reused": corpus["passages"] - encoded["encoded"],

@@ -52,8 +52,8 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{what}: {exc}") from exc
+        except (FileNotFoundError, FileExistsError) as exc:
+            raise type(exc)(f"{what}: {exc}") from exc
         except _PERMANENT as exc:
             raise StorageError(f"{what}: {exc}") from exc
         except OSError as exc:
@@ -153,6 +153,145 @@ def _via_temp(dest: str, suffix: str, write: Callable[[str], object], what: str,
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ---------------------------------------------------------------- conditional writes
+# What a lock needs from a store: create only if absent, and replace or delete only the object that
+# was read. S3 has both (PUT If-None-Match: * and If-Match: <ETag>); local paths get them from
+# link(2) (fails when the name exists) and, for replace/delete, a flock(2)-held guard file beside it.
+# Other stores refuse with ConditionalWriteUnsupported rather than pretend.
+
+
+class ConditionalWriteUnsupported(StorageError):
+    """The store cannot create-if-absent or replace-if-unchanged."""
+
+
+def _conditional_kind(url: str) -> str:
+    if is_local(url):
+        return "local"
+    if url.split("://", 1)[0] in ("s3", "s3a", "s3n"):
+        return "s3"
+    raise ConditionalWriteUnsupported(
+        f"{url.split('://', 1)[0]}:// has no conditional writes through this library (supported: local "
+        "paths and S3-compatible stores with If-None-Match/If-Match)")
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    return isinstance(exc, FileExistsError) or (
+        isinstance(exc, OSError) and exc.errno == errno.EINVAL and "condition" in str(exc).lower())
+
+
+def create_exclusive(url: str, data: bytes, storage_options: dict | None = None) -> bool:
+    """Create ``url`` holding ``data`` only if nothing is there: True when this call created it,
+    False when it already existed. Atomic against every other writer using these functions."""
+    kind = _conditional_kind(url)
+    fs, path = get_fs(url, storage_options)
+    if kind == "local":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # fails with EEXIST: the complete file appears or nothing does
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                return _create_excl(path, data)  # a filesystem without hard links
+            return True
+        finally:
+            os.remove(tmp)
+    try:
+        # A retried PUT whose first attempt landed also reads as "exists": callers that must tell
+        # the two apart compare the content with what they wrote.
+        retry(lambda: fs.pipe_file(path, data, mode="create"), f"create {url}")
+    except FileExistsError:
+        return False
+    finally:
+        fs.invalidate_cache(path)
+    return True
+
+
+def _create_excl(path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def read_tagged(url: str, storage_options: dict | None = None) -> tuple[bytes, str] | None:
+    """(content, tag) of ``url``, or None when absent. ``tag`` identifies this exact object for
+    ``replace_if`` / ``delete_if`` (S3: its ETag; local: the sha256 of its content)."""
+    kind = _conditional_kind(url)
+    fs, path = get_fs(url, storage_options)
+    if kind == "local":
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        return data, sha256_bytes(data)
+    fs.invalidate_cache(path)
+    try:
+        # The ETag first: if the object changes before the body is read, replace_if(tag) fails.
+        tag = retry(lambda: fs.info(path), f"stat {url}")["ETag"]
+        data = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        return None
+    return data, tag
+
+
+def replace_if(url: str, data: bytes, tag: str, storage_options: dict | None = None) -> bool:
+    """Replace ``url`` with ``data`` only if it is still the object ``read_tagged`` returned with
+    ``tag``: True when replaced, False when it changed or vanished meanwhile."""
+    return _if_unchanged(url, tag, data, storage_options)
+
+
+def delete_if(url: str, tag: str, storage_options: dict | None = None) -> bool:
+    """Delete ``url`` only if it is still the object tagged ``tag``."""
+    return _if_unchanged(url, tag, None, storage_options)
+
+
+def _if_unchanged(url: str, tag: str, data: bytes | None, storage_options: dict | None) -> bool:
+    kind = _conditional_kind(url)
+    fs, path = get_fs(url, storage_options)
+    if kind == "local":
+        import fcntl
+
+        with open(f"{path}.guard", "a+b") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # every replace/delete of this path goes one at a time
+            current = read_tagged(url)
+            if current is None or current[1] != tag:
+                return False
+            if data is None:
+                os.remove(path)
+            else:
+                write_bytes_atomic(url, data)
+            return True
+    bucket, key, _ = fs.split_path(path)
+    try:
+        if data is None:
+            fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=tag)
+        else:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=tag)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if _precondition_failed(exc):
+            return False
+        raise StorageError(f"conditional {'delete' if data is None else 'write'} of {url}: {exc}") from exc
+    finally:
+        fs.invalidate_cache(path)
+    return True
 
 
 def list_files(url: str, suffix: str = "", storage_options: dict | None = None) -> list[str]:

@@ -4,16 +4,19 @@ Clients use the proxy's URL as their S3 endpoint; every request is forwarded to 
 unless a rule matches it. Rules (checked in order, first match wins) are
 ``(method, path_regex, action, times)``: ``action`` is ``"error"`` (an S3 ``503 SlowDown``),
 ``"reset"`` (the connection is closed without an answer) or ``"hold"`` (the request waits until
-:meth:`FaultProxy.release` or until the proxy stops: a write that never completes); ``times`` is
+:meth:`FaultProxy.release` or until the proxy stops: a write that never completes) or ``"slow"``
+(forwarded after a random 0-300 ms, as an object store under load answers); ``times`` is
 how many matching requests the rule applies to (None = all). The proxy counts what it did.
 """
 
 from __future__ import annotations
 
 import http.client
+import random
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -26,7 +29,7 @@ class FaultProxy:
         host, port = upstream.split("://", 1)[1].split(":")
         self.upstream = (host, int(port))
         self.rules: list[list] = []
-        self.counts: dict[str, int] = {"forwarded": 0, "error": 0, "reset": 0, "hold": 0}
+        self.counts: dict[str, int] = {"forwarded": 0, "error": 0, "reset": 0, "hold": 0, "slow": 0}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request received
         self.seen: list[tuple[str, str]] = []
         self.held = threading.Event()  # set when a request is being held
@@ -75,6 +78,8 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(SLOW_DOWN)
                     return
+                if action == "slow":
+                    time.sleep(random.uniform(0, 0.3))
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP | {"expect"}}
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
@@ -117,7 +122,7 @@ class FaultProxy:
             return None
 
     def add_rule(self, method: str, pattern: str, action: str, times: int | None = None) -> None:
-        assert action in ("error", "reset", "hold")
+        assert action in ("error", "reset", "hold", "slow")
         with self._lock:
             self.rules.append([method, pattern, action, times])
 
