@@ -10,6 +10,7 @@ No pyspark import here: search services load this module too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -166,7 +167,11 @@ class PublishConfig:
     retries: int = 5
     """Attempts for each storage operation on transient errors."""
     endpoint_url: str = ""
-    """S3-compatible endpoint (MinIO, Ceph, ...). Credentials come from the standard AWS chain only."""
+    """S3-compatible endpoint (MinIO, Ceph, ...) of every s3:// URL: index, work dir, models, questions,
+    checkpoints, training data; also Spark's s3a:// client. Credentials come from the standard AWS chain only."""
+    storage_options: dict = field(default_factory=dict)
+    """More fsspec options for object-store URLs (e.g. {client_kwargs: {region_name: eu-west-1}},
+    {requester_pays: true}); credentials are refused here as anywhere in config."""
     docstore: bool = True
     """Publish the passages' texts with the version; false publishes vectors only (texts served from
     elsewhere): the accounting then checks vectors against the Embeddings, not the Passages table."""
@@ -311,10 +316,12 @@ class Config:
         return parse_memory(str(value), "spark.executor.pyspark.memory") if value else 0
 
     def storage_options(self) -> dict:
-        """fsspec options for the index storage. Never contains credentials."""
+        """fsspec options of every object-store URL the product reads or writes (the one source:
+        jobs bind them with dpr_lib.spark.bind_storage). Never contains credentials."""
+        opts = copy.deepcopy(self.publish.storage_options)
         if self.publish.endpoint_url:
-            return {"client_kwargs": {"endpoint_url": self.publish.endpoint_url}}
-        return {}
+            opts.setdefault("client_kwargs", {})["endpoint_url"] = self.publish.endpoint_url
+        return opts
 
 
 _UNITS = {"": 2**20, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
@@ -399,6 +406,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return str(value).lower()
     elif typ is dict:
         if isinstance(value, dict):
+            if key == "publish.storage_options":  # fsspec options nest and keep their types
+                return copy.deepcopy(value)
             return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
     tname = getattr(typ, "__name__", str(typ))
     raise ConfigError(f"{key} must be of type {tname}, got {value!r}")
@@ -472,9 +481,29 @@ def validate(cfg: Config) -> Config:
 _USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*@", re.IGNORECASE)
 
 
+_SECRET_KEYS = re.compile(r"^(key|secret|token|password|aws_access_key_id|aws_secret_access_key|"
+                          r"aws_session_token|session_token|access_key|secret_key)$", re.IGNORECASE)
+
+
+def _secret_key_in(options: Any, where: str) -> str | None:
+    if isinstance(options, dict):
+        for k, v in options.items():
+            if _SECRET_KEYS.match(str(k)):
+                return f"{where}.{k}"
+            found = _secret_key_in(v, f"{where}.{k}")
+            if found:
+                return found
+    return None
+
+
 def _no_credentials(cfg: Config) -> None:
     """Credentials never live in config (it is logged, copied into reports and checked into repos):
     a URL with ``user:secret@`` in any string key is refused, naming the key, not the value."""
+    secret = _secret_key_in(cfg.publish.storage_options, "publish.storage_options")
+    if secret:
+        raise ConfigError(f"{secret} is a credential; give it through the standard chains instead "
+                          "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, an instance role, "
+                          "GOOGLE_APPLICATION_CREDENTIALS)")
     for section in fields(cfg):
         for f in fields(getattr(cfg, section.name)):
             value = getattr(getattr(cfg, section.name), f.name)

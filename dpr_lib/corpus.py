@@ -4,7 +4,8 @@ Reads JSON Lines (``id``, ``title``, ``text``), DPR's TSV (``id<TAB>text<TAB>tit
 header), Parquet with those columns, a directory of plain-text files (file name = doc id), a
 Spark DataFrame, or a catalog table. Splits every document into passages of ``corpus.words``
 words (optionally overlapping), keeps the title with each passage, and writes Parquet files
-``part-NNNNN.parquet`` that are range-partitioned and sorted by ``pid``.
+``part-NNNNN-*.parquet`` that are range-partitioned and sorted by ``pid``, into a new version of
+the table that readers see once its pointer is written (``dpr_lib.outputs.commit_table``).
 
 Invariants:
 - ``pid`` depends only on (doc_id, chunk): stable across runs and input partitionings.
@@ -26,7 +27,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from dpr_lib import accounting, schemas, storage
 from dpr_lib.config import Config
 from dpr_lib.errors import AccountingError, InputError
-from dpr_lib.outputs import publish_spark_output, write_stats
+from dpr_lib.outputs import commit_table, discard_table_version, new_table_version, write_stats
 
 log = logging.getLogger("dpr_lib.corpus")
 
@@ -385,8 +385,9 @@ def shard_corpus(spark, cfg: Config, df=None) -> dict:
 
     Returns the stats dict (also written to <stats>/shard_corpus.json).
     """
-    from dpr_lib.spark import task_errors
+    from dpr_lib.spark import bind_storage, task_errors
 
+    bind_storage(spark, cfg)
     with task_errors():
         return _shard_corpus(spark, cfg, df)
 
@@ -423,13 +424,12 @@ def _shard_corpus(spark, cfg: Config, df=None) -> dict:
             F.concat(F.col("file"), F.lit(":"), F.col("offset").cast("string")).alias("source"),
             "reason", "detail", "raw").select(*schemas.REJECTS.names)  # the contract's columns, in order
 
-        run_id = uuid.uuid4().hex[:12]
         rejects_url = cfg.path("rejects")
-        rejects_tmp = f"{rejects_url.rstrip('/')}.tmp-{run_id}"
-        rejects.coalesce(1).write.mode("overwrite").parquet(rejects_tmp)
-        publish_spark_output(rejects_tmp, rejects_url)
+        rejects_version = new_table_version(rejects_url)
+        rejects.coalesce(1).write.mode("overwrite").parquet(rejects_version)
+        commit_table(rejects_url, rejects_version)  # rejects are written even when the job then fails
         by_reason = {r["reason"]: r["count"] for r in
-                     spark.read.parquet(rejects_url).groupBy("reason").count().collect()}
+                     spark.read.parquet(rejects_version).groupBy("reason").count().collect()}
         n_rejects = sum(by_reason.values())
         n_input = parsed.count()  # every record read, counted apart from docs and rejects
         if n_input == 0:
@@ -444,14 +444,14 @@ def _shard_corpus(spark, cfg: Config, df=None) -> dict:
         passages = ranked.filter(F.col("_rn") == 1).select("doc_id", "title", "text").mapInArrow(
             _passages_mapper(ccfg.words, ccfg.overlap, make_pid), spark_schema(schemas.PASSAGES))
         passages_url = cfg.path("passages")
-        tmp = f"{passages_url.rstrip('/')}.tmp-{run_id}"
+        tmp = new_table_version(passages_url)  # readers see it only once commit_table points at it
         (passages.repartitionByRange(ccfg.num_files, "pid").sortWithinPartitions("pid")
          .write.mode("overwrite").parquet(tmp))
         collisions = (spark.read.parquet(tmp).groupBy("pid")
                       .agg(F.count("*").alias("n"), F.collect_set(F.struct("doc_id", "chunk")).alias("keys"))
                       .filter("n > 1").limit(5).collect())
         if collisions:
-            storage.get_fs(tmp)[0].rm(storage.get_fs(tmp)[1], recursive=True)
+            discard_table_version(tmp)
             detail = "; ".join(f"pid {r['pid']}: {[tuple(k) for k in r['keys']]}" for r in collisions)
             raise InputError(f"pid collision between different (doc_id, chunk) keys: {detail}")
         docs_written = spark.read.parquet(tmp).select("doc_id").distinct().count()
@@ -459,10 +459,10 @@ def _shard_corpus(spark, cfg: Config, df=None) -> dict:
             accounting.check({"input_records": n_input, "docs": docs_written, "rejects": n_rejects},
                              "corpus stage")
         except AccountingError:
-            storage.get_fs(tmp)[0].rm(storage.get_fs(tmp)[1], recursive=True)
+            discard_table_version(tmp)
             raise
         n_docs = docs_written
-        files = publish_spark_output(tmp, passages_url)
+        files = commit_table(passages_url, tmp)
         n_passages = sum(pq.ParquetFile(storage.get_fs(passages_url)[0].open(f, "rb")).metadata.num_rows
                          for f in files)
     finally:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -533,7 +534,11 @@ def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float
 # ---------------------------------------------------------------- Spark runner
 
 def output_name(in_url: str) -> str:
-    return os.path.basename(in_url).replace(".parquet", "") + ".parquet"
+    """The Embeddings file of a Passages file: stable across corpus runs (Spark's part-NNNNN-<id>
+    names keep their partition number only), so an unchanged file is found complete and skipped."""
+    name = os.path.basename(in_url)
+    spark_part = re.match(r"(part-\d{5})-", name)
+    return (spark_part.group(1) if spark_part else name.replace(".parquet", "")) + ".parquet"
 
 
 def encode_passages(spark, cfg: Config) -> dict:
@@ -541,8 +546,9 @@ def encode_passages(spark, cfg: Config) -> dict:
     from pyspark import TaskContext
 
     from dpr_lib.outputs import write_stats
-    from dpr_lib.spark import task_errors, tasks_dataframe
+    from dpr_lib.spark import bind_storage, task_errors, tasks_dataframe
 
+    bind_storage(spark, cfg)
     t0 = time.time()
     spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage", storage_options=cfg.storage_options())
     in_files = storage.list_files(cfg.path("passages"), ".parquet")

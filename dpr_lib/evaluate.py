@@ -116,6 +116,9 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     log.info("evaluation of %s: %d questions (skipped %s)", ds.name, len(ds.questions), ds.skipped or "none")
     if callable(spark):
         spark = spark()
+    from dpr_lib.spark import bind_storage
+
+    bind_storage(spark, cfg)
     cfg = dataclasses.replace(
         cfg, paths=dataclasses.replace(cfg.paths, work_dir=work),
         corpus=dataclasses.replace(cfg.corpus, input=ds.corpus_url, format=ds.corpus_format,

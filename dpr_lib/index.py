@@ -637,8 +637,9 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     from pyspark.sql import functions as F
 
     from dpr_lib.encode import check_embeddings, resolve_spec
-    from dpr_lib.spark import task_errors
+    from dpr_lib.spark import bind_storage, task_errors
 
+    bind_storage(spark, cfg)
     t0 = time.time()
     timings: dict[str, float] = {}
     icfg, root, opts = cfg.index, cfg.path("index_root"), cfg.storage_options()

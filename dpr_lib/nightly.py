@@ -141,10 +141,10 @@ def diff_passages(spark, new_url: str, old_url: str | None) -> dict:
     """Counts of new / changed / unchanged / deleted passages (by pid and content_hash)."""
     from pyspark.sql import functions as F
 
-    new = spark.read.parquet(new_url).select("pid", F.col("content_hash").alias("h_new"))
+    new = spark.read.parquet(storage.resolve_table(new_url)).select("pid", F.col("content_hash").alias("h_new"))
     if not old_url:
         return {"new": new.count(), "changed": 0, "unchanged": 0, "deleted": 0}
-    old = spark.read.parquet(old_url).select("pid", F.col("content_hash").alias("h_old"))
+    old = spark.read.parquet(storage.resolve_table(old_url)).select("pid", F.col("content_hash").alias("h_old"))
     row = (new.join(old, "pid", "full_outer").agg(
         F.sum(F.when(F.col("h_old").isNull(), 1).otherwise(0)).alias("new"),
         F.sum(F.when(F.col("h_new").isNull(), 1).otherwise(0)).alias("deleted"),
@@ -157,12 +157,13 @@ def diff_passages(spark, new_url: str, old_url: str | None) -> dict:
 
 def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
     """One scheduled run. Returns the run report (also written to <run>/report.json)."""
-
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
     from dpr_lib.index import build_index, encode_recall_questions
     from dpr_lib.manifest import MANIFEST, read_latest, read_manifest, version_url
+    from dpr_lib.spark import bind_storage
 
+    bind_storage(spark, cfg)
     t0 = time.time()
     ncfg = cfg.nightly
     root, opts = cfg.path("index_root"), cfg.storage_options()
@@ -211,7 +212,7 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
                     "to publish it anyway")
 
         def encode_changed() -> dict:
-            passages = spark.read.parquet(run_cfg.path("passages"))
+            passages = spark.read.parquet(storage.resolve_table(run_cfg.path("passages")))
             todo = passages
             if same_encoder:
                 old = spark.read.parquet(baseline["embeddings"]).select("pid", "content_hash")
@@ -229,7 +230,7 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
         encoded = stage("encode", encode_changed)
 
         def embeddings_df():
-            passages = spark.read.parquet(run_cfg.path("passages")).select("pid", "content_hash")
+            passages = spark.read.parquet(storage.resolve_table(run_cfg.path("passages"))).select("pid", "content_hash")
             frames = []
             new_files = storage.list_files(join_url(run_dir, "embeddings_new"), ".parquet") \
                 if storage.exists(join_url(run_dir, "embeddings_new")) else []

@@ -26,7 +26,9 @@ def run_pipeline(spark, cfg: Config, questions: list[str] | None = None, k: int 
     from dpr_lib.encode import encode_passages
     from dpr_lib.index import build_index
     from dpr_lib.search import Searcher, format_hits
+    from dpr_lib.spark import bind_storage
 
+    bind_storage(spark, cfg)
     t0 = time.time()
     corpus = shard_corpus(spark, cfg)
     encode = encode_passages(spark, cfg)

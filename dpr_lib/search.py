@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dpr_lib").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.conf, args.overrides)
+        storage.use_options(cfg.storage_options())
         searcher = Searcher(args.index, cfg.encoder, cfg.path("cache_dir"), parse_shards(args.shards),
                             args.mmap or cfg.search.mmap, args.nprobe or cfg.search.nprobe or None,
                             cfg.storage_options(), cfg.search.max_k, args.k_factor or cfg.search.k_factor or None)

@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from dpr_lib import storage
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import DprError, InputError
 
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         cfg = load_config(args.conf, args.overrides)
+        storage.use_options(cfg.storage_options())
         shards = parse_shards(args.shards)
     except DprError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -33,14 +33,39 @@ def get_session(cfg: Config):
     builder = SparkSession.builder.appName(cfg.spark.app_name)
     if "SPARK_SUBMIT_OPTS" not in os.environ and not os.environ.get("SPARK_ENV_LOADED"):
         builder = builder.master(cfg.spark.master)
-    for key, value in {**_DEFAULTS, **cfg.spark.conf}.items():
+    for key, value in {**_DEFAULTS, **hadoop_s3a_conf(cfg), **cfg.spark.conf}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DPR_SPARK_LOG_LEVEL", "WARN"))
+    bind_storage(spark, cfg)
     log.info("Spark %s, master %s", spark.version, spark.sparkContext.master)
     if not is_local_master(spark.sparkContext.master):
         check_executors(spark)
     return spark
+
+
+def bind_storage(spark, cfg: Config) -> dict:
+    """Bind ``cfg``'s storage options (publish.endpoint_url, publish.storage_options) to every storage
+    call of this job: on the driver, and in every task the calling thread submits (a Spark local
+    property the tasks read). Stages call it first, so no fsspec call is left on the default endpoint."""
+    import json
+
+    from dpr_lib import storage
+
+    opts = cfg.storage_options()
+    storage.use_options(opts)
+    if spark is not None:
+        spark.sparkContext.setLocalProperty(storage.OPTIONS_PROPERTY, json.dumps(opts, sort_keys=True))
+    return opts
+
+
+def hadoop_s3a_conf(cfg: Config) -> dict:
+    """Spark's own S3 client (s3a://, for the tables) pointed at the same endpoint as everything else,
+    unless spark.conf sets it."""
+    if not cfg.publish.endpoint_url:
+        return {}
+    return {"spark.hadoop.fs.s3a.endpoint": cfg.publish.endpoint_url,
+            "spark.hadoop.fs.s3a.path.style.access": "true"}
 
 
 def is_local_master(master: str) -> bool:

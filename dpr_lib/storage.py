@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from typing import Callable, TypeVar
@@ -31,11 +33,42 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
+# The options of every call that passes none: Config.storage_options(), bound once per job on the
+# driver (use_options) and handed to tasks as a Spark local property (dpr_lib.spark.bind_storage),
+# so a work dir, a model URL or a checkpoint on MinIO is reached through the same endpoint as the index.
+OPTIONS_PROPERTY = "dpr.storage_options"
+_options: dict = {}
+
+
+def use_options(options: dict | None) -> None:
+    """Make ``options`` the default of every storage call in this process that passes none."""
+    global _options
+    _options = dict(options or {})
+
+
+def default_options() -> dict:
+    """The options in force here: the running Spark task's (set by the driver that submitted it),
+    else this process's (``use_options``)."""
+    if "pyspark" in sys.modules:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        raw = ctx.getLocalProperty(OPTIONS_PROPERTY) if ctx is not None else None
+        if raw is not None:
+            return json.loads(raw)
+    return _options
+
+
 def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path without protocol) for a URL or local path."""
+    """(filesystem, path without protocol) for a URL or local path. ``storage_options`` None means
+    the defaults in force (``default_options``); local paths take none."""
     if url.startswith(("s3a://", "s3n://")):
         url = "s3://" + url.split("://", 1)[1]  # Hadoop's S3 schemes name the same objects
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if is_local(url):
+        storage_options = {}
+    elif storage_options is None:
+        storage_options = default_options()
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
     return fs, path
 
 
@@ -294,11 +327,50 @@ def _if_unchanged(url: str, tag: str, data: bytes | None, storage_options: dict 
     return True
 
 
+# ---------------------------------------------------------------- tables published by pointer
+# A Spark-written table (Passages, rejects, training data) lives as <table>/<version>/part-*; the
+# small object <table>/_CURRENT, written last, names the version readers see and its files in order.
+# A crash before the pointer leaves the previous version readable; see dpr_lib.outputs.commit_table.
+
+TABLE_POINTER = "_CURRENT"
+
+
+def table_pointer(url: str, storage_options: dict | None = None) -> dict | None:
+    """The pointer of a table published by pointer, or None (a plain directory, a file, a glob)."""
+    try:
+        raw = read_bytes(url.rstrip("/") + "/" + TABLE_POINTER, storage_options)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except StorageError as exc:
+        if isinstance(exc.__cause__, (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)):
+            return None
+        raise
+    try:
+        pointer = json.loads(raw)
+        assert isinstance(pointer["version"], str) and isinstance(pointer["files"], list)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise StorageError(f"{url}/{TABLE_POINTER} is not a table pointer (expected JSON with version and files)") \
+            from None
+    return pointer
+
+
+def resolve_table(url: str, storage_options: dict | None = None) -> str:
+    """The directory holding a table's current files: ``<url>/<version>`` for a table published by
+    pointer, else ``url`` itself (any plain Parquet directory or file)."""
+    pointer = table_pointer(url, storage_options)
+    return url.rstrip("/") + "/" + pointer["version"] if pointer else url
+
+
 def list_files(url: str, suffix: str = "", storage_options: dict | None = None) -> list[str]:
     """Files under ``url`` (recursive) ending with ``suffix``, sorted, as URLs of the same protocol.
 
-    Hidden and underscore-prefixed names (``_SUCCESS``, ``.crc``) are skipped as Spark does.
+    Hidden and underscore-prefixed names (``_SUCCESS``, ``.crc``) are skipped as Spark does. A table
+    published by pointer lists the files of its current version, in the pointer's order.
     """
+    pointer = table_pointer(url, storage_options) if "*" not in url else None
+    if pointer:
+        base = url.rstrip("/") + "/" + pointer["version"]
+        return [f"{base}/{name}" for name in pointer["files"] if name.endswith(suffix)]
     fs, path = get_fs(url, storage_options)
     if fs.isfile(path):
         return [url]

@@ -189,12 +189,23 @@ def make_record(question, cands: list, n_hard: int) -> tuple[dict, str | None]:
 
 
 def _write_jsonl(spark, lines_rdd, url: str) -> None:
-    """Write an RDD of JSON strings as part-NNNNN.jsonl files under ``url``, replacing it."""
-    from dpr_lib.outputs import publish_spark_output
+    """Write an RDD of JSON strings as a new version of the table ``url`` (part-NNNNN.jsonl files)."""
+    from dpr_lib.outputs import commit_table, new_table_version
 
-    tmp = url.rstrip("/") + "._tmp"
-    spark.createDataFrame(lines_rdd.map(lambda s: (s,)), "value string").write.mode("overwrite").text(tmp)
-    publish_spark_output(tmp, url, suffix=".jsonl")
+    version = new_table_version(url)
+    spark.createDataFrame(lines_rdd.map(lambda s: (s,)), "value string").write.mode("overwrite").text(version)
+    _name_jsonl(version)
+    commit_table(url, version, suffix=".jsonl")
+
+
+def _name_jsonl(version_url: str) -> None:
+    """Spark's text writer names its files part-NNNNN-<id>-c000.txt; training data readers (and
+    users) expect .jsonl. Renamed inside the unpublished version, before its pointer exists."""
+    fs, path = storage.get_fs(version_url)
+    for p in fs.ls(path, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("part-") and name.endswith(".txt"):
+            fs.mv(p, f"{path}/{name[:len('part-00000')]}.jsonl")
 
 
 def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, passages: str | None = None,
@@ -222,6 +233,9 @@ def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, pa
     log.info("training data from %s: %d questions (skipped %s)", ds.name, len(ds.questions), ds.skipped or "none")
     if callable(spark):
         spark = spark()
+    from dpr_lib.spark import bind_storage
+
+    bind_storage(spark, cfg)
     cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, work_dir=work))
     timings = {}
     t = time.time()
@@ -234,7 +248,7 @@ def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, pa
         corpus = shard_corpus(spark, cfg)
         table_url = cfg.path("passages")
     timings["corpus"] = round(time.time() - t, 1)
-    pdf = spark.read.parquet(table_url)
+    pdf = spark.read.parquet(storage.resolve_table(table_url))
     missing = {"pid", "doc_id", "title", "text"} - set(pdf.columns)
     if missing:
         raise InputError(f"{table_url}: not a Passages table (missing columns {sorted(missing)})")

@@ -124,3 +124,14 @@ def write_jsonl(path, docs) -> str:
         for d in docs:
             fh.write(json.dumps(d) + "\n")
     return str(path)
+
+
+def read_table(url: str, **kwargs):
+    """A table written by a stage, as readers see it: the files of its current version (a table
+    published by pointer) or of a plain directory, concatenated in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpr_lib import storage
+
+    return pa.concat_tables([pq.read_table(f, **kwargs) for f in storage.list_files(url, ".parquet")])

@@ -24,8 +24,10 @@ def train_encoder(spark, cfg: Config, data: str, out: str, resume: str | None = 
     processes (``num_processes=1`` locally runs the very same code path); ``spark=None`` runs
     one process here (tests, notebooks). ``resume``: a checkpoint URL, or ``auto`` for the newest
     complete checkpoint under ``out``."""
+    from dpr_lib.spark import bind_storage
+
     t = cfg.train
-    opts = cfg.storage_options()
+    opts = bind_storage(spark, cfg)
     ts = load_training_data(data, opts)            # fail before any process starts
     if resume == "auto":
         found = list_checkpoints(out, opts)

@@ -351,7 +351,9 @@ class Trainer:
 
 def train_worker(args: dict) -> dict:
     """Train in this process: what TorchDistributor runs in each of its processes."""
+    from dpr_lib import storage
     from dpr_lib.cli import setup_logging
 
     setup_logging()
+    storage.use_options(args["storage_options"])  # its own process: the job's options bound here too
     return Trainer(args).run()

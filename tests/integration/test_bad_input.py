@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 from badinput import (
     BIG_DOC_BYTES,
@@ -15,7 +14,7 @@ from badinput import (
     write_wrong_schema_parquet,
     write_wrong_type_parquet,
 )
-from conftest import REPO, make_config
+from conftest import REPO, make_config, read_table
 
 from dpr_lib.corpus import shard_corpus
 from dpr_lib.errors import InputError
@@ -31,12 +30,12 @@ def test_every_bad_record_class_is_a_counted_reject_among_a_huge_and_100k_tiny_d
     big_passages = -(-expected["big_doc_words"] // cfg.corpus.words)
     assert stats["passages"] == (expected["docs"] - 1) + big_passages, "every small doc is one passage"
 
-    rejects = pq.read_table(cfg.path("rejects")).to_pylist()
+    rejects = read_table(cfg.path("rejects")).to_pylist()
     assert all(r["source"].rsplit(":", 1)[1].isdigit() and r["raw"] and r["detail"] for r in rejects)
     utf8 = [r for r in rejects if r["reason"] == "invalid_utf8"][0]
     assert "\\xe9" in utf8["raw"], "the raw record is kept, undecodable bytes escaped"
 
-    passages = pq.read_table(cfg.path("passages"), columns=["doc_id", "title", "text"],
+    passages = read_table(cfg.path("passages"), columns=["doc_id", "title", "text"],
                              filters=[("doc_id", "in", ["c1", "big", "good-0"])]).to_pylist()
     by_doc = {}
     for p in passages:

@@ -6,16 +6,15 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_config, synthetic_docs, write_jsonl
+from conftest import make_config, read_table, synthetic_docs, write_jsonl
 
-from dpr_lib import schemas
+from dpr_lib import schemas, storage
 from dpr_lib.corpus import make_pid, shard_corpus
 from dpr_lib.errors import InputError
 
 
 def read_passages(cfg) -> pa.Table:
-    files = sorted(os.path.join(cfg.path("passages"), f) for f in os.listdir(cfg.path("passages")))
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    return read_table(cfg.path("passages"))
 
 
 def test_jsonl_passages_titles_boundaries_and_contract(spark, tmp_path):
@@ -89,7 +88,7 @@ def test_truncated_gzip_keeps_what_it_read_and_rejects_the_rest(spark, tmp_path)
     cfg = make_config(tmp_path, f"corpus.input={tmp_path / 'in'}", "corpus.max_reject_ratio=1")
     stats = shard_corpus(spark, cfg)
     assert 0 < stats["docs"] < 200 and stats["rejects"] == 1
-    rejects = pq.read_table(cfg.path("rejects")).to_pylist()
+    rejects = read_table(cfg.path("rejects")).to_pylist()
     assert [r["reason"] for r in rejects] == ["unreadable_file"] and "c.jsonl.gz" in rejects[0]["source"]
 
 
@@ -164,7 +163,7 @@ def test_rejects_are_written_counted_and_keep_the_raw_record(spark, tmp_path):
             expected[reason] = expected.get(reason, 0) + 1
     assert stats["rejects_by_reason"] == expected
     assert stats["input_records"] == len(BAD_LINES) == stats["docs"] + stats["rejects"]
-    rejects_table = pq.read_table(cfg.path("rejects"))
+    rejects_table = read_table(cfg.path("rejects"))
     assert rejects_table.schema.names == schemas.REJECTS.names
     rejects = rejects_table.to_pylist()
     dup = [r for r in rejects if r["reason"] == "duplicate_doc_id"][0]
@@ -187,7 +186,7 @@ def test_reject_ratio_fails_and_leaves_previous_passages(spark, tmp_path):
     with pytest.raises(InputError, match=r"7 of 9 input records rejected .* corpus.max_reject_ratio"):
         shard_corpus(spark, cfg2)
     assert read_passages(cfg).equals(before)
-    assert len(pq.read_table(cfg.path("rejects"))) == 7, "rejects of the failed run are kept for inspection"
+    assert len(read_table(cfg.path("rejects"))) == 7, "rejects of the failed run are kept for inspection"
 
 
 def test_tsv_broken_columns_and_unreadable_input(spark, tmp_path):
@@ -210,4 +209,5 @@ def test_pid_collision_is_an_error(spark, tmp_path, monkeypatch):
     cfg = make_config(tmp_path, f"corpus.input={write_jsonl(tmp_path / 'c.jsonl', synthetic_docs(2))}")
     with pytest.raises(InputError, match="pid collision between different"):
         shard_corpus(spark, cfg)
-    assert not os.path.exists(cfg.path("passages"))
+    assert storage.table_pointer(cfg.path("passages")) is None, "no Passages table was published"
+    assert os.listdir(cfg.path("passages")) == [], "the refused version was removed"

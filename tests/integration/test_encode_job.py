@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_config, synthetic_docs, write_jsonl
 
-from dpr_lib import schemas
+from dpr_lib import schemas, storage
 from dpr_lib.corpus import shard_corpus
-from dpr_lib.encode import Encoder, check_embeddings, encode_passages, resolve_spec
+from dpr_lib.encode import Encoder, check_embeddings, encode_passages, output_name, resolve_spec
 from dpr_lib.errors import IncompatibleIndexError, InputError
 
 
@@ -41,7 +41,8 @@ def test_embeddings_contract_and_equality_with_one_process(spark, corpus_cfg):
         meta = table.schema.metadata
         assert json.loads(meta[schemas.META_FINGERPRINT])["id"] == spec.fingerprint_id()
         assert int(meta[schemas.META_DIM]) == spec.dim
-        passages = pq.read_table(os.path.join(corpus_cfg.path("passages"), name))
+        passages = [pq.read_table(f) for f in storage.list_files(corpus_cfg.path("passages"), ".parquet")
+                    if output_name(f) == name][0]
         assert table.column("pid").equals(passages.column("pid"))
         want = Encoder(spec).encode(passages.column("title").to_pylist(), passages.column("text").to_pylist())
         got = np.stack(table.column("vector").to_numpy(zero_copy_only=False))
@@ -93,7 +94,7 @@ def test_dpr_checkpoint_through_the_job(spark, corpus_cfg, tiny_dpr_dir, tmp_pat
 
 
 def test_empty_passage_text_never_reaches_the_model(spark, corpus_cfg, tmp_path):
-    passages = pq.read_table(os.path.join(corpus_cfg.path("passages"), sorted(os.listdir(corpus_cfg.path("passages")))[0]))
+    passages = pq.read_table(storage.list_files(corpus_cfg.path("passages"), ".parquet")[0])
     bad = passages.set_column(4, "text", __import__("pyarrow").array([" "] + passages.column("text").to_pylist()[1:]))
     os.makedirs(tmp_path / "passages")
     pq.write_table(bad, tmp_path / "passages" / "part-00000.parquet")

@@ -18,7 +18,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, encoder_sets, make_config, synthetic_docs, write_jsonl
+from conftest import REPO, encoder_sets, make_config, read_table, synthetic_docs, write_jsonl
 from faultproxy import FaultProxy
 
 from dpr_lib import accounting, storage
@@ -177,6 +177,46 @@ def test_executor_killed_mid_encode_is_retried_and_output_is_identical(spark, tm
                 for f in files]
 
     assert vectors(str(work / "embeddings")) == vectors(clean.path("embeddings")), "identical to a clean run"
+
+
+# ---------------------------------------------------------------- tables published by pointer
+
+def test_driver_killed_after_the_table_write_keeps_the_previous_passages(spark, tmp_path):
+    """The corpus job is killed once Spark has written the new Passages version (its _SUCCESS is
+    there) and before the pointer moves: readers still get the previous table, whole; the next run
+    publishes and removes the orphan."""
+    table = tmp_path / "work" / "passages"
+    first = make_config(tmp_path, f"corpus.input={write_jsonl(tmp_path / 'a.jsonl', synthetic_docs(40, seed=1))}")
+    shard_corpus(spark, first)
+    before = read_table(str(table))
+    old_pointer = storage.table_pointer(str(table))
+
+    second = write_jsonl(tmp_path / "b.jsonl", synthetic_docs(60, seed=2))
+    log_path = tmp_path / "corpus.log"
+    proc = job("shard_corpus.py", [f"paths.work_dir={tmp_path}/work", f"corpus.input={second}",
+                                   "corpus.num_files=2"], log_path)
+
+    def written():  # a new version directory complete on disk, not yet published
+        return [d for d in os.listdir(table) if d.startswith("v-") and d != old_pointer["version"]
+                and os.path.exists(table / d / "_SUCCESS")]
+
+    try:
+        (orphan,) = wait_for(written, 240, "the new Passages version to be written", proc, log_path)
+        kill_driver(proc)
+    finally:
+        if proc.poll() is None:
+            kill_driver(proc)
+    assert storage.table_pointer(str(table)) == old_pointer, "killed before the pointer was written"
+    assert read_table(str(table)).equals(before), "readers see the previous table, whole"
+    assert spark.read.parquet(storage.resolve_table(str(table))).count() == before.num_rows
+
+    stats = shard_corpus(spark, make_config(tmp_path, f"corpus.input={second}"))
+    after = storage.table_pointer(str(table))
+    assert after["version"] not in (old_pointer["version"], orphan)
+    assert read_table(str(table)).num_rows == stats["passages"] > before.num_rows
+    left = sorted(d for d in os.listdir(table) if d.startswith("v-"))
+    assert orphan not in left, "the unpublished version is pruned"
+    assert left == sorted([old_pointer["version"], after["version"]]), "the previous version stays for readers"
 
 
 # ---------------------------------------------------------------- driver killed while publishing

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import os
@@ -10,6 +9,7 @@ import os
 import pytest
 from conftest import make_config
 
+from dpr_lib import storage
 from dpr_lib.datasets import has_answer
 from dpr_lib.errors import InputError
 
@@ -32,7 +32,7 @@ def _small_squad(path, articles: int = 2) -> str:
 
 
 def _read_jsonl(url: str) -> list[dict]:
-    return [json.loads(line) for f in sorted(glob.glob(os.path.join(url, "*.jsonl"))) for line in open(f)]
+    return [json.loads(line) for f in storage.list_files(url, ".jsonl") for line in open(f)]
 
 
 @pytest.fixture(scope="module")
