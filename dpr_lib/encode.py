@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from dpr_lib import schemas, storage
 from dpr_lib.config import Config, EncoderConfig, join_url
-from dpr_lib.errors import EncoderError, IncompatibleIndexError, InputError
+from dpr_lib.errors import EncoderError, IncompatibleIndexError, InputError, refused_pickle
 
 log = logging.getLogger("dpr_lib.encode")
 
@@ -357,6 +357,9 @@ def load_model(spec: EncoderSpec, **overrides):
             cls = DPRQuestionEncoder if spec.role == "question" else DPRContextEncoder
         return cls.from_pretrained(spec.model_dir, **_fp32(), **overrides)
     except Exception as exc:  # noqa: BLE001
+        if "Weights only load failed" in str(exc):  # a pickle that would run code: refused, not run
+            raise EncoderError(f"cannot load model weights from {spec.model_dir}: the weights-only loader refused "
+                               f"its pickle ({refused_pickle(exc)}); it was not executed") from None
         raise EncoderError(f"cannot load model weights from {spec.model_dir}: {exc}") from exc
 
 

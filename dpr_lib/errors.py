@@ -58,3 +58,13 @@ class AccountingError(DprError):
     """Counts that must add up do not (records, passages, embeddings, vectors): nothing was published."""
 
     exit_code = 9
+
+
+def refused_pickle(exc: BaseException) -> str:
+    """What torch's weights-only loader refused (the global a pickle tried to call), without its
+    advice to load the file unsafely; else the error's first line."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    said = [line for line in lines if "WeightsUnpickler error" in line or "Unsupported" in line]
+    return (said[0].split("WeightsUnpickler error:", 1)[-1].strip() if said else (lines or [""])[0])[:300]

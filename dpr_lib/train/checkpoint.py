@@ -103,10 +103,11 @@ def load_state(path: str) -> dict:
     strings and containers only; anything else (code) is refused."""
     import torch
 
-    from dpr_lib.errors import InputError
+    from dpr_lib.errors import InputError, refused_pickle
 
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError
-        raise InputError(f"{path}: not a trainer state this product wrote (refused by the weights-only "
-                         f"loader: {str(exc).splitlines()[0][:200]})") from None
+        raise InputError(f"{path}: not a trainer state this product wrote, refused by the weights-only "
+                         f"loader ({refused_pickle(exc)}); it was not executed") from None
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 
 import pytest
 from conftest import make_config
@@ -192,3 +193,53 @@ def test_mining_dpr_questions_without_gold_counts_every_question(spark, tmp_path
     assert [h["text"][:10] for h in rec["hard_negative_ctxs"]] == ["The Amazon"]   # shares "river"; no answer
     rejected = _read_jsonl(os.path.join(str(tmp_path / "out"), "no_positive"))
     assert sorted(r["reason"] for r in rejected) == ["no_bm25_candidate", "no_candidate_contains_an_answer"]
+
+
+class _Payload:
+    """Pickled, it runs ``Path.touch(sentinel)`` when unpickled by a loader that executes code."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.sentinel),))
+
+
+@pytest.mark.parametrize("poisoned", ["trainer_state.pt", "passage_encoder/pytorch_model.bin"])
+def test_a_malicious_checkpoint_on_object_storage_does_not_execute(tmp_path, tiny_bert_dir, toy_data, s3_endpoint,
+                                                                    poisoned):
+    """A checkpoint fetched from S3 whose pickle would run code when loaded: the trainer state is
+    read by torch's weights-only loader, the model weights by transformers' (weights-only as well);
+    both refuse, the code never runs, and nothing is trained."""
+    import fsspec
+    import torch
+
+    from dpr_lib.errors import EncoderError
+    from dpr_lib.train import train_encoder
+    from dpr_lib.train.checkpoint import COMPLETE
+
+    sentinel = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt"
+    for role in ("question_encoder", "passage_encoder"):
+        shutil.copytree(tiny_bert_dir, ckpt / role)
+    torch.save({"step": 2, "optimizer": {}, "scheduler": {}, "world_size": 1, "batch_size": 8},
+               ckpt / "trainer_state.pt")
+    target = ckpt / poisoned
+    if poisoned.endswith(".bin"):  # the weights only as a pickle, no safetensors beside it
+        (ckpt / "passage_encoder" / "model.safetensors").unlink()
+    torch.save({"step": _Payload(str(sentinel))}, target)  # the format both loaders read
+    (ckpt / COMPLETE).write_text("")
+    url = f"s3://dpr-test/malicious-{poisoned.split('/')[0]}"
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint})
+    fs.put(str(ckpt) + "/", url.removeprefix("s3://") + "/", recursive=True)
+
+    cfg = _cfg(tmp_path, tiny_bert_dir, "train.max_steps=3", f"publish.endpoint_url={s3_endpoint}")
+    with pytest.raises((InputError, EncoderError)) as err:
+        train_encoder(None, cfg, toy_data, str(tmp_path / "out"), resume=url)
+    assert "weights" in str(err.value).lower() and "Unsupported global" in str(err.value), str(err.value)[:500]
+    assert not sentinel.exists(), "the checkpoint's pickle ran code"
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out"), "nothing was trained"
+    torch.load(target, weights_only=False)  # the payload is live: an unsafe loader would have run it
+    assert sentinel.exists()
