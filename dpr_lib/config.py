@@ -187,6 +187,9 @@ class SearchConfig:
     max_k: int = 1000
     k_factor: int = 0
     """0 = the manifest's recommended re-rank factor (versions with a re-rank store)."""
+    verify_cache: bool = False
+    """Re-hash cached shard files on every load. Off: files are verified when downloaded and named
+    by their sha256, so an entry present is trusted (a version loads without reading every byte twice)."""
 
 
 @dataclass

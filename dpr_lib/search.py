@@ -15,11 +15,13 @@ No pyspark import: a search service depends on dpr_lib without Spark.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,11 +52,15 @@ def _safe_relpath(rel: str) -> str:
 
 
 class ShardCache:
-    """Local files keyed by sha256; an entry is complete or absent (downloads go through a temp file)."""
+    """Local files named by their sha256: an entry is complete or absent. Several processes may fill
+    one cache at once: each download goes to a temp file of its own, is verified, then renamed into
+    place (a rename over an identical file is harmless). An entry present is trusted, its name being
+    its checksum; ``verify=True`` re-hashes it on every use (and refetches it if it differs)."""
 
-    def __init__(self, cache_dir: str, storage_options: dict | None = None):
+    def __init__(self, cache_dir: str, storage_options: dict | None = None, verify: bool = False):
         self.dir = os.path.join(cache_dir, "blobs")
         self.storage_options = storage_options
+        self.verify = verify
         os.makedirs(self.dir, exist_ok=True)
 
     def fetch(self, url: str, sha256: str, suffix: str) -> str:
@@ -62,27 +68,30 @@ class ShardCache:
             raise IndexIntegrityError(f"manifest entry for {url} has an invalid sha256 {sha256!r}")
         dest = os.path.join(self.dir, sha256 + suffix)
         if os.path.exists(dest):
-            if storage.sha256_file(dest) == sha256:
+            if not self.verify or storage.sha256_file(dest) == sha256:
                 return dest
-            os.remove(dest)  # a corrupted cache entry is refetched, never used
+            log.warning("cache entry %s does not match its name: fetched again", dest)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(dest)  # a corrupted cache entry is refetched, never used
         if storage.is_local(url):
             src = storage.local_path(url)
             if not os.path.exists(src):
                 raise IndexIntegrityError(f"{url} is listed in the manifest but missing")
-        tmp = f"{dest}.part"
+        tmp = f"{dest}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part"
         try:
-            storage.download(url, tmp, self.storage_options)
-        except FileNotFoundError:
-            raise IndexIntegrityError(f"{url} is listed in the manifest but missing") from None
-        except (OSError, StorageError) as exc:
-            if os.path.exists(tmp):
+            try:
+                storage.download(url, tmp, self.storage_options)
+            except FileNotFoundError:
+                raise IndexIntegrityError(f"{url} is listed in the manifest but missing") from None
+            except (OSError, StorageError) as exc:
+                raise StorageError(f"cannot store {url} in the cache {self.dir}: {exc}") from exc
+            got = storage.sha256_file(tmp)
+            if got != sha256:
+                raise IndexIntegrityError(f"{url} is corrupt: sha256 {got} does not match the manifest's {sha256}")
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
-            raise StorageError(f"cannot store {url} in the cache {self.dir}: {exc}") from exc
-        got = storage.sha256_file(tmp)
-        if got != sha256:
-            os.remove(tmp)
-            raise IndexIntegrityError(f"{url} is corrupt: sha256 {got} does not match the manifest's {sha256}")
-        os.replace(tmp, dest)
         return dest
 
 
@@ -91,14 +100,14 @@ class ShardedIndex:
 
     def __init__(self, index: str, cache_dir: str | None = None, shards: list[int] | None = None,
                  mmap: bool = False, nprobe: int | None = None, storage_options: dict | None = None,
-                 k_factor: int | None = None):
+                 k_factor: int | None = None, verify_cache: bool = False):
         import faiss
 
         self.manifest, self.version_url = open_manifest(index, storage_options)
         self.version = self.manifest.version
         self.dim = self.manifest.dim
         self.cache = ShardCache(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dpr_lib"),
-                                storage_options)
+                                storage_options, verify_cache)
         entries = self.manifest.shards
         if shards is not None:
             known = {e.index for e in entries}
@@ -213,10 +222,11 @@ class Searcher:
 
     def __init__(self, index: str, encoder_cfg: EncoderConfig | None = None, cache_dir: str | None = None,
                  shards: list[int] | None = None, mmap: bool = False, nprobe: int | None = None,
-                 storage_options: dict | None = None, max_k: int = 1000, k_factor: int | None = None):
+                 storage_options: dict | None = None, max_k: int = 1000, k_factor: int | None = None,
+                 verify_cache: bool = False):
         from dpr_lib.encode import get_encoder, resolve_spec
 
-        self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options, k_factor)
+        self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options, k_factor, verify_cache)
         self.max_k = max_k
         spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question",
                             storage_options=storage_options)
@@ -286,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         storage.use_options(cfg.storage_options())
         searcher = Searcher(args.index, cfg.encoder, cfg.path("cache_dir"), parse_shards(args.shards),
                             args.mmap or cfg.search.mmap, args.nprobe or cfg.search.nprobe or None,
-                            cfg.storage_options(), cfg.search.max_k, args.k_factor or cfg.search.k_factor or None)
+                            cfg.storage_options(), cfg.search.max_k, args.k_factor or cfg.search.k_factor or None,
+                            cfg.search.verify_cache)
         results = searcher.ask(args.questions, args.k)
     except DprError as exc:
         print(f"error: {exc}", file=sys.stderr)

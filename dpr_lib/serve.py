@@ -71,7 +71,8 @@ class IndexHolder:
         scfg = self.cfg.search
         searcher = Searcher(join_url(version_url(self.root, version), MANIFEST), self.cfg.encoder, self.cache_dir,
                             self.shards, scfg.mmap, scfg.nprobe or None, self.opts,
-                            max_k=max(self.cfg.serve.max_k, scfg.max_k), k_factor=scfg.k_factor or None)
+                            max_k=max(self.cfg.serve.max_k, scfg.max_k), k_factor=scfg.k_factor or None,
+                            verify_cache=scfg.verify_cache)
         n = self.cfg.serve.warmup_queries
         if n:
             questions = (WARMUP_QUESTIONS * (n // len(WARMUP_QUESTIONS) + 1))[:n]
