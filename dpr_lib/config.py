@@ -187,6 +187,8 @@ class SearchConfig:
     max_k: int = 1000
     k_factor: int = 0
     """0 = the manifest's recommended re-rank factor (versions with a re-rank store)."""
+    docstore_cache_mb: float = 64
+    """Decoded docstore row groups kept in memory (LRU) for hit texts; 0 = read them each time."""
     verify_cache: bool = False
     """Re-hash cached shard files on every load. Off: files are verified when downloaded and named
     by their sha256, so an entry present is trusted (a version loads without reading every byte twice)."""
@@ -206,6 +208,14 @@ class ServeConfig:
     """Longer questions are refused (400)."""
     warmup_queries: int = 16
     """Questions searched on a freshly loaded version before it takes traffic."""
+    batch_questions: int = 64
+    """Most questions of concurrent requests answered by one forward pass and one search."""
+    batch_wait_ms: float = 0.0
+    """How long a batch waits for more requests once the first is queued; 0 = it takes what queued
+    while the previous batch ran (no added latency for a lone client)."""
+    threads: int = 0
+    """torch and FAISS threads of the service's one compute thread; 0 = the machine's cores less one
+    (left to the HTTP event loop), at least 1."""
 
 
 @dataclass
@@ -358,6 +368,7 @@ _CHOICES = {
     "train.device": {"auto", "cpu", "cuda"},
 }
 _POSITIVE = {
+    "serve.batch_questions",
     "corpus.words", "corpus.num_files", "corpus.split_bytes", "corpus.max_doc_bytes",
     "encoder.max_length", "encoder.token_budget", "encoder.buffer_rows",
     "index.max_vectors_per_shard", "index.train_per_list", "index.large_nlist",
@@ -369,7 +380,7 @@ _POSITIVE = {
     "train.max_question_length", "train.keep_checkpoints", "train.log_every", "train.num_processes",
     "train.scale", "train.max_grad_norm",
 }
-_NON_NEGATIVE = {"corpus.overlap", "corpus.default_corpus_limit", "encoder.threads",
+_NON_NEGATIVE = {"corpus.overlap", "serve.batch_wait_ms", "serve.threads", "search.docstore_cache_mb", "corpus.default_corpus_limit", "encoder.threads",
                  "index.num_shards", "index.bytes_per_vector", "index.nprobe", "search.nprobe",
                  "index.k_factor", "search.k_factor", "serve.warmup_queries", "index.exact_below",
                  "index.max_train_sample", "index.max_train_bytes", "index.task_memory_bytes",

@@ -271,6 +271,8 @@ class Encoder:
                 f"{vocab}: tokenizer and weights do not match")
         self.device = self._pick_device()
         self.model.to(self.device).eval()
+        if spec.dtype == "bf16":
+            prepare_bf16(self.model)
         self.token_budget = spec.token_budget
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
@@ -327,6 +329,19 @@ class Encoder:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             vec = pool(self.model(**kwargs), attn, self.spec.pooling, self.spec.normalize)
         return vec.cpu().numpy()
+
+
+def prepare_bf16(model) -> None:
+    """Store the Linear layers' weights in bf16 once. Autocast casts an fp32 weight to bf16 on every
+    forward pass (it caches casts only within one autocast region); the cast of all-MiniLM-L6-v2's
+    weights cost 15 ms, three quarters of a one-question forward on a 2-core CPU. The numbers are
+    the same: autocast rounds those weights to bf16 either way, and keeps LayerNorm, softmax and
+    the embeddings in fp32."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
 
 
 def cuda_device(address: str, count: int) -> str:

@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +101,7 @@ class ShardedIndex:
 
     def __init__(self, index: str, cache_dir: str | None = None, shards: list[int] | None = None,
                  mmap: bool = False, nprobe: int | None = None, storage_options: dict | None = None,
-                 k_factor: int | None = None, verify_cache: bool = False):
+                 k_factor: int | None = None, verify_cache: bool = False, docstore_cache_mb: float = 64):
         import faiss
 
         self.manifest, self.version_url = open_manifest(index, storage_options)
@@ -137,6 +138,9 @@ class ShardedIndex:
         self._docstore = sorted(self.manifest.docstore, key=lambda d: d.min_pid)
         self._docstore_files: dict[str, object] = {}
         self._docstore_lock = threading.Lock()  # lookups may come from several service threads
+        self.docstore_cache_bytes = int(docstore_cache_mb * 2**20)
+        self._groups: OrderedDict = OrderedDict()
+        self._groups_bytes = 0
         log.info("loaded version %s: %d shards, %d vectors, nprobe %d", self.version, len(self.shards),
                  self.ntotal, self.nprobe)
 
@@ -196,6 +200,8 @@ class ShardedIndex:
         return out
 
     def _read_docstore(self, by_file: dict[int, list[int]], out: dict[int, dict]) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         for i, file_pids in by_file.items():
@@ -205,16 +211,34 @@ class ShardedIndex:
                 local = self.cache.fetch(join_url(self.version_url, _safe_relpath(entry.path)), entry.sha256,
                                          ".parquet")
                 pf = self._docstore_files[entry.path] = pq.ParquetFile(local)
-            groups = []
+            tables = []
             for g in range(pf.metadata.num_row_groups):
                 st = pf.metadata.row_group(g).column(0).statistics
                 lo, hi = (st.min, st.max) if st is not None and st.has_min_max else (None, None)
                 if lo is None or any(lo <= p <= hi for p in file_pids):
-                    groups.append(g)
-            want = set(file_pids)
-            for row in pf.read_row_groups(groups).to_pylist():
-                if row["pid"] in want:
-                    out[row["pid"]] = {"doc_id": row["doc_id"], "title": row["title"], "text": row["text"]}
+                    tables.append(self._row_group(pf, entry.path, g))
+            table = pa.concat_tables(tables)
+            # Only the wanted rows become Python objects (a row group holds publish.docstore_row_group rows).
+            hit = table.filter(pc.is_in(table.column("pid"), value_set=pa.array(file_pids, type=pa.int64())))
+            for row in hit.to_pylist():
+                out[row["pid"]] = {"doc_id": row["doc_id"], "title": row["title"], "text": row["text"]}
+
+    def _row_group(self, pf, path: str, group: int):
+        """A decoded docstore row group, from a bounded LRU (``docstore_cache_bytes``): decompressing
+        a whole row group for ten hits was most of a lookup; hot groups are read once."""
+        key = (path, group)
+        table = self._groups.get(key)
+        if table is not None:
+            self._groups.move_to_end(key)
+            return table
+        table = pf.read_row_group(group, columns=["pid", "doc_id", "title", "text"])
+        if table.nbytes <= self.docstore_cache_bytes:
+            self._groups[key] = table
+            self._groups_bytes += table.nbytes
+            while self._groups_bytes > self.docstore_cache_bytes:
+                _, old = self._groups.popitem(last=False)
+                self._groups_bytes -= old.nbytes
+        return table
 
 
 class Searcher:
@@ -223,10 +247,11 @@ class Searcher:
     def __init__(self, index: str, encoder_cfg: EncoderConfig | None = None, cache_dir: str | None = None,
                  shards: list[int] | None = None, mmap: bool = False, nprobe: int | None = None,
                  storage_options: dict | None = None, max_k: int = 1000, k_factor: int | None = None,
-                 verify_cache: bool = False):
+                 verify_cache: bool = False, docstore_cache_mb: float = 64):
         from dpr_lib.encode import get_encoder, resolve_spec
 
-        self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options, k_factor, verify_cache)
+        self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options, k_factor, verify_cache,
+                                  docstore_cache_mb)
         self.max_k = max_k
         spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question",
                             storage_options=storage_options)
@@ -297,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         searcher = Searcher(args.index, cfg.encoder, cfg.path("cache_dir"), parse_shards(args.shards),
                             args.mmap or cfg.search.mmap, args.nprobe or cfg.search.nprobe or None,
                             cfg.storage_options(), cfg.search.max_k, args.k_factor or cfg.search.k_factor or None,
-                            cfg.search.verify_cache)
+                            cfg.search.verify_cache, cfg.search.docstore_cache_mb)
         results = searcher.ask(args.questions, args.k)
     except DprError as exc:
         print(f"error: {exc}", file=sys.stderr)

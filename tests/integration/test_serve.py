@@ -236,3 +236,38 @@ def test_released_versions_leave_the_cache(service, tmp_path):
     assert not stale & cached(), "the version released before the last is gone from the cache"
     assert cached() >= m2.blobs() | m3.blobs()
     assert m1.blobs() & m3.blobs() <= cached(), "files a live version shares are kept"
+
+
+def _metric(metrics: str, name: str) -> float:
+    return float(next(x for x in metrics.splitlines() if x.startswith(name + " ")).rsplit(" ", 1)[1])
+
+
+def test_concurrent_requests_are_answered_together_and_each_gets_its_own_hits(service):
+    """24 requests at once (questions and k differ): each gets the hits it gets alone, and the
+    service answered them in fewer forward passes than requests (micro-batching)."""
+    import asyncio
+
+    client = service["client"]
+    requests = [{"questions": [f"fact{i} alpha", f"bravo fact{i + 1}"][: 1 + i % 2], "k": (3, 5)[i % 2]}
+                for i in range(24)]
+    alone = [client.post("/search", json=r).json()["results"] for r in requests]
+    before = client.get("/metrics").text
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=service["url"], timeout=30) as c:
+            return await asyncio.gather(*(c.post("/search", json=r) for r in requests))
+
+    together = asyncio.run(burst())
+    after = client.get("/metrics").text
+    for req, solo, resp in zip(requests, alone, together):
+        assert resp.status_code == 200, resp.text
+        got = resp.json()["results"]
+        assert [r["question"] for r in got] == req["questions"]
+        for g, s in zip(got, solo):
+            assert len(g["hits"]) == req["k"]
+            assert [h["pid"] for h in g["hits"]] == [h["pid"] for h in s["hits"]]
+            assert [h["score"] for h in g["hits"]] == pytest.approx([h["score"] for h in s["hits"]], abs=2e-3)
+    batches = _metric(after, "dpr_search_batches") - _metric(before, "dpr_search_batches")
+    questions = _metric(after, "dpr_search_batched_questions") - _metric(before, "dpr_search_batched_questions")
+    assert questions == sum(len(r["questions"]) for r in requests)
+    assert batches < len(requests), f"{len(requests)} concurrent requests took {batches} forward passes"
