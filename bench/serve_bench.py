@@ -40,6 +40,19 @@ print(json.dumps({{"imported": imported, "loaded": process_memory()["RssAnon"], 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def loadgen(url: str, questions_file: str, clients: int, seconds: float) -> dict:
+    """bench/loadgen.py against a running service: one question per request from ``clients`` clients."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "loadgen.py"), "--url", url, "--questions",
+                          questions_file, "--clients", str(clients), "--seconds", str(seconds)],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if got["failed"]:
+        raise RuntimeError(f"{got['failed']} of {got['requests']} requests failed under load: {got}")
+    return got
+
+
 def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     """Compact shards: memory slope per passage (N vs 4N), recall vs exact on real questions, top-20
     loss through the evaluation job; the HTTP service: QPS, p99, and three swaps under load."""
@@ -182,6 +195,20 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
 
         lat, _, secs = load(3 if QUICK else 15, batch=16)
         results["serve.qps_http"] = round(len(lat) * 16 / secs, 1)
+        # One question per request: one client, then 16 at once (micro-batched by the service). The
+        # load runs in its own process (bench/loadgen.py, asyncio) so client threads do not share
+        # this interpreter; both measured back to back on the same version.
+        qfile = os.path.join(WORK, "serve", "questions.txt")
+        with open(qfile, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(q.replace("\n", " ") for q in qtexts))
+        conc = {c: loadgen(url, qfile, c, 3 if QUICK else 10) for c in (1, 16)}
+        results.update({"serve.qps_single_client": conc[1]["qps"], "serve.p99_ms_single_client": conc[1]["p99_ms"],
+                        "serve.qps_concurrent": conc[16]["qps"], "serve.p99_ms_concurrent": conc[16]["p99_ms"],
+                        "serve.concurrency_qps_ratio": round(conc[16]["qps"] / conc[1]["qps"], 2),
+                        "serve.concurrency_p99_ratio": round(conc[16]["p99_ms"] / conc[1]["p99_ms"], 2)})
+        details["serve_concurrency"] = conc
+        log(f"serve: 1 client {conc[1]['qps']} q/s (p99 {conc[1]['p99_ms']} ms), 16 clients {conc[16]['qps']} q/s "
+            f"(p99 {conc[16]['p99_ms']} ms)")
         lat, _, _ = load(3 if QUICK else 15, batch=1)
         steady_p99 = float(np.percentile(lat, 99))
         results["serve.p99_ms"] = round(steady_p99, 1)

@@ -51,7 +51,15 @@ from dpr_lib.index_ops import (
     topk_block,
     vectors_of,
 )
-from dpr_lib.manifest import FileEntry, Manifest, ShardEntry, new_version_id, relative_to, version_url
+from dpr_lib.manifest import (
+    FileEntry,
+    Manifest,
+    ShardEntry,
+    new_version_id,
+    relative_to,
+    software_versions,
+    version_url,
+)
 from dpr_lib.publish import publish_version, write_docstore
 
 log = logging.getLogger("dpr_lib.index")
@@ -868,6 +876,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         counts={"embeddings": n, "vectors_published": vectors},
         accounting=ledger,
         timings={k_: round(v, 3) for k_, v in timings.items()},
+        software=software_versions(),
         extra={key: v for key, v in (extra_manifest or {}).items() if key not in Manifest.field_names()},
     )
     removed = publish_version(root, vurl, manifest, opts, cfg.publish.retries, cfg.publish.keep_versions)

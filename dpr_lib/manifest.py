@@ -133,6 +133,9 @@ class Manifest:
     counts: dict = field(default_factory=dict)
     accounting: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    software: dict = field(default_factory=dict)
+    """What wrote the version: {"faiss", "numpy", "dpr_lib", "python", "index_format"}; a reader whose
+    FAISS cannot read a shard names both FAISS versions instead of failing inside FAISS."""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -200,6 +203,22 @@ class Manifest:
         for shard in self.shards:
             shas.update(f.sha256 for f in shard.files())
         return frozenset(shas)
+
+
+INDEX_FORMAT = "faiss.write_index binary, IVF shards sharing one trained quantizer"
+
+
+def software_versions() -> dict:
+    """The versions that wrote a version's files (recorded in its manifest)."""
+    import platform
+
+    import faiss
+    import numpy
+
+    from dpr_lib import __version__
+
+    return {"faiss": faiss.__version__, "numpy": numpy.__version__, "dpr_lib": __version__,
+            "python": platform.python_version(), "index_format": INDEX_FORMAT}
 
 
 # ---------------------------------------------------------------- versions and LATEST

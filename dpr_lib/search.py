@@ -127,7 +127,14 @@ class ShardedIndex:
             try:
                 idx = faiss.read_index(path, flags)
             except RuntimeError as exc:
-                raise IndexIntegrityError(f"shard {e.path} cannot be read by FAISS: {exc}") from None
+                wrote = (self.manifest.software or {}).get("faiss")
+                why = str(exc).strip().splitlines()[-1][:300]
+                if wrote and wrote != faiss.__version__:
+                    raise IncompatibleIndexError(
+                        f"shard {e.path} was written by FAISS {wrote}; this FAISS {faiss.__version__} cannot read it "
+                        f"({why}). Install faiss-cpu=={wrote} where the index is searched, or rebuild the version "
+                        "with this FAISS") from None
+                raise IndexIntegrityError(f"shard {e.path} cannot be read by FAISS {faiss.__version__}: {why}") from None
             if idx.d != self.dim:
                 raise IncompatibleIndexError(f"shard {e.path} has dimension {idx.d}, manifest says {self.dim}")
             set_nprobe(idx, self.nprobe)

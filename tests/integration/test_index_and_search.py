@@ -227,6 +227,38 @@ def test_loader_refuses_broken_versions(spark, encoded, tmp_path):
         ShardedIndex(str(root), cache_dir=str(tmp_path / "c4"))
 
 
+def test_a_shard_from_a_faiss_this_reader_cannot_read_names_both_versions(spark, encoded, tmp_path):
+    """The manifest records the software that wrote the version; a shard in an index format this
+    FAISS does not know is refused naming the writer's FAISS and this one, not a crash inside FAISS."""
+    import hashlib
+
+    import faiss
+    import numpy
+
+    import dpr_lib
+
+    root = tmp_path / "root"
+    cfg = make_config(tmp_path, *encoder_sets(encoded), f"paths.index_root={root}",
+                      f"paths.passages={encoded.path('passages')}", f"paths.embeddings={encoded.path('embeddings')}")
+    manifest = build_index(spark, cfg)
+    assert manifest.software["faiss"] == faiss.__version__ and manifest.software["numpy"] == numpy.__version__
+    assert manifest.software["dpr_lib"] == dpr_lib.__version__ and manifest.software["index_format"]
+    vdir = root / "versions" / manifest.version
+    future = b"IxQ9" + bytes(64)  # an index type FAISS will add some day: unknown to this one
+    (vdir / manifest.shards[0].path).write_bytes(future)
+    m = json.loads((vdir / "manifest.json").read_text())
+    m["shards"][0]["sha256"], m["shards"][0]["bytes"] = hashlib.sha256(future).hexdigest(), len(future)
+    m["software"]["faiss"] = "9.9.0"
+    (vdir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IncompatibleIndexError, match=rf"written by FAISS 9\.9\.0; this FAISS {faiss.__version__} "
+                                                     r"cannot read it .*faiss-cpu==9\.9\.0"):
+        ShardedIndex(str(root), cache_dir=str(tmp_path / "c"))
+    m["software"]["faiss"] = faiss.__version__  # same FAISS: then the file itself is broken
+    (vdir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexIntegrityError, match="cannot be read by FAISS"):
+        ShardedIndex(str(root), cache_dir=str(tmp_path / "c"))
+
+
 def test_question_encoder_must_match_the_manifest(spark, encoded, tiny_dpr_dir, tmp_path):
     build_index(spark, encoded)
     from dpr_lib.config import EncoderConfig

@@ -68,8 +68,11 @@ def test_bf16_path_is_correct_on_any_cpu(tiny_bert_dir, tmp_path):
     assert spec.fingerprint_id() != spec_for(tiny_bert_dir, tmp_path, pooling="mean", normalize="false").fingerprint_id()
     enc = Encoder(spec)
     got = enc.encode(TITLES, TEXTS)
-    want = manual_embeddings(enc.model, enc.tokenizer, "mean", TITLES, TEXTS)
+    ref = Encoder(spec_for(tiny_bert_dir, tmp_path, pooling="mean", normalize="false", dtype="fp32"))
+    want = manual_embeddings(ref.model, ref.tokenizer, "mean", TITLES, TEXTS)
     assert not np.allclose(got, want, rtol=1e-6, atol=0)  # it did run in bf16, not fp32
+    assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16, torch.float32}, \
+        "Linear weights held in bf16 (cast once), embeddings and LayerNorm in fp32"
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.999  # bf16 keeps 8 bits of mantissa: ~0.4% per value, far less on a mean
     np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
