@@ -153,6 +153,12 @@ class IndexConfig:
     overstate the recall that questions get at the same nprobe."""
     nprobe: int = 0
     """Force the recommended nprobe (0 = measured)."""
+    validation_questions: str = ""
+    """QA pairs with answers (JSON Lines {"question", "answers"} or DPR's question<TAB>[answers]),
+    e.g. a judged sample of the query log: each version's top-k accuracy on them is recorded and
+    gates its publication (publish.max_regression). Empty: no quality gate."""
+    validation_k: int = 20
+    """k of the validation's top-k accuracy."""
     add_batch: int = 8192
     """Vectors added to FAISS per call on executors."""
     seed: int = 1234
@@ -172,6 +178,11 @@ class PublishConfig:
     storage_options: dict = field(default_factory=dict)
     """More fsspec options for object-store URLs (e.g. {client_kwargs: {region_name: eu-west-1}},
     {requester_pays: true}); credentials are refused here as anywhere in config."""
+    max_regression: float = 0.01
+    """Largest drop (absolute) of the validation figure against the version LATEST names before the
+    publish is stopped (exit 11; --force overrides)."""
+    min_validation: float = 0.0
+    """Floor for the validation figure when there is no earlier one to compare with (0 = none)."""
     docstore: bool = True
     """Publish the passages' texts with the version; false publishes vectors only (texts served from
     elsewhere): the accounting then checks vectors against the Embeddings, not the Passages table."""
@@ -368,6 +379,7 @@ _CHOICES = {
     "train.device": {"auto", "cpu", "cuda"},
 }
 _POSITIVE = {
+    "index.validation_k",
     "serve.batch_questions",
     "corpus.words", "corpus.num_files", "corpus.split_bytes", "corpus.max_doc_bytes",
     "encoder.max_length", "encoder.token_budget", "encoder.buffer_rows",
@@ -380,7 +392,7 @@ _POSITIVE = {
     "train.max_question_length", "train.keep_checkpoints", "train.log_every", "train.num_processes",
     "train.scale", "train.max_grad_norm",
 }
-_NON_NEGATIVE = {"corpus.overlap", "serve.batch_wait_ms", "serve.threads", "search.docstore_cache_mb", "corpus.default_corpus_limit", "encoder.threads",
+_NON_NEGATIVE = {"corpus.overlap", "publish.max_regression", "publish.min_validation", "serve.batch_wait_ms", "serve.threads", "search.docstore_cache_mb", "corpus.default_corpus_limit", "encoder.threads",
                  "index.num_shards", "index.bytes_per_vector", "index.nprobe", "search.nprobe",
                  "index.k_factor", "search.k_factor", "serve.warmup_queries", "index.exact_below",
                  "index.max_train_sample", "index.max_train_bytes", "index.task_memory_bytes",

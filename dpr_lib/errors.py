@@ -6,7 +6,7 @@ class DprError(Exception):
 
     Exit codes: 1 other, 2 config, 3 input, 4 encoder, 5 incompatible index, 6 index integrity,
     7 storage, 8 nightly lock held by another run (dpr_lib.nightly.LockError), 9 accounting,
-    10 executor environment.
+    10 executor environment, 11 quality gate (dpr_lib.gate.QualityGateError).
     """
 
     exit_code = 1

@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from dpr_lib import accounting, storage
+from dpr_lib import accounting, gate, storage
 from dpr_lib import index_ops as ops
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import ConfigError, InputError, StorageError
@@ -52,13 +52,17 @@ from dpr_lib.index_ops import (
     vectors_of,
 )
 from dpr_lib.manifest import (
+    MANIFEST,
     FileEntry,
     Manifest,
     ShardEntry,
     new_version_id,
+    read_latest,
+    read_manifest,
     relative_to,
     software_versions,
     version_url,
+    write_manifest,
 )
 from dpr_lib.publish import publish_version, write_docstore
 
@@ -622,8 +626,14 @@ def encode_recall_questions(cfg: Config) -> np.ndarray:
 
 def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None,
                 reuse_from: dict | None = None, question_vectors: np.ndarray | None = None,
-                counts: dict | None = None, questions_source: str = "") -> Manifest:
+                counts: dict | None = None, questions_source: str = "", force: bool = False,
+                validation: list | None = None) -> Manifest:
     """Train, build shards and the docstore, write the manifest, then LATEST. Returns the Manifest.
+
+    With ``index.validation_questions`` (or ``validation``, the pairs already read) the complete
+    version is searched on them before LATEST moves, and the quality gate (``dpr_lib.gate``) stops
+    the publish on a regression: :class:`~dpr_lib.gate.QualityGateError`, the version kept and
+    marked rejected, unless ``force``.
 
     ``extra_manifest``: keys the caller adds to the manifest (the nightly job's ``nightly`` and
     ``retrain_reason``); its ``encoder`` is the fingerprint of a DataFrame input.
@@ -652,6 +662,11 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     timings: dict[str, float] = {}
     icfg, root, opts = cfg.index, cfg.path("index_root"), cfg.storage_options()
     emb_url = cfg.path("embeddings")
+    if validation is None and icfg.validation_questions:
+        if not cfg.publish.docstore:
+            raise ConfigError("index.validation_questions needs publish.docstore=true: answers are matched in "
+                              "the texts of the hits")
+        validation = gate.read_validation_questions(cfg)  # a bad file fails before any stage
     if question_vectors is None and icfg.recall_questions:
         question_vectors = encode_recall_questions(cfg)
         questions_source = icfg.recall_questions
@@ -733,7 +748,9 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     try:
         return _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
                               quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts,
-                              pieces)
+                              pieces, force, validation)
+    except gate.QualityGateError:
+        raise  # a complete version, kept and marked rejected for inspection
     except BaseException:
         # Nothing of a failed version may linger (LATEST never named it); best effort.
         try:
@@ -743,6 +760,33 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         except Exception:  # noqa: BLE001
             log.warning("could not remove the incomplete version %s", vurl)
         raise
+
+
+def _quality_gate(cfg: Config, root: str, vurl: str, manifest: Manifest, validation: list | None,
+                  force: bool) -> None:
+    """Measure the complete version on the validation questions (its manifest written, LATEST not
+    yet moved) and compare with what LATEST's manifest recorded; refuse a regression unless forced."""
+    opts, retries = cfg.storage_options(), cfg.publish.retries
+    if not validation:
+        return
+    write_manifest(vurl, manifest, opts, retries)  # complete, searchable by its manifest, not published
+    manifest.validation = gate.validate_version(cfg, join_url(vurl, MANIFEST), validation)
+    previous_version = read_latest(root, opts)
+    previous = read_manifest(join_url(version_url(root, previous_version), MANIFEST), opts) \
+        if previous_version else None
+    reason = gate.judge(manifest.validation, previous.validation if previous else None, previous_version, cfg)
+    manifest.gate = {"passed": not reason, "forced": bool(reason) and force, "reason": reason,
+                     "compared_with": previous_version if previous and previous.validation else None,
+                     "max_regression": cfg.publish.max_regression}
+    if reason and not force:
+        write_manifest(vurl, manifest, opts, retries)
+        gate.reject(vurl, reason, opts, retries)
+        raise gate.QualityGateError(
+            f"version {manifest.version} was built but not published: {reason}. LATEST still names "
+            f"{previous_version or 'nothing'}; the version is kept in {vurl} (rejected.json). "
+            "Rerun with --force to publish it anyway")
+    if reason:
+        log.warning("quality gate overridden by --force: %s", reason)
 
 
 def _stale_quantizer(reuse_from: dict, recall_by_nprobe: dict, nprobe: int, k: int, icfg) -> str | None:
@@ -765,7 +809,7 @@ def _stale_quantizer(reuse_from: dict, recall_by_nprobe: dict, nprobe: int, k: i
 
 def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
                    quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts,
-                   pieces=None) -> Manifest:
+                   pieces=None, force=False, validation=None) -> Manifest:
     from dpr_lib.encode import resolve_spec
     from dpr_lib.outputs import write_stats
     from dpr_lib.spark import task_errors
@@ -818,7 +862,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         return build_index(spark, cfg, None if isinstance(source, list) else source,
                            {**(extra_manifest or {}), "retrain_reason": why},
                            question_vectors=queries if query_pids is None else None, counts=counts,
-                           questions_source=questions_source)
+                           questions_source=questions_source, force=force, validation=validation)
     t = time.time()
     docstore = []
     if cfg.publish.docstore:
@@ -879,6 +923,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         software=software_versions(),
         extra={key: v for key, v in (extra_manifest or {}).items() if key not in Manifest.field_names()},
     )
+    _quality_gate(cfg, root, vurl, manifest, validation, force)
     removed = publish_version(root, vurl, manifest, opts, cfg.publish.retries, cfg.publish.keep_versions)
     manifest.timings["total"] = round(time.time() - t0, 3)
     stats = {"stage": "build_index", "version": version, "index_root": root, "removed_versions": removed,

@@ -133,6 +133,11 @@ class Manifest:
     counts: dict = field(default_factory=dict)
     accounting: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    """Figures on index.validation_questions: {"metric", "value", "k", "top1_accuracy", "questions",
+    "source", "seconds"} (empty without validation data); what the quality gate compares."""
+    gate: dict = field(default_factory=dict)
+    """The quality gate's verdict: {"passed", "forced", "reason", "compared_with", "max_regression"}."""
     software: dict = field(default_factory=dict)
     """What wrote the version: {"faiss", "numpy", "dpr_lib", "python", "index_format"}; a reader whose
     FAISS cannot read a shard names both FAISS versions instead of failing inside FAISS."""

@@ -159,6 +159,7 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
     """One scheduled run. Returns the run report (also written to <run>/report.json)."""
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
+    from dpr_lib.gate import read_validation_questions
     from dpr_lib.index import build_index, encode_recall_questions
     from dpr_lib.manifest import MANIFEST, read_latest, read_manifest, version_url
     from dpr_lib.spark import bind_storage
@@ -175,6 +176,7 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
     try:
         # Read (and encode) once, before any stage: a bad file fails now, not after the encode stage.
         questions = encode_recall_questions(cfg) if cfg.index.recall_questions else None
+        validation = read_validation_questions(cfg) if cfg.index.validation_questions else None
         spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=opts)
         fingerprint = spec.fingerprint()
         key = resume_key(cfg, fingerprint["id"])
@@ -276,7 +278,8 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
             counts = {"input_records": corpus["input_records"], "docs": corpus["docs"],
                       "rejects": corpus["rejects"], "corpus_passages": corpus["passages"],
                       "embedded": encoded["encoded"], "reused": diff["unchanged"] if same_encoder else 0}
-            manifest = build_index(spark, pub_cfg, df, extra, reuse_from=reuse, counts=counts,
+            manifest = build_index(spark, pub_cfg, df, extra, reuse_from=reuse, counts=counts, force=force,
+                                   validation=validation,
                                    question_vectors=questions, questions_source=cfg.index.recall_questions)
             return {"version": manifest.version, "quantizer": manifest.quantizer,
                     "vectors": manifest.totals["vectors"], "recall": manifest.recall["at_nprobe"],

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from dpr_lib import storage
 from dpr_lib.config import Config, join_url
@@ -349,7 +349,8 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
             log.exception("search failed")
             return error(500, f"search failed: {type(exc).__name__}: {exc}", "search", t0)
         body = {"version": loaded.version, "results": [
-            {"question": q, "hits": [asdict(h) for h in hits]} for q, hits in zip(questions, results)]}
+            {"question": q, "hits": [{"pid": h.pid, "score": h.score, "doc_id": h.doc_id, "title": h.title,
+                                      "text": h.text} for h in hits]} for q, hits in zip(questions, results)]}
         requests.labels("search", "200").inc()
         latency.labels("search").observe(time.perf_counter() - t0)
         return JSONResponse(body)

@@ -9,9 +9,12 @@ def main(cfg, args):
     from dpr_lib.index import build_index
     from dpr_lib.spark import get_session
 
-    manifest = build_index(get_session(cfg), cfg)
-    return {k: getattr(manifest, k) for k in ("version", "factory", "nprobe", "recall", "totals", "timings")}
+    manifest = build_index(get_session(cfg), cfg, force=args.force)
+    return {k: getattr(manifest, k) for k in ("version", "factory", "nprobe", "recall", "validation", "gate",
+                                              "totals", "timings")}
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("Train FAISS IVF, build shards on executors, publish a version with a manifest.", main))
+    sys.exit(run_job("Train FAISS IVF, build shards on executors, publish a version with a manifest.", main,
+                     lambda p: p.add_argument("--force", action="store_true",
+                                              help="publish even if the quality gate finds a regression")))

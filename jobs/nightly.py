@@ -18,7 +18,8 @@ def main(cfg, args):
 
 
 def extra(parser):
-    parser.add_argument("--force", action="store_true", help="publish even if the snapshot shrank past nightly.max_shrink")
+    parser.add_argument("--force", action="store_true", help="publish even if the snapshot shrank past nightly.max_shrink or the quality gate "
+                        "found a regression")
 
 
 if __name__ == "__main__":
