@@ -9,6 +9,7 @@ No pyspark import here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -67,7 +68,9 @@ def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstra
     if is_local(url):
         storage_options = {}
     elif storage_options is None:
-        storage_options = default_options()
+        # The bound options are an S3-compatible store's (endpoint, addressing); gs://, az:// and
+        # the rest take their settings from their own environment.
+        storage_options = default_options() if url.startswith("s3://") else {}
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     return fs, path
 
@@ -237,7 +240,8 @@ def create_exclusive(url: str, data: bytes, storage_options: dict | None = None)
                 return _create_excl(path, data)  # a filesystem without hard links
             return True
         finally:
-            os.remove(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
     try:
         # A retried PUT whose first attempt landed also reads as "exists": callers that must tell
         # the two apart compare the content with what they wrote.
