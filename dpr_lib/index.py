@@ -627,7 +627,7 @@ def encode_recall_questions(cfg: Config) -> np.ndarray:
 def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None,
                 reuse_from: dict | None = None, question_vectors: np.ndarray | None = None,
                 counts: dict | None = None, questions_source: str = "", force: bool = False,
-                validation: list | None = None) -> Manifest:
+                validation: gate.Validation | None = None) -> Manifest:
     """Train, build shards and the docstore, write the manifest, then LATEST. Returns the Manifest.
 
     With ``index.validation_questions`` (or ``validation``, the pairs already read) the complete
@@ -762,7 +762,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         raise
 
 
-def _quality_gate(cfg: Config, root: str, vurl: str, manifest: Manifest, validation: list | None,
+def _quality_gate(cfg: Config, root: str, vurl: str, manifest: Manifest, validation: gate.Validation | None,
                   force: bool) -> None:
     """Measure the complete version on the validation questions (its manifest written, LATEST not
     yet moved) and compare with what LATEST's manifest recorded; refuse a regression unless forced."""

@@ -124,3 +124,24 @@ def test_a_bad_validation_file_fails_before_any_stage(spark, encoded, tmp_path):
     with pytest.raises(ConfigError, match="index.validation_questions: .* line 1 is not a question"):
         build_index(spark, _cfg(encoded, tmp_path, f"index.validation_questions={bad}"))
     assert not os.path.exists(tmp_path / "index")
+
+
+def test_judged_queries_gate_on_ndcg_at_10(spark, encoded, tmp_path):
+    """BEIR-format validation (queries.jsonl + qrels/test.tsv, judged by doc id): nDCG@10 over the
+    hits' documents is recorded and gated the same way."""
+    base, qa = encoded
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    rows = [json.loads(line) for line in open(qa)]
+    (beir / "queries.jsonl").write_text("\n".join(json.dumps({"_id": f"q{i}", "text": r["question"]})
+                                                  for i, r in enumerate(rows)) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                             "".join(f"q{i}\tdoc-{i}\t1\n" for i in range(len(rows))))
+    cfg = _cfg(encoded, tmp_path, f"index.validation_questions={beir}")
+    first = build_index(spark, cfg)
+    assert first.validation["metric"] == "ndcg@10" and first.validation["value"] >= 0.9, first.validation
+    broken = _broken_export(base, str(tmp_path / "broken"))
+    with pytest.raises(QualityGateError, match=rf"ndcg@10 fell from {first.validation['value']:.4f} "):
+        build_index(spark, _cfg(encoded, tmp_path, f"index.validation_questions={beir}",
+                                f"paths.embeddings={broken}"))
+    assert read_latest(cfg.path("index_root")) == first.version
