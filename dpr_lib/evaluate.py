@@ -38,7 +38,7 @@ from dpr_lib.bm25 import Passages, bm25_topk
 from dpr_lib.config import Config
 from dpr_lib.datasets import load_dataset
 from dpr_lib.errors import InputError
-from dpr_lib.metrics import FUSIONS, fuse, qa_metrics, qrels_metrics
+from dpr_lib.metrics import FUSIONS, fuse, fusion_candidates, qa_metrics, qrels_metrics, split_questions
 
 log = logging.getLogger("dpr_lib.evaluate")
 
@@ -46,6 +46,40 @@ log = logging.getLogger("dpr_lib.evaluate")
 
 LABELS = {"bm25": "BM25", "dense_exact": "dense, exact search", "dense_ivf": "dense, published IVF shards",
           "hybrid": "hybrid (BM25 + dense IVF)"}
+
+
+def primary_metric(kind: str, k: int) -> str:
+    """What tuning maximises: top-20 accuracy on QA sets (DPR's headline figure), nDCG@10 on qrels."""
+    return f"top{min(20, k)}" if kind == "qa" else "ndcg@10"
+
+
+def _tune(runs: dict, ds, table, k: int, fraction: float, seed: int):
+    """Choose what a version should serve (dense, bm25 or a fusion and its parameters) on a seeded
+    random ``fraction`` of the questions, then keep only the other questions: every figure the
+    report gives (including ``recommended``, the choice) is measured on questions it never saw."""
+    tune_rows, held_rows = split_questions(len(ds.questions), fraction, seed)
+    metric = primary_metric(ds.kind, k)
+
+    def subset(rows):
+        questions = [ds.questions[i] for i in rows]
+        return dataclasses.replace(ds, questions=questions)
+
+    def score(sub, pids):
+        return (qa_metrics(table, sub.questions, pids, k) if ds.kind == "qa"
+                else qrels_metrics(table, sub, pids, k))["metrics"][metric]
+
+    tune_ds = subset(tune_rows)
+    candidates = fusion_candidates(runs["bm25"], runs["dense_ivf"], k)
+    on_tune = {name: score(tune_ds, run[1][tune_rows]) for name, (_, run) in candidates.items()}
+    best = max(on_tune, key=lambda name: (on_tune[name], name == "dense"))  # ties: the simplest wins
+    held = {name: (run[0][held_rows], run[1][held_rows]) for name, run in runs.items()}
+    held["recommended"] = tuple(a[held_rows] for a in candidates[best][1])
+    tuning = {"fraction": fraction, "seed": seed, "metric": metric, "tuned_on": len(tune_rows),
+              "scored_on": len(held_rows), "choice": {"name": best, **candidates[best][0]},
+              "on_tune": {name: round(v, 4) for name, v in on_tune.items()}}
+    log.info("tuned on %d questions: %s (%s %.4f on them); every figure below is on the other %d",
+             len(tune_rows), best, metric, on_tune[best], len(held_rows))
+    return held, subset(held_rows), tuning
 
 
 def report_markdown(report: dict) -> str:
@@ -60,6 +94,11 @@ def report_markdown(report: dict) -> str:
              "|---|" + "---:|" * len(metrics)]
     for name, m in report["retrievers"].items():
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in metrics) + " |")
+    if report.get("tuning"):
+        tu = report["tuning"]
+        lines += ["", f"`recommended` = {tu['choice']['name']}, chosen by {tu['metric']} on a random {tu['fraction']:g} "
+                      f"of the questions ({tu['tuned_on']}, seed {tu['seed']}); every row above is scored on the other "
+                      f"{tu['scored_on']}."]
     if report.get("skipped"):
         lines += ["", "Skipped records: " + ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items()))]
     return "\n".join(lines) + "\n"
@@ -90,7 +129,7 @@ def plot_curves(curves: dict[str, list[float]], path: str, title: str, ylabel: s
 
 def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages: str | None = None,
              qrels: str | None = None, fusion: str = "rrf", rrf_k: int = 60, alpha: float = 0.5,
-             k_max: int = 100) -> dict:
+             k_max: int = 100, tune_fraction: float = 0.0) -> dict:
     """Build a closed corpus from ``dataset``, run the stages on it, score every retriever and
     write report.json, report.md and topk.png to ``out_dir``. Returns the report.
 
@@ -163,16 +202,20 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     runs["hybrid"] = fuse([runs["bm25"], runs["dense_ivf"]], k, fusion, rrf_k, weights)
 
     t = time.time()
+    ivf_recall = ix.recall_at_k(runs["dense_ivf"][1][:, :10], runs["dense_exact"][1][:, :10])
+    tuning = None
+    if tune_fraction:
+        runs, ds, tuning = _tune(runs, ds, table, k, tune_fraction, cfg.index.seed)
     scored = {name: (qa_metrics(table, ds.questions, pids, k) if ds.kind == "qa"
                      else qrels_metrics(table, ds, pids, k)) for name, (_, pids) in runs.items()}
     timings["score"] = round(time.time() - t, 1)
-    ivf_recall = ix.recall_at_k(runs["dense_ivf"][1][:, :10], runs["dense_exact"][1][:, :10])
     report = {
         "dataset": ds.name,
         "dataset_path": os.path.abspath(dataset),
         "format": fmt,
         "kind": ds.kind,
         "n_questions": len(ds.questions),
+        **({"tuning": tuning} if tuning else {}),
         "n_passages": len(table),
         "n_documents": corpus_stats.get("docs"),
         "retrievers": {name: s["metrics"] for name, s in scored.items()},

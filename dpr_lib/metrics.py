@@ -114,3 +114,35 @@ def qrels_metrics(passages: Passages, ds: Dataset, pids: np.ndarray, k_max: int)
     out["mrr@10"] = mean("recip_rank", rr)
     out["ndcg@10"] = mean("ndcg_cut_10")
     return {"metrics": out, "curve": curve}
+
+
+# ---------------------------------------------------------------- fusion tuning
+
+RRF_KS = (10, 30, 60, 100)
+ALPHAS = tuple(round(a / 10, 1) for a in range(1, 10))
+
+
+def fusion_candidates(bm25, dense, k: int) -> dict[str, tuple[dict, tuple[np.ndarray, np.ndarray]]]:
+    """Every retriever a version could serve from a BM25 and a dense top-k: each alone, RRF over
+    ``RRF_KS`` and convex combinations of min-max normalised scores over ``ALPHAS`` (weight of
+    dense). {name: (its settings, (scores, pids))}."""
+    out = {"dense": ({"mode": "dense"}, dense), "bm25": ({"mode": "bm25"}, bm25)}
+    for rk in RRF_KS:
+        out[f"rrf_k{rk}"] = ({"mode": "hybrid", "fusion": "rrf", "rrf_k": rk}, fuse([bm25, dense], k, "rrf", rk))
+    for a in ALPHAS:
+        out[f"linear_a{a}"] = ({"mode": "hybrid", "fusion": "linear", "alpha_dense": a},
+                               fuse([bm25, dense], k, "linear", weights=[1.0 - a, a]))
+    return out
+
+
+def split_questions(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tune, held-out) row indices: a seeded random ``fraction`` of ``n`` to tune on, the rest to
+    score on; both sorted and non-empty."""
+    if not 0.0 < fraction < 1.0:
+        raise InputError(f"--tune-fraction must be between 0 and 1 (exclusive), got {fraction}")
+    n_tune = int(round(n * fraction))
+    if n_tune < 1 or n_tune > n - 1:
+        raise InputError(f"--tune-fraction {fraction} of {n} questions leaves no question to "
+                         f"{'tune on' if n_tune < 1 else 'score on'}")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[:n_tune]), np.sort(order[n_tune:])

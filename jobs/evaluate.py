@@ -13,7 +13,7 @@ def main(cfg, args):
     from dpr_lib.spark import get_session
 
     report = evaluate(lambda: get_session(cfg), cfg, args.dataset, args.format, args.out, args.passages, args.qrels,
-                      args.fusion, args.rrf_k, args.alpha, args.k)
+                      args.fusion, args.rrf_k, args.alpha, args.k, args.tune_fraction)
     print(report_markdown(report))
     print(f"report: {args.out}/report.json, {args.out}/report.md, {args.out}/topk.png")
 
@@ -28,6 +28,10 @@ def extra(parser):
     parser.add_argument("--rrf-k", type=int, default=60, help="RRF constant (default 60)")
     parser.add_argument("--alpha", type=float, default=0.5, help="linear fusion: weight of the dense score")
     parser.add_argument("-k", type=int, default=100, help="depth of every ranked list (default 100)")
+    parser.add_argument("--tune-fraction", type=float, default=0.0,
+                        help="choose what to serve (dense, bm25, RRF k, linear alpha) on this random fraction of "
+                             "the questions (seeded by index.seed) and score every retriever on the rest only; "
+                             "adds 'recommended' to the report (default 0: no tuning, every question scored)")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,29 @@ def test_cli_rejects_bad_dataset_before_starting_spark(tmp_path):
     assert proc.returncode != 0
     assert "not-squad.json: not a SQuAD file" in proc.stderr
     assert "Traceback" not in proc.stderr and "SparkContext" not in proc.stderr
+
+
+def test_tune_fraction_chooses_on_some_questions_and_scores_on_the_others(spark, tiny_bert_dir, tmp_path):
+    """--tune-fraction: the serving choice (dense, bm25, RRF k, linear alpha) is made on a seeded
+    half of the questions; every reported figure, 'recommended' included, is on the other half."""
+    docs = synthetic_docs(40, words_per_doc=60, seed=3)
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(_squad_from(docs)))
+    cfg = make_config(tmp_path, f"encoder.model={tiny_bert_dir}", "index.num_shards=2")
+    report = ev.evaluate(spark, cfg, str(path), "squad", str(tmp_path / "out"), tune_fraction=0.5)
+    tu = report["tuning"]
+    assert tu["tuned_on"] == 20 and tu["scored_on"] == 20 == report["n_questions"]
+    assert tu["metric"] == "top20" and set(report["retrievers"]) == {"bm25", "dense_exact", "dense_ivf", "hybrid",
+                                                                      "recommended"}
+    assert set(tu["on_tune"]) == {"dense", "bm25"} | {f"rrf_k{k}" for k in metrics.RRF_KS} | \
+        {f"linear_a{a}" for a in metrics.ALPHAS}
+    assert tu["on_tune"][tu["choice"]["name"]] == max(tu["on_tune"].values())
+    # The tiny random encoder is near chance; BM25 finds every planted answer: the choice serves BM25
+    # (alone or dominating a fusion), and it is scored on held-out questions only.
+    assert tu["choice"]["mode"] in ("bm25", "hybrid") and tu["on_tune"]["bm25"] > tu["on_tune"]["dense"]
+    if tu["choice"]["name"] == "bm25":
+        assert report["retrievers"]["recommended"] == report["retrievers"]["bm25"]
+    assert len(report["curves"]["recommended"]) == len(report["curves"]["bm25"])
+    assert "chosen by top20 on a random 0.5 of the questions (20, seed" in (tmp_path / "out" / "report.md").read_text()
+    again = ev.evaluate(spark, cfg, str(path), "squad", str(tmp_path / "out2"), tune_fraction=0.5)
+    assert again["tuning"]["choice"] == tu["choice"] and again["retrievers"] == report["retrievers"], "seeded"

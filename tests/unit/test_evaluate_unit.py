@@ -175,3 +175,16 @@ def test_beir_loader_and_unknown_ids(tmp_path):
         datasets.load_dataset("beir", _beir(tmp_path / "b", lines), str(tmp_path / "w2"))
     with pytest.raises(InputError, match=r"test\.tsv, line 2: expected query-id, corpus-id, score"):
         datasets.load_dataset("beir", _beir(tmp_path / "c", ["q1 d1 1\n"]), str(tmp_path / "w3"))
+
+
+def test_split_questions_is_seeded_disjoint_and_refuses_empty_sides():
+    from dpr_lib.errors import InputError
+    from dpr_lib.metrics import split_questions
+
+    tune, held = split_questions(10, 0.3, seed=1)
+    assert len(tune) == 3 and len(held) == 7 and not set(tune) & set(held)
+    assert sorted([*tune, *held]) == list(range(10))
+    assert [a.tolist() for a in split_questions(10, 0.3, seed=1)] == [tune.tolist(), held.tolist()]
+    for bad in (0.0, 1.0, 0.01, 0.99):
+        with pytest.raises(InputError, match="tune-fraction"):
+            split_questions(10, bad, seed=1)
