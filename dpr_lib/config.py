@@ -325,12 +325,14 @@ class Config:
         name = "index" if name == "index_root" else name
         return join_url(self.paths.work_dir, name)
 
-    def train_budget_bytes(self) -> int:
+    def train_budget_bytes(self, live_driver_memory: str | None = None) -> int:
         """index.max_train_bytes, or half of spark.driver.memory (the sample lives in the driver's
-        container beside a mostly idle JVM heap)."""
+        container beside a mostly idle JVM heap): the running session's value when given (it
+        includes spark-submit's --driver-memory), else this config's, else Spark's default 1g."""
         if self.index.max_train_bytes:
             return self.index.max_train_bytes
-        return parse_memory(str(self.spark.conf.get("spark.driver.memory", "1g")), "spark.driver.memory") // 2
+        value = live_driver_memory or self.spark.conf.get("spark.driver.memory", "1g")
+        return parse_memory(str(value), "spark.driver.memory") // 2
 
     def task_memory_bytes(self) -> int:
         """index.task_memory_bytes, or spark.executor.pyspark.memory; 0 = unknown (no check)."""

@@ -693,7 +693,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         prev = reuse_from["manifest"]
         plan = ops.IndexPlan(prev.factory, prev.nlist, 0, f"quantizer reused from version {prev.version}")
     else:
-        plan = ops.choose_factory(n, dim, icfg.bytes_per_vector, icfg.train_per_list, cfg.train_budget_bytes(),
+        plan = ops.choose_factory(n, dim, icfg.bytes_per_vector, icfg.train_per_list, _train_budget(spark, cfg),
                                  icfg.min_nlist, icfg.factory, icfg.exact_below, icfg.max_train_sample,
                                  icfg.coarse, icfg.train_method, icfg.large_nlist,
                                  budget_key="index.max_train_bytes" if icfg.max_train_bytes else
@@ -760,6 +760,13 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         except Exception:  # noqa: BLE001
             log.warning("could not remove the incomplete version %s", vurl)
         raise
+
+
+def _train_budget(spark, cfg: Config) -> int:
+    """The training sample's budget from the running session's driver memory (spark-submit's
+    --driver-memory included), not only from the config file."""
+    live = spark.sparkContext.getConf().get("spark.driver.memory", None) if spark is not None else None
+    return cfg.train_budget_bytes(live)
 
 
 def _quality_gate(cfg: Config, root: str, vurl: str, manifest: Manifest, validation: gate.Validation | None,
@@ -890,7 +897,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         quantizer=quantizer,
         train_size=plan.train_size,
         training={"method": plan.train_method, "sample_bytes": plan.train_bytes,
-                  "estimated_flops": plan.train_flops, "budget_bytes": cfg.train_budget_bytes()}
+                  "estimated_flops": plan.train_flops, "budget_bytes": _train_budget(spark, cfg)}
         if not reuse_from else None,
         nprobe=nprobe,
         k_factor=k_factor or None,

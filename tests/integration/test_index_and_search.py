@@ -242,6 +242,7 @@ def test_a_shard_from_a_faiss_this_reader_cannot_read_names_both_versions(spark,
                       f"paths.passages={encoded.path('passages')}", f"paths.embeddings={encoded.path('embeddings')}")
     manifest = build_index(spark, cfg)
     assert manifest.software["faiss"] == faiss.__version__ and manifest.software["numpy"] == numpy.__version__
+    assert manifest.training["budget_bytes"] == 2**30, "half the running session's 2g, not the config's default"
     assert manifest.software["dpr_lib"] == dpr_lib.__version__ and manifest.software["index_format"]
     vdir = root / "versions" / manifest.version
     future = b"IxQ9" + bytes(64)  # an index type FAISS will add some day: unknown to this one

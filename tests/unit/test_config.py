@@ -95,3 +95,12 @@ def test_recall_questions_file_formats_and_errors(tmp_path):
             read(name, body)
     with pytest.raises(ConfigError, match="index.recall_questions: cannot read .*missing.txt"):
         read_recall_questions(load_config(None, [f"index.recall_questions={tmp_path}/missing.txt"]))
+
+
+def test_training_budget_follows_the_running_driver_memory():
+    cfg = load_config(None, [])
+    assert cfg.train_budget_bytes() == 512 * 2**20, "Spark's default 1g, halved"
+    assert cfg.train_budget_bytes("16g") == 8 * 2**30, "spark-submit --driver-memory 16g"
+    cfg = load_config(None, ["spark.conf={spark.driver.memory: 4g}"])
+    assert cfg.train_budget_bytes() == 2 * 2**30 and cfg.train_budget_bytes("6g") == 3 * 2**30
+    assert load_config(None, ["index.max_train_bytes=1000000"]).train_budget_bytes("16g") == 1_000_000
