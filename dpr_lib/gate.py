@@ -32,10 +32,10 @@ import numpy as np
 from dpr_lib import storage
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import ConfigError, DprError
+from dpr_lib.manifest import REJECTED
 
 log = logging.getLogger("dpr_lib.gate")
 
-REJECTED = "rejected.json"
 
 
 class QualityGateError(DprError):

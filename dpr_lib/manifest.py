@@ -210,6 +210,7 @@ class Manifest:
         return frozenset(shas)
 
 
+REJECTED = "rejected.json"  # in a version the quality gate refused (dpr_lib.gate)
 INDEX_FORMAT = "faiss.write_index binary, IVF shards sharing one trained quantizer"
 
 
@@ -292,12 +293,18 @@ def list_versions(root: str, storage_options: dict | None = None) -> list[str]:
 
 def prune_versions(root: str, keep: int, storage_options: dict | None = None) -> list[str]:
     """Keep the newest ``keep`` complete versions (and always the one LATEST names); also remove
-    incomplete ones (no manifest: a run that died) older than the newest complete version.
+    incomplete ones (no manifest: a run that died) older than the newest complete version, and
+    versions the quality gate rejected (``rejected.json``) once a newer one is published: they are
+    kept for inspection until then, and never take the place of a version a reader can fall back to.
     Returns the removed ids."""
     latest = read_latest(root, storage_options)
     versions = list_versions(root, storage_options)
     complete = [v for v in versions if storage.exists(join_url(version_url(root, v), MANIFEST), storage_options)]
-    doomed = [v for v in complete[:-keep] if v != latest] if keep > 0 else []
+    rejected = [v for v in complete if storage.exists(join_url(version_url(root, v), REJECTED), storage_options)]
+    good = [v for v in complete if v not in rejected]
+    doomed = [v for v in good[:-keep] if v != latest] if keep > 0 else []
+    if good:
+        doomed += [v for v in rejected if v < good[-1] and v != latest]
     if complete:
         doomed += [v for v in versions if v not in complete and v < complete[-1]]
     fs, _ = storage.get_fs(root, storage_options)

@@ -104,6 +104,8 @@ def test_a_regression_is_built_not_published_and_force_publishes_it(spark, encod
 
     forced = build_index(spark, _cfg(encoded, tmp_path, f"paths.embeddings={broken}"), force=True)
     assert read_latest(root) == forced.version
+    assert sorted(os.listdir(os.path.join(root, "versions"))) == [first.version, forced.version], \
+        "the rejected version is pruned once a newer one is published; the fallback is kept"
     assert forced.gate == {"passed": False, "forced": True, "reason": forced.gate["reason"],
                            "compared_with": first.version, "max_regression": 0.01}
 
