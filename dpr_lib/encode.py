@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -554,9 +553,10 @@ def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float
 def output_name(in_url: str) -> str:
     """The Embeddings file of a Passages file: stable across corpus runs (Spark's part-NNNNN-<id>
     names keep their partition number only), so an unchanged file is found complete and skipped."""
+    from dpr_lib.outputs import spark_part
+
     name = os.path.basename(in_url)
-    spark_part = re.match(r"(part-\d{5})-", name)
-    return (spark_part.group(1) if spark_part else name.replace(".parquet", "")) + ".parquet"
+    return (spark_part(name) or name.replace(".parquet", "")) + ".parquet"
 
 
 def encode_passages(spark, cfg: Config) -> dict:

@@ -62,6 +62,9 @@ def read_validation_questions(cfg: Config) -> Validation:
     """``index.validation_questions``: JSON Lines ``{"question", "answers": [...]}``, DPR's
     ``question<TAB>['answer', ...]`` (.csv/.tsv), or a BEIR-format directory (``queries.jsonl`` and
     ``qrels/test.tsv``, or ``qrels/dev.tsv``) judged by doc id. Errors name the key."""
+    if not cfg.publish.docstore:
+        raise ConfigError("index.validation_questions needs publish.docstore=true: hits are judged by the "
+                          "texts and doc ids the docstore holds")
     url = cfg.index.validation_questions
     if not url.endswith((".jsonl", ".json", ".csv", ".tsv")):
         return _read_beir(url)

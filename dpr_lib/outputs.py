@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import time
 import uuid
 
@@ -23,6 +24,13 @@ def write_stats(cfg: Config, stage: str, stats: dict) -> str:
     url = join_url(cfg.path("stats"), f"{stage}.json")
     storage.write_bytes_atomic(url, json.dumps(stats, indent=2, sort_keys=True, default=str).encode())
     return url
+
+
+def spark_part(name: str) -> str | None:
+    """``part-NNNNN`` of a Spark output file name (``part-00003-<uuid>-c000.snappy.parquet``), the
+    partition number that stays the same across runs; None for other names."""
+    m = re.match(r"(part-\d{5})-", name)
+    return m.group(1) if m else None
 
 
 def new_table_version(table_url: str) -> str:

@@ -201,11 +201,13 @@ def _write_jsonl(spark, lines_rdd, url: str) -> None:
 def _name_jsonl(version_url: str) -> None:
     """Spark's text writer names its files part-NNNNN-<id>-c000.txt; training data readers (and
     users) expect .jsonl. Renamed inside the unpublished version, before its pointer exists."""
+    from dpr_lib.outputs import spark_part
+
     fs, path = storage.get_fs(version_url)
     for p in fs.ls(path, detail=False):
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".txt"):
-            fs.mv(p, f"{path}/{name[:len('part-00000')]}.jsonl")
+        if name.endswith(".txt") and spark_part(name):
+            fs.mv(p, f"{path}/{spark_part(name)}.jsonl")
 
 
 def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, passages: str | None = None,

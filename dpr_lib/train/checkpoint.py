@@ -110,4 +110,3 @@ def load_state(path: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError
         raise InputError(f"{path}: not a trainer state this product wrote, refused by the weights-only "
                          f"loader ({refused_pickle(exc)}); it was not executed") from None
-
