@@ -159,6 +159,10 @@ class IndexConfig:
     gates its publication (publish.max_regression). Empty: no quality gate."""
     validation_k: int = 20
     """k of the validation's top-k accuracy."""
+    sparse: str = "auto"
+    """BM25 shards beside the dense ones (same pids, corpus-wide statistics; dpr_lib.sparse) for
+    ``search.mode`` bm25 and hybrid: true, false, or auto (true when the version has a docstore; both
+    read the Passages table)."""
     add_batch: int = 8192
     """Vectors added to FAISS per call on executors."""
     seed: int = 1234
@@ -200,6 +204,9 @@ class SearchConfig:
     """0 = the manifest's recommended re-rank factor (versions with a re-rank store)."""
     docstore_cache_mb: float = 64
     """Decoded docstore row groups kept in memory (LRU) for hit texts; 0 = read them each time."""
+    mode: str = "auto"
+    """dense | bm25 | hybrid | auto (what the version's manifest recommends: its tuned choice, else
+    hybrid when it has a sparse side, else dense)."""
     verify_cache: bool = False
     """Re-hash cached shard files on every load. Off: files are verified when downloaded and named
     by their sha256, so an entry present is trusted (a version loads without reading every byte twice)."""
@@ -334,6 +341,10 @@ class Config:
         value = live_driver_memory or self.spark.conf.get("spark.driver.memory", "1g")
         return parse_memory(str(value), "spark.driver.memory") // 2
 
+    def sparse_enabled(self) -> bool:
+        """Whether the merge job builds the BM25 side (index.sparse; auto follows publish.docstore)."""
+        return self.index.sparse == "true" or (self.index.sparse == "auto" and self.publish.docstore)
+
     def task_memory_bytes(self) -> int:
         """index.task_memory_bytes, or spark.executor.pyspark.memory; 0 = unknown (no check)."""
         if self.index.task_memory_bytes:
@@ -378,6 +389,8 @@ _CHOICES = {
     "index.train_method": {"auto", "flat", "two_level"},
     "train.similarity": {"auto", "dot", "cosine"},
     "train.dtype": {"fp32", "bf16"},
+    "index.sparse": {"auto", "true", "false"},
+    "search.mode": {"auto", "dense", "bm25", "hybrid"},
     "train.device": {"auto", "cpu", "cuda"},
 }
 _POSITIVE = {

@@ -131,43 +131,107 @@ def _read_beir(root: str) -> Validation:
     return Validation([queries[q] for q in qids], qids=qids, qrels={q: qrels[q] for q in qids})
 
 
-def validate_version(cfg: Config, manifest_url: str, data: Validation) -> dict:
-    """The version at ``manifest_url`` searched on ``data`` as a service would: top-k accuracy
-    (QA pairs) or nDCG@10 over the hits' doc ids (judged queries)."""
-    from dpr_lib.datasets import has_answer
-    from dpr_lib.search import Searcher
+def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[dict, dict]:
+    """The version at ``manifest_url`` searched on ``data`` as a service would (question encoder,
+    shards, sparse side, docstore): top-k accuracy (QA pairs) or nDCG@10 over the hits' doc ids
+    (judged queries) of dense, and, when the version has a sparse side, of bm25 and of every fusion
+    candidate (:func:`dpr_lib.metrics.fusion_candidates`). Returns (figures, fusion): ``figures``
+    for the manifest's ``validation`` (``value`` is dense's, ``by_mode`` each mode's), ``fusion``
+    the best candidate, what ``mode: auto``/``hybrid`` will serve ({} without a sparse side)."""
+    from dpr_lib.metrics import fusion_candidates
+    from dpr_lib.search import DEFAULT_FUSION, Searcher
 
     t = time.time()
-    k = cfg.index.validation_k if data.answers is not None else max(cfg.index.validation_k, 10)
+    qa = data.answers is not None
+    k = cfg.index.validation_k if qa else max(cfg.index.validation_k, 10)
     # Loaded as one search node loads it (shards memory-mapped from the local cache): the version
     # must fit one node's disk; a fleet-sharded index would validate per node group instead.
     searcher = Searcher(manifest_url, cfg.encoder, cfg.path("cache_dir"), mmap=True,
-                        storage_options=cfg.storage_options(), max_k=max(k, cfg.search.max_k))
-    results = []
+                        storage_options=cfg.storage_options(), max_k=max(k, cfg.search.max_k), mode="auto")
+    index = searcher.index
+    fetch = k * DEFAULT_FUSION["fetch_k_factor"] if index.sparse is not None else k
+    dense_s, dense_p, sparse_s, sparse_p = [], [], [], []
     for start in range(0, len(data), 256):
-        results += searcher.ask(data.questions[start:start + 256], k)
-    if data.answers is not None:
-        hit_at = np.asarray([next((i for i, h in enumerate(hits) if has_answer(f"{h.title} {h.text}", answers)), k)
-                             for hits, answers in zip(results, data.answers)])
-        figures = {"metric": f"top{k}_accuracy", "value": round(float((hit_at < k).mean()), 4), "k": k,
-                   "top1_accuracy": round(float((hit_at < 1).mean()), 4)}
+        block = [q.strip() for q in data.questions[start:start + 256]]
+        s, p = index.search(searcher.encoder.encode(None, block), fetch)
+        dense_s.append(s)
+        dense_p.append(p)
+        if index.sparse is not None:
+            s, p = index.search_sparse(block, fetch)
+            sparse_s.append(s)
+            sparse_p.append(p)
+    dense = (np.concatenate(dense_s), np.concatenate(dense_p))
+    if index.sparse is not None:
+        candidates = fusion_candidates((np.concatenate(sparse_s), np.concatenate(sparse_p)), dense, k)
     else:
-        import pytrec_eval
-
-        run = {}
-        for qid, hits in zip(data.qids, results):
-            docs: dict[str, float] = {}
-            for h in hits:  # a document scores as its best passage
-                docs[h.doc_id] = max(docs.get(h.doc_id, -1e9), h.score)
-            run[qid] = docs
-        per_query = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10"}).evaluate(run)
-        ndcg = float(np.mean([per_query.get(q, {}).get("ndcg_cut_10", 0.0) for q in data.qids]))
-        figures = {"metric": "ndcg@10", "value": round(ndcg, 4), "k": k}
+        candidates = {"dense": ({"mode": "dense"}, dense)}
+    wanted = np.unique(np.concatenate([run[1][:, :k].ravel() for _, run in candidates.values()]))
+    docs = index.lookup(wanted[wanted >= 0])
+    scorer = _qa_scorer(data, docs, k) if qa else _ndcg_scorer(data, docs, k)
+    values = {name: scorer(run[1][:, :k]) for name, (_, run) in candidates.items()}
+    metric = f"top{k}_accuracy" if qa else "ndcg@10"
+    figures = {"metric": metric, "value": values["dense"][0], "k": k}
+    if qa:
+        figures["top1_accuracy"] = values["dense"][1]
+    fusion: dict = {}
+    if index.sparse is not None:
+        hybrids = [n for n in candidates if candidates[n][0]["mode"] == "hybrid"]
+        best_hybrid = max(hybrids, key=lambda n: (values[n][0], n == "rrf_k60"))
+        best = max(candidates, key=lambda n: (values[n][0], {"dense": 2, "bm25": 1}.get(n, 0)))  # ties: simplest
+        settings = {key: v for key, v in candidates[best_hybrid][0].items() if key != "mode"}
+        fusion = {"mode": candidates[best][0]["mode"], **settings, "fetch_k_factor": DEFAULT_FUSION["fetch_k_factor"],
+                  "source": "tuned", "metric": metric, "questions": len(data),
+                  "figures": {n: v[0] for n, v in values.items()}}
+        figures["by_mode"] = {"dense": values["dense"][0], "bm25": values["bm25"][0],
+                              "hybrid": values[best_hybrid][0]}
     figures.update({"questions": len(data), "source": cfg.index.validation_questions,
                     "seconds": round(time.time() - t, 2)})
-    log.info("validation: %s %.4f on %d questions (%.1fs)", figures["metric"], figures["value"], len(data),
-             figures["seconds"])
-    return figures
+    log.info("validation: %s %.4f (dense) on %d questions%s (%.1fs)", metric, figures["value"], len(data),
+             f"; bm25 {figures['by_mode']['bm25']:.4f}, hybrid {figures['by_mode']['hybrid']:.4f}; serving "
+             f"{fusion['mode']}" if fusion else "", figures["seconds"])
+    return figures, fusion
+
+
+def _qa_scorer(data: Validation, docs: dict, k: int):
+    """pids [q, k] -> (top-k accuracy, top-1 accuracy): a hit holds an answer (DPR's string match)."""
+    from dpr_lib.datasets import has_answer
+
+    memo: dict = {}
+
+    def hit(q: int, pid: int) -> bool:
+        key = (q, pid)
+        if key not in memo:
+            d = docs.get(pid)
+            memo[key] = d is not None and has_answer(f"{d['title']} {d['text']}", data.answers[q])
+        return memo[key]
+
+    def score(pids: np.ndarray) -> tuple[float, float]:
+        first = np.array([next((r for r, p in enumerate(row.tolist()) if p >= 0 and hit(q, p)), k)
+                          for q, row in enumerate(pids)])
+        return round(float((first < k).mean()), 4), round(float((first < 1).mean()), 4)
+
+    return score
+
+
+def _ndcg_scorer(data: Validation, docs: dict, k: int):
+    """pids [q, k] -> (nDCG@10 over the hits' doc ids, a document at its best passage's rank,)."""
+    import pytrec_eval
+
+    evaluator = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10"})
+
+    def score(pids: np.ndarray) -> tuple[float]:
+        run = {}
+        for qid, row in zip(data.qids, pids):
+            ranked: dict[str, float] = {}
+            for r, p in enumerate(row.tolist()):
+                d = docs.get(p) if p >= 0 else None
+                if d is not None and d["doc_id"] not in ranked:
+                    ranked[d["doc_id"]] = float(k - r)
+            run[qid] = ranked
+        per_query = evaluator.evaluate(run)
+        return (round(float(np.mean([per_query.get(q, {}).get("ndcg_cut_10", 0.0) for q in data.qids])), 4),)
+
+    return score
 
 
 def judge(new: dict, previous: dict | None, previous_version: str | None, cfg: Config) -> str:
@@ -176,11 +240,16 @@ def judge(new: dict, previous: dict | None, previous_version: str | None, cfg: C
         return ""
     metric, value = new["metric"], new["value"]
     if previous and previous.get("metric") == metric and previous.get("source") == new.get("source"):
-        drop = previous["value"] - value
-        if drop > cfg.publish.max_regression:
-            return (f"{metric} fell from {previous['value']:.4f} (version {previous_version}, which LATEST names) to "
-                    f"{value:.4f} on {new['questions']} validation questions: a drop of {drop:.4f} > "
-                    f"publish.max_regression={cfg.publish.max_regression}")
+        # dense (``value``), then each mode both versions measured: no mode a client may ask for regresses
+        pairs = [("dense", previous["value"], value)] + [
+            (mode, previous["by_mode"][mode], v) for mode, v in (new.get("by_mode") or {}).items()
+            if mode != "dense" and mode in (previous.get("by_mode") or {})]
+        for mode, before, now in pairs:
+            drop = before - now
+            if drop > cfg.publish.max_regression:
+                return (f"{metric} ({mode}) fell from {before:.4f} (version {previous_version}, which LATEST names) "
+                        f"to {now:.4f} on {new['questions']} validation questions: a drop of {drop:.4f} > "
+                        f"publish.max_regression={cfg.publish.max_regression}")
         return ""
     if value < cfg.publish.min_validation:
         return (f"{metric} {value:.4f} on {new['questions']} validation questions is below "

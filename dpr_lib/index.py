@@ -21,6 +21,7 @@ Spark runners only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -65,6 +66,7 @@ from dpr_lib.manifest import (
     write_manifest,
 )
 from dpr_lib.publish import publish_version, write_docstore
+from dpr_lib.search import DEFAULT_FUSION
 
 log = logging.getLogger("dpr_lib.index")
 
@@ -196,12 +198,15 @@ def build_shards(spark, source, trained: bytes, num_shards: int, dim: int, out_u
         def run_pieces(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for b in batches:
                 for row in b.to_pylist():
-                    chunks = ((row["shard"], p, v) for p, v in _read_pieces(json.loads(row["pieces"]), dim, add_batch))
-                    yield from builder(chunks)
+                    ranges: list = []
+                    chunks = ((row["shard"], p, v) for p, v in _ranged_pieces(json.loads(row["pieces"]), dim,
+                                                                              add_batch, ranges))
+                    for out_batch in builder(chunks):
+                        yield out_batch.append_column("pid_ranges", pa.array([json.dumps(ranges)], pa.string()))
 
         tasks = tasks_dataframe(spark, [{"shard": s, "pieces": json.dumps(pieces[s])} for s in range(num_shards)],
                                 "shard int, pieces string")
-        out = tasks.mapInArrow(run_pieces, spark_schema(SHARD_RESULT))
+        out = tasks.mapInArrow(run_pieces, spark_schema(SHARD_RESULT.append(pa.field("pid_ranges", pa.string()))))
     else:
         def run_packed(pairs: Iterator[tuple]) -> Iterator[dict]:
             chunks = ((shard, np.frombuffer(p, dtype=np.int64), np.frombuffer(v, dtype=np.float32).reshape(-1, dim))
@@ -218,6 +223,7 @@ def build_shards(spark, source, trained: bytes, num_shards: int, dim: int, out_u
     bc_index.unpersist()
     bc_queries.unpersist()
     for r in rows:
+        r["pid_ranges"] = json.loads(r["pid_ranges"]) if r.get("pid_ranges") else None
         for key in ("hit_scores", "hit_ids", "exact_scores", "exact_ids"):
             r[key] = _unnpy(r[key])
         r["rerank"] = json.loads(r["rerank"]) if r["rerank"] else None
@@ -383,6 +389,70 @@ def plan_pieces(layout: list[dict], num_shards: int) -> list[list[dict]]:
                 pieces[s][-1]["groups"].append([g, a - lo, b - lo])
             offset = hi
     return pieces
+
+
+def _ranged_pieces(pieces: list[dict], dim: int, batch_rows: int, ranges: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_read_pieces`, appending to ``ranges`` each piece's [first pid, last pid] when its pids
+    strictly increase (files the encode job wrote are pid-sorted), else None: the shard's pid
+    intervals, by which the sparse side sends passages to the same shards without a join."""
+    for piece in pieces:
+        first = last = None
+        increasing = True
+        for p, v in _read_pieces([piece], dim, batch_rows):
+            if len(p):
+                if (last is not None and p[0] <= last) or (len(p) > 1 and not (np.diff(p) > 0).all()):
+                    increasing = False
+                first = int(p[0]) if first is None else first
+                last = int(p[-1])
+            yield p, v
+        if first is not None:
+            ranges.append([first, last] if increasing else None)
+
+
+def pid_shard_table(spark, pieces: list[list[dict]]):
+    """DataFrame (pid, shard) of the shards' pieces (pid column only): the sparse side's join key
+    when the shards' pids are not intervals."""
+    from dpr_lib.spark import tasks_dataframe
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            for row in b.to_pylist():
+                for piece in json.loads(row["pieces"]):
+                    fs, path = storage.get_fs(piece["path"])
+                    import pyarrow.parquet as pq
+
+                    with fs.open(path, "rb") as fh:
+                        pf = pq.ParquetFile(fh)
+                        for g, start, stop in piece["groups"]:
+                            pids = pf.read_row_group(g, columns=["pid"]).column("pid").to_numpy()[start:stop]
+                            yield pa.RecordBatch.from_arrays(
+                                [pa.array(pids.astype(np.int64)), pa.array(np.full(len(pids), row["shard"], np.int32))],
+                                names=["pid", "shard"])
+
+    return tasks_dataframe(spark, [{"shard": s, "pieces": json.dumps(p)} for s, p in enumerate(pieces)],
+                           "shard int, pieces string").mapInArrow(run, "pid long, shard int")
+
+
+def sparse_assignment(shards: list[dict], pieces, num_shards: int, spark) -> dict:
+    """How passages reach their dense shard's sparse task: by pid intervals when every shard's
+    pieces are increasing and no two intervals overlap, by hash for hash-sharded DataFrames, else
+    by a join with the shards' pids."""
+    if pieces is None:
+        return {"assign": functools.partial(_hash_assign, num_shards=num_shards)}
+    intervals = [(lo_hi[0], lo_hi[1], s["shard"]) if lo_hi else None
+                 for s in shards for lo_hi in (s.get("pid_ranges") or [])]
+    if intervals and None not in intervals:
+        ordered = sorted(intervals)
+        if all(a[1] < b[0] for a, b in zip(ordered, ordered[1:])):
+            from dpr_lib.sparse import assign_by_ranges
+
+            return {"assign": assign_by_ranges(ordered)}
+    log.info("sparse: the shards' pids are not disjoint intervals; joining passages with the shards' pids")
+    return {"pid_shards": pid_shard_table(spark, pieces)}
+
+
+def _hash_assign(pids: np.ndarray, num_shards: int) -> np.ndarray:
+    return shard_of(pids, num_shards) if num_shards > 1 else np.zeros(len(pids), np.int64)
 
 
 def _read_pieces(pieces: list[dict], dim: int, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -774,7 +844,9 @@ def _quality_gate(cfg: Config, root: str, vurl: str, manifest: Manifest, validat
     if not validation:
         return
     write_manifest(vurl, manifest, opts, retries)  # complete, searchable by its manifest, not published
-    manifest.validation = gate.validate_version(cfg, join_url(vurl, MANIFEST), validation)
+    manifest.validation, fusion = gate.validate_version(cfg, join_url(vurl, MANIFEST), validation)
+    if fusion:
+        manifest.fusion = fusion
     previous_version = read_latest(root, opts)
     previous = read_manifest(join_url(version_url(root, previous_version), MANIFEST), opts) \
         if previous_version else None
@@ -873,6 +945,14 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         with task_errors():
             docstore = write_docstore(spark, cfg, vurl)
     timings["docstore"] = time.time() - t
+    sparse = None
+    if cfg.sparse_enabled():
+        t = time.time()
+        from dpr_lib.sparse import build_sparse
+
+        with task_errors():
+            sparse = build_sparse(spark, cfg, vurl, num_shards, **sparse_assignment(shards, pieces, num_shards, spark))
+        timings["sparse"] = time.time() - t
 
     vectors = sum(s["vectors"] for s in shards)
     code_bytes = ops.code_size(ops.deserialize(trained_bytes))
@@ -903,7 +983,10 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         if with_store else None,
         memory={"resident_bytes_per_passage": code_bytes + ops.ID_BYTES,
                 "disk_bytes_per_passage": 2 * dim + ops.ID_BYTES if with_store else 0,
-                "flat_float32_bytes_per_passage": 4 * dim},
+                "flat_float32_bytes_per_passage": 4 * dim,
+                **({"sparse_disk_bytes_per_passage": sparse["disk_bytes_per_passage"]} if sparse else {})},
+        sparse=sparse,
+        fusion=dict(DEFAULT_FUSION) if sparse else {},
         recall={"k": k, "target": icfg.recall_target, "queries": len(queries),
                 "query_source": "questions" if query_pids is None else "stored vectors, self excluded",
                 **({"questions_file": questions_source} if questions_source else {}),

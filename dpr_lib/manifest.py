@@ -6,6 +6,8 @@ Layout under ``index_root`` (any fsspec URL)::
     versions/<version>/shard-NNNNN.faiss        IVF shards sharing that quantizer, disjoint pids
     versions/<version>/shard-NNNNN.{pids,vectors}.npy   re-rank store of a shard (lossy codes)
     versions/<version>/docstore/part-NNNNN.parquet      pid-sorted (pid, doc_id, title, text)
+    versions/<version>/sparse-NNNNN.bm25        BM25 inverted index of shard N's passages
+    versions/<version>/sparse-vocab.bm25        corpus-wide document frequencies (dpr_lib.sparse)
     versions/<version>/manifest.json            this module's :class:`Manifest`
     LATEST                                      the current version id, written last
 
@@ -138,6 +140,13 @@ class Manifest:
     "source", "seconds"} (empty without validation data); what the quality gate compares."""
     gate: dict = field(default_factory=dict)
     """The quality gate's verdict: {"passed", "forced", "reason", "compared_with", "max_regression"}."""
+    sparse: dict | None = None
+    """The BM25 side (dpr_lib.sparse): {"method", "k1", "b", "analyzer", "docs", "avg_doc_len",
+    "vocab": {path, bytes, sha256, terms}, "shards": [{index, path, bytes, sha256, docs, terms,
+    postings}], "disk_bytes_per_passage"}; None for a dense-only version."""
+    fusion: dict = field(default_factory=dict)
+    """What ``mode: hybrid`` serves: {"method": "rrf"|"linear", "rrf_k"|"alpha_dense", "fetch_k_factor",
+    "source": "tuned"|"default", "figures"?: {candidate: value}, "metric"?}."""
     software: dict = field(default_factory=dict)
     """What wrote the version: {"faiss", "numpy", "dpr_lib", "python", "index_format"}; a reader whose
     FAISS cannot read a shard names both FAISS versions instead of failing inside FAISS."""
@@ -203,10 +212,13 @@ class Manifest:
         return cls.from_dict(doc, where)
 
     def blobs(self) -> frozenset[str]:
-        """sha256 of every file a search node fetches for this version (shards, re-rank stores, docstore)."""
+        """sha256 of every file a search node fetches for this version (shards, re-rank stores, docstore, sparse)."""
         shas = {e.sha256 for e in self.docstore}
         for shard in self.shards:
             shas.update(f.sha256 for f in shard.files())
+        if self.sparse:
+            shas.add(self.sparse["vocab"]["sha256"])
+            shas.update(s["sha256"] for s in self.sparse["shards"])
         return frozenset(shas)
 
 

@@ -101,7 +101,8 @@ class ShardedIndex:
 
     def __init__(self, index: str, cache_dir: str | None = None, shards: list[int] | None = None,
                  mmap: bool = False, nprobe: int | None = None, storage_options: dict | None = None,
-                 k_factor: int | None = None, verify_cache: bool = False, docstore_cache_mb: float = 64):
+                 k_factor: int | None = None, verify_cache: bool = False, docstore_cache_mb: float = 64,
+                 sparse: bool = True):
         import faiss
 
         self.manifest, self.version_url = open_manifest(index, storage_options)
@@ -142,6 +143,7 @@ class ShardedIndex:
             if rerank:
                 self.stores.append(self._open_store(e, idx.ntotal))
         self.ntotal = sum(s.ntotal for s in self.shards)
+        self.sparse = self._open_sparse([e.index for e in entries]) if sparse and self.manifest.sparse else None
         self._docstore = sorted(self.manifest.docstore, key=lambda d: d.min_pid)
         self._docstore_files: dict[str, object] = {}
         self._docstore_lock = threading.Lock()  # lookups may come from several service threads
@@ -150,6 +152,29 @@ class ShardedIndex:
         self._groups_bytes = 0
         log.info("loaded version %s: %d shards, %d vectors, nprobe %d", self.version, len(self.shards),
                  self.ntotal, self.nprobe)
+
+    def _open_sparse(self, shard_numbers: list[int]):
+        """The BM25 side of the loaded shards: verified, memory-mapped; statistics are the corpus's."""
+        from dpr_lib.sparse import SparseIndex
+
+        sp = self.manifest.sparse
+
+        def fetch(entry: dict) -> str:
+            return self.cache.fetch(join_url(self.version_url, _safe_relpath(entry["path"])), entry["sha256"], ".bm25")
+
+        wanted = set(shard_numbers)
+        try:
+            return SparseIndex(fetch(sp["vocab"]), [fetch(e) for e in sp["shards"] if e["index"] in wanted],
+                               sp["docs"], sp["avg_doc_len"], sp.get("k1", 1.5), sp.get("b", 0.75))
+        except (KeyError, TypeError) as exc:
+            raise IndexIntegrityError(f"version {self.version}: the manifest's sparse section is incomplete ({exc})") from None
+
+    def search_sparse(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 top-k of the loaded shards' passages (global statistics: merges across nodes are exact)."""
+        if self.sparse is None:
+            raise InputError(f"version {self.version} has no sparse side (built with index.sparse=false, or "
+                             "loaded without it): only mode 'dense' is available")
+        return self.sparse.search(questions, k)
 
     def _open_store(self, entry: ShardEntry, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
         """The shard's re-rank store, verified and memory-mapped read-only (``.npy``, no pickle)."""
@@ -189,7 +214,10 @@ class ShardedIndex:
         """Bytes held: codes + ids of the FAISS shards in RAM, and the mapped re-rank stores on disk."""
         ram = sum((code_size(s) + ID_BYTES) * s.ntotal for s in self.shards)
         disk = sum(p.nbytes + v.nbytes for p, v in self.stores)
-        return {"codes_and_ids_bytes": int(ram), "rerank_store_bytes": int(disk), "vectors": int(self.ntotal)}
+        out = {"codes_and_ids_bytes": int(ram), "rerank_store_bytes": int(disk), "vectors": int(self.ntotal)}
+        if self.sparse is not None:
+            out["sparse_mapped_bytes"] = self.sparse.memory()["sparse_bytes"]
+        return out
 
     def lookup(self, pids) -> dict[int, dict]:
         """{pid: {doc_id, title, text}} for the given pids, reading only the row groups that hold them."""
@@ -248,18 +276,45 @@ class ShardedIndex:
         return table
 
 
+MODES = ("dense", "bm25", "hybrid")
+DEFAULT_FUSION = {"mode": "hybrid", "method": "rrf", "rrf_k": 60, "fetch_k_factor": 2, "source": "default"}
+"""The label-free fusion (no validation data): reciprocal rank fusion with Cormack et al.'s k = 60
+over each side's top 2k. See docs for how it compares with tuned fusions."""
+
+
+def fusion_of(manifest) -> dict:
+    """The fusion a version serves: its manifest's (tuned or default), else the label-free default."""
+    return {**DEFAULT_FUSION, **(manifest.fusion or {})} if manifest.sparse else {"mode": "dense"}
+
+
+def fuse_runs(fusion: dict, sparse: tuple, dense: tuple, k: int) -> tuple[np.ndarray, np.ndarray]:
+    from dpr_lib.metrics import fuse
+
+    if fusion.get("method") == "linear":
+        a = float(fusion.get("alpha_dense", 0.5))
+        return fuse([sparse, dense], k, "linear", weights=[1.0 - a, a])
+    return fuse([sparse, dense], k, "rrf", int(fusion.get("rrf_k", 60)))
+
+
 class Searcher:
     """Questions in, passages out: the question encoder of the manifest + a ShardedIndex."""
 
     def __init__(self, index: str, encoder_cfg: EncoderConfig | None = None, cache_dir: str | None = None,
                  shards: list[int] | None = None, mmap: bool = False, nprobe: int | None = None,
                  storage_options: dict | None = None, max_k: int = 1000, k_factor: int | None = None,
-                 verify_cache: bool = False, docstore_cache_mb: float = 64):
+                 verify_cache: bool = False, docstore_cache_mb: float = 64, mode: str = "auto"):
         from dpr_lib.encode import get_encoder, resolve_spec
 
+        if mode not in MODES + ("auto",):
+            raise InputError(f"mode must be one of {', '.join(MODES + ('auto',))}, got {mode!r}")
         self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options, k_factor, verify_cache,
-                                  docstore_cache_mb)
+                                  docstore_cache_mb, sparse=mode != "dense")
         self.max_k = max_k
+        self.fusion = fusion_of(self.index.manifest)
+        self.mode = self.fusion.get("mode", "hybrid") if mode == "auto" and self.index.sparse else \
+            ("dense" if mode == "auto" else mode)
+        if self.mode != "dense" and self.index.sparse is None:
+            self.index.search_sparse([], 1)  # the readable refusal
         spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question",
                             storage_options=storage_options)
         expected = self.index.manifest.question_encoder or self.index.manifest.encoder or {}
@@ -271,7 +326,23 @@ class Searcher:
                 "set encoder.model / encoder.question_model to match the manifest")
         self.encoder = get_encoder(spec)
 
-    def ask(self, questions: list[str], k: int = 10) -> list[list[Hit]]:
+    def retrieve(self, questions: list[str], k: int, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32 [q, k], pids int64 [q, k]; -1 = no hit) in ``mode`` (default: this
+        searcher's). hybrid: each side's top k x fetch_k_factor, fused as the manifest says."""
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "bm25":
+            return self.index.search_sparse(questions, k)
+        fetch = k * int(self.fusion.get("fetch_k_factor", 1)) if mode == "hybrid" else k
+        if mode == "hybrid":
+            sparse = self.index.search_sparse(questions, fetch)  # refuses before encoding when absent
+        dense = self.index.search(self.encoder.encode(None, questions), fetch)
+        if mode == "dense":
+            return dense
+        return fuse_runs(self.fusion, sparse, dense, k)
+
+    def ask(self, questions: list[str], k: int = 10, mode: str | None = None) -> list[list[Hit]]:
         if not isinstance(k, int) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
         if k > self.max_k:
@@ -281,8 +352,7 @@ class Searcher:
             raise InputError(f"empty question(s) at position {bad}")
         if not questions:
             return []
-        vectors = self.encoder.encode(None, [q.strip() for q in questions])
-        scores, pids = self.index.search(vectors, k)
+        scores, pids = self.retrieve([q.strip() for q in questions], k, mode)
         docs = self.index.lookup(pids.ravel())
         results = []
         for srow, prow in zip(scores, pids):
@@ -319,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default="", help="comma-separated shard numbers to load (default: all)")
     parser.add_argument("--mmap", action="store_true", help="memory-map shards")
     parser.add_argument("--k-factor", type=int, default=0, help="override the manifest's re-rank factor")
+    parser.add_argument("--mode", choices=MODES + ("auto",), default=None,
+                        help="dense, bm25, hybrid, or auto: what the version recommends (default search.mode)")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if not args.verbose:
@@ -329,17 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         searcher = Searcher(args.index, cfg.encoder, cfg.path("cache_dir"), parse_shards(args.shards),
                             args.mmap or cfg.search.mmap, args.nprobe or cfg.search.nprobe or None,
                             cfg.storage_options(), cfg.search.max_k, args.k_factor or cfg.search.k_factor or None,
-                            cfg.search.verify_cache, cfg.search.docstore_cache_mb)
+                            cfg.search.verify_cache, cfg.search.docstore_cache_mb, args.mode or cfg.search.mode)
         results = searcher.ask(args.questions, args.k)
     except DprError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     if args.json:
-        print(json.dumps({"version": searcher.index.version, "results": [
+        print(json.dumps({"version": searcher.index.version, "mode": searcher.mode, "results": [
             {"question": q, "hits": [asdict(h) for h in hits]} for q, hits in zip(args.questions, results)]},
             indent=2))
     else:
-        print(f"index version {searcher.index.version} ({searcher.index.ntotal} passages)")
+        print(f"index version {searcher.index.version} ({searcher.index.ntotal} passages, mode {searcher.mode})")
         for q, hits in zip(args.questions, results):
             print(format_hits(q, hits))
     return 0

@@ -91,7 +91,7 @@ def test_a_regression_is_built_not_published_and_force_publishes_it(spark, encod
     out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == QualityGateError.exit_code == 11, out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: version ") and "was built but not published: top5_accuracy fell from " \
+    assert line.startswith("error: version ") and "was built but not published: top5_accuracy (dense) fell from " \
         f"{first.validation['value']:.4f} (version {first.version}, which LATEST names) to " in line, line
     assert "publish.max_regression=0.01" in line and "--force" in line
     assert read_latest(root) == first.version, "LATEST did not move"
@@ -143,7 +143,7 @@ def test_judged_queries_gate_on_ndcg_at_10(spark, encoded, tmp_path):
     first = build_index(spark, cfg)
     assert first.validation["metric"] == "ndcg@10" and first.validation["value"] >= 0.9, first.validation
     broken = _broken_export(base, str(tmp_path / "broken"))
-    with pytest.raises(QualityGateError, match=rf"ndcg@10 fell from {first.validation['value']:.4f} "):
+    with pytest.raises(QualityGateError, match=rf"ndcg@10 \(dense\) fell from {first.validation['value']:.4f} "):
         build_index(spark, _cfg(encoded, tmp_path, f"index.validation_questions={beir}",
                                 f"paths.embeddings={broken}"))
     assert read_latest(cfg.path("index_root")) == first.version

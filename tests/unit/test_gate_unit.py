@@ -15,7 +15,7 @@ def test_rule():
     cfg = load_config(None, ["publish.max_regression=0.01", "publish.min_validation=0.5"])
     assert judge(_fig(0.795), _fig(0.80), "v1", cfg) == "", "within max_regression"
     reason = judge(_fig(0.78), _fig(0.80), "v1", cfg)
-    assert "top20_accuracy fell from 0.8000 (version v1, which LATEST names) to 0.7800" in reason
+    assert "top20_accuracy (dense) fell from 0.8000 (version v1, which LATEST names) to 0.7800" in reason
     assert "publish.max_regression=0.01" in reason
     assert judge(_fig(0.9), _fig(0.80), "v1", cfg) == "", "an improvement passes"
     # no comparable earlier figure (none, other questions, another metric): the floor applies

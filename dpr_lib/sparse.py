@@ -1,0 +1,419 @@
+"""The sparse side of a version: BM25 shards over the same pids as the dense shards.
+
+Analyzer: the evaluation's (:func:`dpr_lib.train_data.bm25_tokens`: lower-cased ``\\w\\w+`` words,
+English stop words removed, Snowball stemming) over ``title + " " + text``. Terms are stored as a
+64-bit hash of the stemmed token (blake2b): the term dictionary needs no strings, and two of ten
+million terms collide with probability ~3e-6.
+
+Scoring is Lucene's BM25 (bm25s' default: idf = ln(1 + (N - df + 0.5) / (df + 0.5)), term weight
+tf / (tf + k1 (1 - b + b dl / avgdl)), no (k1 + 1) factor), evaluated **at query time** from the
+stored term frequencies and document lengths with global N, avgdl and df. Nothing in a shard
+depends on the rest of the corpus: a shard is written once, scores of different shards are on
+one scale (merging their top-k is exact), and a later delta segment only adds shards and updates
+the small global statistics, never rewrites old postings.
+
+Files of a version (each a :class:`ArrayFile`, memory-mapped by the loader):
+
+- ``sparse-vocab.bm25``: ``terms`` int64 (sorted term hashes) and ``df`` int32: document
+  frequencies over the whole corpus, aggregated once on Spark from the shards' own counts.
+- ``sparse-NNNNN.bm25``: per dense shard, an inverted index: ``terms`` int64 (sorted),
+  ``offsets`` int64 [terms + 1], ``rows`` int32 and ``tf`` uint16 per posting (rows ascending
+  within a term), ``pids`` int64 and ``doc_len`` uint16/int32 per passage (pid-sorted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from dpr_lib import storage
+from dpr_lib.config import Config, join_url
+from dpr_lib.errors import InputError
+
+log = logging.getLogger("dpr_lib.sparse")
+
+K1, B = 1.5, 0.75                      # Lucene / bm25s defaults (as the training-data miner)
+ANALYZER = "bm25s-en-snowball/title+text"
+MAGIC = b"DPRARR1\x00"
+ALIGN = 64
+VOCAB = "sparse-vocab.bm25"
+
+_HASH_CACHE: dict[str, int] = {}
+_HASH_CACHE_MAX = 2_000_000
+
+
+# ---------------------------------------------------------------- analyzer and terms
+
+def term_hash(token: str) -> int:
+    """A stable signed 64-bit hash of a token (cached per process)."""
+    h = _HASH_CACHE.get(token)
+    if h is None:
+        h = int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+        if len(_HASH_CACHE) >= _HASH_CACHE_MAX:
+            _HASH_CACHE.clear()
+        _HASH_CACHE[token] = h
+    return h
+
+
+def analyze(texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Per text: (term hashes int64, term frequencies int32, length in tokens)."""
+    from dpr_lib.train_data import bm25_tokens
+
+    out = []
+    for toks in bm25_tokens(texts):
+        counts = Counter(t for t in toks if t)
+        out.append((np.fromiter((term_hash(t) for t in counts), np.int64, len(counts)),
+                    np.fromiter(counts.values(), np.int32, len(counts)), sum(counts.values())))
+    return out
+
+
+def idf(df: np.ndarray, n_docs: int) -> np.ndarray:
+    df = df.astype(np.float64)
+    return np.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+
+
+# ---------------------------------------------------------------- one file of named arrays
+
+class ArrayFile:
+    """Named numpy arrays in one file: MAGIC, header length (uint64), a JSON header {meta,
+    arrays: {name: {dtype, shape, offset}}}, then each array 64-byte aligned. Read back
+    memory-mapped (pages load as queries touch them) or into RAM."""
+
+    @staticmethod
+    def write(path: str, arrays: dict[str, np.ndarray], meta: dict | None = None) -> None:
+        entries, offset = {}, 0
+        for name, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            entries[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
+            offset += -(-a.nbytes // ALIGN) * ALIGN
+        header = json.dumps({"meta": meta or {}, "arrays": entries}).encode()
+        start = -(-(len(MAGIC) + 8 + len(header)) // ALIGN) * ALIGN
+        with open(path, "wb") as fh:
+            fh.write(MAGIC + len(header).to_bytes(8, "little") + header)
+            fh.write(b"\0" * (start - fh.tell()))
+            for name, a in arrays.items():
+                fh.seek(start + entries[name]["offset"])
+                fh.write(np.ascontiguousarray(a).tobytes())
+            fh.truncate(start + offset)
+
+    def __init__(self, path: str, mmap: bool = True):
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC) + 8)
+            if head[:len(MAGIC)] != MAGIC:
+                raise InputError(f"{path} is not a dpr_lib array file (bad magic)")
+            n = int.from_bytes(head[len(MAGIC):], "little")
+            header = json.loads(fh.read(n))
+        self.meta = header["meta"]
+        start = -(-(len(MAGIC) + 8 + n) // ALIGN) * ALIGN
+        self.arrays: dict[str, np.ndarray] = {}
+        for name, e in header["arrays"].items():
+            dtype, shape = np.dtype(e["dtype"]), tuple(e["shape"])
+            count = int(np.prod(shape)) if shape else 1
+            if count == 0:
+                self.arrays[name] = np.zeros(shape, dtype)
+            elif mmap:
+                self.arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + e["offset"], shape=shape)
+            else:
+                with open(path, "rb") as fh:
+                    fh.seek(start + e["offset"])
+                    self.arrays[name] = np.frombuffer(fh.read(count * dtype.itemsize), dtype).reshape(shape)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+
+# ---------------------------------------------------------------- building (Spark-free parts)
+
+DOCS = pa.schema([("shard", pa.int32()), ("pids", pa.binary()), ("lens", pa.binary()),
+                  ("nterms", pa.binary()), ("terms", pa.binary()), ("tfs", pa.binary())])
+
+
+def pack_docs(pids: np.ndarray, shards: np.ndarray, analyzed: list) -> Iterator[dict]:
+    """Analyzed passages -> one packed row per shard (raw arrays as bytes: compact in the shuffle).
+    Passages whose shard is -1 (no dense shard holds their pid) are left out."""
+    for s in np.unique(shards):
+        if s < 0:
+            continue
+        sel = np.flatnonzero(shards == s)
+        terms = [analyzed[i][0] for i in sel]
+        tfs = [analyzed[i][1] for i in sel]
+        yield {"shard": int(s), "pids": pids[sel].astype(np.int64).tobytes(),
+               "lens": np.array([analyzed[i][2] for i in sel], np.int32).tobytes(),
+               "nterms": np.array([len(t) for t in terms], np.int32).tobytes(),
+               "terms": (np.concatenate(terms) if terms else np.zeros(0, np.int64)).tobytes(),
+               "tfs": (np.concatenate(tfs) if tfs else np.zeros(0, np.int32)).tobytes()}
+
+
+def inverted(pids: np.ndarray, lens: np.ndarray, nterms: np.ndarray, terms: np.ndarray,
+             tfs: np.ndarray) -> dict[str, np.ndarray]:
+    """Passages' (term, tf) lists -> a pid-sorted inverted index (see the module doc)."""
+    order = np.argsort(pids, kind="stable")
+    if len(pids) > 1 and (np.diff(pids[order]) == 0).any():
+        dup = pids[order][1:][np.diff(pids[order]) == 0]
+        raise InputError(f"duplicate pids in the Passages table: {np.unique(dup)[:5].tolist()}")
+    new_row = np.empty(len(pids), np.int32)
+    new_row[order] = np.arange(len(pids), dtype=np.int32)
+    rows = np.repeat(new_row, nterms)
+    post = np.lexsort((rows, terms))
+    terms, rows, tfs = terms[post], rows[post], tfs[post]
+    uniq, starts = np.unique(terms, return_index=True)
+    offsets = np.append(starts, len(terms)).astype(np.int64)
+    lens = lens[order]
+    return {"terms": uniq.astype(np.int64), "offsets": offsets, "rows": rows.astype(np.int32),
+            "tf": np.minimum(tfs, 65535).astype(np.uint16), "pids": pids[order].astype(np.int64),
+            "doc_len": lens.astype(np.uint16 if (len(lens) == 0 or lens.max() < 65536) else np.int32)}
+
+
+# ---------------------------------------------------------------- searching
+
+class SparseIndex:
+    """BM25 over a version's sparse shards (all of them, or those of a shard subset: scores use
+    the global statistics, so a subset ranks its passages exactly as the whole index would)."""
+
+    def __init__(self, vocab_path: str, shard_paths: list[str], n_docs: int, avg_doc_len: float,
+                 k1: float = K1, b: float = B, mmap: bool = True):
+        self.vocab = ArrayFile(vocab_path, mmap)
+        self.shards = [ArrayFile(p, mmap) for p in shard_paths]
+        self.n_docs, self.avgdl, self.k1, self.b = int(n_docs), float(avg_doc_len), k1, b
+
+    def query_terms(self, questions: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per question: (term hashes found in the vocabulary, their weight = count x idf)."""
+        vt, vdf = self.vocab["terms"], self.vocab["df"]
+        out = []
+        for h, tf, _ in analyze(questions):
+            pos = np.searchsorted(vt, h)
+            ok = pos < len(vt)
+            ok[ok] = vt[pos[ok]] == h[ok]
+            out.append((h[ok], tf[ok].astype(np.float64) * idf(vdf[pos[ok]], self.n_docs)))
+        return out
+
+    def search(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 top-k: scores float32 [q, k] (-inf = no hit), pids int64 [q, k] (-1 = no hit);
+        ties broken by pid."""
+        from dpr_lib.index_ops import merge_topk
+
+        scores = np.full((len(questions), k), -np.inf, np.float32)
+        pids = np.full((len(questions), k), -1, np.int64)
+        for q, (terms, weights) in enumerate(self.query_terms(questions)):
+            if not len(terms):
+                continue
+            per_s, per_p = [], []
+            for shard in self.shards:
+                s, p = self._shard_topk(shard, terms, weights, k)
+                per_s.append(s[None, :])
+                per_p.append(p[None, :])
+            ms, mp = merge_topk(per_s, per_p, k)
+            scores[q], pids[q] = ms[0], mp[0]
+        return scores, pids
+
+    def _shard_topk(self, shard: ArrayFile, terms: np.ndarray, weights: np.ndarray, k: int):
+        st, off = shard["terms"], shard["offsets"]
+        n = len(shard["pids"])
+        pos = np.searchsorted(st, terms)
+        rows_l, w_l = [], []
+        for p, h, w in zip(pos.tolist(), terms.tolist(), weights.tolist()):
+            if p >= len(st) or st[p] != h:
+                continue
+            a, b = int(off[p]), int(off[p + 1])
+            rows = np.asarray(shard["rows"][a:b])
+            tf = np.asarray(shard["tf"][a:b], np.float64)
+            dl = np.asarray(shard["doc_len"][rows], np.float64)
+            rows_l.append(rows)
+            w_l.append(w * tf / (tf + self.k1 * (1.0 - self.b + self.b * dl / max(self.avgdl, 1e-9))))
+        out_s = np.full(k, -np.inf, np.float32)
+        out_p = np.full(k, -1, np.int64)
+        if not rows_l:
+            return out_s, out_p
+        rows, w = np.concatenate(rows_l), np.concatenate(w_l)
+        if len(rows) * 8 > n:  # dense accumulate
+            acc = np.bincount(rows, w, minlength=n)
+            cand = np.flatnonzero(acc > 0)
+            vals = acc[cand]
+        else:
+            cand, inv = np.unique(rows, return_inverse=True)
+            vals = np.bincount(inv, w)
+        cand_pids = np.asarray(shard["pids"])[cand]
+        vals = vals.astype(np.float32)
+        order = np.lexsort((cand_pids, -vals))[:k]
+        out_s[:len(order)], out_p[:len(order)] = vals[order], cand_pids[order]
+        return out_s, out_p
+
+    def memory(self) -> dict:
+        files = [self.vocab, *self.shards]
+        return {"sparse_bytes": int(sum(a.nbytes for f in files for a in f.arrays.values()))}
+
+
+# ---------------------------------------------------------------- the Spark build
+
+SHARD_OUT = pa.schema([("shard", pa.int32()), ("result", pa.string()), ("terms", pa.binary()),
+                       ("df", pa.binary())])
+VOCAB_OUT = pa.schema([("result", pa.string())])
+
+
+def _write_file(arrays: dict, meta: dict, url: str, opts: dict, retries: int) -> dict:
+    from dpr_lib.index_ops import local_tmp_dir
+
+    fd, tmp = tempfile.mkstemp(suffix=".bm25", prefix="dpr-sparse-", dir=local_tmp_dir())
+    os.close(fd)
+    try:
+        ArrayFile.write(tmp, arrays, meta)
+        size, digest = os.path.getsize(tmp), storage.sha256_file(tmp)
+        storage.upload_file_atomic(tmp, url, opts, attempts=retries)
+    finally:
+        os.remove(tmp)
+    return {"path": url, "bytes": size, "sha256": digest}
+
+
+def assign_by_ranges(ranges: list[tuple[int, int, int]]):
+    """pid -> shard from disjoint [lo, hi] pid intervals per shard; -1 outside every interval."""
+    ranges = sorted(ranges)
+    lo = np.array([r[0] for r in ranges], np.int64)
+    hi = np.array([r[1] for r in ranges], np.int64)
+    sh = np.array([r[2] for r in ranges], np.int64)
+
+    def assign(pids: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(lo, pids, side="right") - 1
+        ok = (i >= 0) & (pids <= hi[np.maximum(i, 0)])
+        return np.where(ok, sh[np.maximum(i, 0)], -1)
+
+    return assign
+
+
+def build_sparse(spark, cfg: Config, vurl: str, num_shards: int, assign=None, pid_shards=None) -> dict:
+    """Build the version's sparse side on Spark; returns the manifest's ``sparse`` section.
+
+    Passages reach their dense shard's task by ``assign`` (a function pid -> shard, broadcast
+    with the tasks: hash sharding or the shards' pid intervals) or, when the shards' pids are not
+    intervals, by a join with ``pid_shards`` (a DataFrame of pid, shard). Each shard task writes its
+    inverted index and returns its local document frequencies, which Spark sums per term; one task
+    writes the sorted vocabulary (its memory: the vocabulary, not the corpus)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from dpr_lib.spark import spark_schema
+
+    t0 = time.time()
+    opts, retries = cfg.storage_options(), cfg.publish.retries
+    files = storage.list_files(cfg.path("passages"), ".parquet")
+    if not files:
+        raise InputError(f"no Passages files under {cfg.path('passages')}: the sparse side (index.sparse) "
+                         "needs them; set index.sparse=false for a vectors-only version")
+    passages = spark.read.parquet(*files).select("pid", "title", "text")
+    if pid_shards is not None:
+        passages = passages.join(pid_shards, "pid")
+
+    def tokenize(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            pids = batch.column("pid").to_numpy().astype(np.int64)
+            titles = batch.column("title").to_pylist()
+            texts = batch.column("text").to_pylist()
+            shards = (batch.column("shard").to_numpy().astype(np.int64) if assign is None else assign(pids))
+            analyzed = analyze([f"{t or ''} {x or ''}" for t, x in zip(titles, texts)])
+            rows = list(pack_docs(pids, shards, analyzed))
+            if rows:
+                yield pa.RecordBatch.from_pylist(rows, schema=DOCS)
+
+    urls = {s: join_url(vurl, f"sparse-{s:05d}.bm25") for s in range(num_shards)}
+
+    def build(pairs) -> Iterator[tuple]:
+        parts: dict[int, list] = {}
+        for shard, row in pairs:
+            parts.setdefault(int(shard), []).append(row)
+        for s, rows in parts.items():
+            inv = inverted(*(np.concatenate([np.frombuffer(r[key], dtype) for r in rows]) for key, dtype in
+                             (("pids", np.int64), ("lens", np.int32), ("nterms", np.int32), ("terms", np.int64),
+                              ("tfs", np.int32))))
+            meta = _write_file(inv, {"kind": "bm25-shard", "shard": s, "analyzer": ANALYZER}, urls[s], opts, retries)
+            df = np.diff(inv["offsets"]).astype(np.int64)
+            result = {**meta, "shard": s, "docs": len(inv["pids"]), "terms": len(inv["terms"]),
+                      "postings": len(inv["rows"]), "doc_len_sum": int(inv["doc_len"].astype(np.int64).sum())}
+            yield s, json.dumps(result), inv["terms"].tobytes(), df.tobytes()
+
+    docs = passages.mapInArrow(tokenize, spark_schema(DOCS))
+    built = docs.rdd.map(lambda r: (r["shard"], r)).partitionBy(num_shards, lambda shard: shard).mapPartitions(build)
+    built_df = spark.createDataFrame(built, spark_schema(SHARD_OUT)).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        results = [json.loads(r["result"]) for r in built_df.select("result").collect()]
+        n_docs = sum(r["docs"] for r in results)
+        total_len = sum(r["doc_len_sum"] for r in results)
+        vocab_url = join_url(vurl, VOCAB)
+
+        def explode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for b in batches:
+                for t, d in zip(b.column("terms").to_pylist(), b.column("df").to_pylist()):
+                    yield pa.RecordBatch.from_arrays([pa.array(np.frombuffer(t, np.int64)),
+                                                      pa.array(np.frombuffer(d, np.int64))], names=["term", "df"])
+
+        def write_vocab(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            terms, dfs = [], []
+            for b in batches:
+                terms.append(b.column("term").to_numpy())
+                dfs.append(b.column("df").to_numpy())
+            t = np.concatenate(terms) if terms else np.zeros(0, np.int64)
+            d = np.concatenate(dfs) if dfs else np.zeros(0, np.int64)
+            order = np.argsort(t)
+            meta = _write_file({"terms": t[order].astype(np.int64), "df": d[order].astype(np.int32)},
+                               {"kind": "bm25-vocab", "analyzer": ANALYZER, "docs": n_docs}, vocab_url, opts, retries)
+            yield pa.RecordBatch.from_pylist([{"result": json.dumps({**meta, "terms": int(len(t))})}], schema=VOCAB_OUT)
+
+        vocab = json.loads(
+            built_df.select("terms", "df").mapInArrow(explode, "term long, df long")
+            .groupBy("term").agg(F.sum("df").alias("df")).repartition(1)
+            .mapInArrow(write_vocab, spark_schema(VOCAB_OUT)).collect()[0]["result"])
+    finally:
+        built_df.unpersist()
+    results.sort(key=lambda r: r["shard"])
+    disk = vocab["bytes"] + sum(r["bytes"] for r in results)
+    log.info("sparse: BM25 over %d passages in %d shards, %d terms, %.1f MB (%.1fs)", n_docs, len(results),
+             vocab["terms"], disk / 1e6, time.time() - t0)
+    return {"method": "bm25", "k1": K1, "b": B, "analyzer": ANALYZER, "docs": n_docs,
+            "avg_doc_len": total_len / n_docs if n_docs else 0.0,
+            "vocab": {**vocab, "path": relative(vocab["path"], vurl)},
+            "shards": [{"index": r["shard"], "path": relative(r["path"], vurl), "bytes": r["bytes"],
+                        "sha256": r["sha256"], "docs": r["docs"], "terms": r["terms"], "postings": r["postings"]}
+                       for r in results],
+            "disk_bytes_per_passage": round(disk / n_docs, 1) if n_docs else 0.0,
+            "seconds": round(time.time() - t0, 2)}
+
+
+def relative(url: str, vurl: str) -> str:
+    from dpr_lib.manifest import relative_to
+
+    return relative_to(url, vurl)
+
+
+def build_local(out_dir: str, pids: np.ndarray, texts: list[str], shard_of_pid=None, num_shards: int = 1) -> dict:
+    """The same files as :func:`build_sparse`, in one process (a closed corpus: tests, small
+    collections). ``texts`` are what is indexed (title + " " + text). Returns {vocab, shards,
+    docs, avg_doc_len} with local paths."""
+    pids = np.asarray(pids, np.int64)
+    shards = shard_of_pid(pids) if shard_of_pid is not None else np.zeros(len(pids), np.int64)
+    analyzed = analyze(texts)
+    os.makedirs(out_dir, exist_ok=True)
+    df_terms, df_counts, paths, total = [], [], [], 0
+    for row in pack_docs(pids, shards, analyzed):
+        inv = inverted(np.frombuffer(row["pids"], np.int64), np.frombuffer(row["lens"], np.int32),
+                       np.frombuffer(row["nterms"], np.int32), np.frombuffer(row["terms"], np.int64),
+                       np.frombuffer(row["tfs"], np.int32))
+        path = os.path.join(out_dir, f"sparse-{row['shard']:05d}.bm25")
+        ArrayFile.write(path, inv, {"kind": "bm25-shard", "shard": row["shard"], "analyzer": ANALYZER})
+        paths.append(path)
+        df_terms.append(inv["terms"])
+        df_counts.append(np.diff(inv["offsets"]))
+        total += int(inv["doc_len"].astype(np.int64).sum())
+    terms = np.concatenate(df_terms) if df_terms else np.zeros(0, np.int64)
+    counts = np.concatenate(df_counts) if df_counts else np.zeros(0, np.int64)
+    uniq, inv_idx = np.unique(terms, return_inverse=True)
+    vocab = os.path.join(out_dir, VOCAB)
+    ArrayFile.write(vocab, {"terms": uniq, "df": np.bincount(inv_idx, counts, len(uniq)).astype(np.int32)},
+                    {"kind": "bm25-vocab", "analyzer": ANALYZER, "docs": len(pids)})
+    return {"vocab": vocab, "shards": paths, "docs": len(pids), "avg_doc_len": total / max(1, len(pids))}
