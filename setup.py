@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dpr_lib", "dpr_lib.*"]),
+    package_data={"dpr_lib": ["static/*.html"]},
     install_requires=[
         "pyspark>=4.0,<5",
         "torch>=2.2,<3",
@@ -21,7 +22,7 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
         "tqdm>=4.66",
-        "bm25s>=0.2.6,<0.4",       # evaluation baseline (BM25)
+        "bm25s>=0.2.6,<0.4",       # the analyzer of every BM25 (tokenizer + stop words), evaluation baseline
         "PyStemmer>=2.2",
         "scipy>=1.11",             # sparse BM25 scoring when mining training data
         "pytrec-eval-terrier>=0.5.6",  # IR metrics of qrels datasets
@@ -45,6 +46,7 @@ setup(
             "sentence-transformers>=3.0",   # the benchmark baseline
             "psutil>=5.9",
             "httpx>=0.27",                  # the service tests' HTTP client
+        "selenium>=4.20",               # drives Debian's chromium + chromium-driver in the page test
         ],
     },
     entry_points={

@@ -1,8 +1,12 @@
 """Reference search service (``dpr-serve``): the published shards behind HTTP, swapping to each
 new version without downtime.
 
-- ``POST /search`` ``{"questions": [...], "k": 10}`` -> ``{"version", "results": [{"question",
-  "hits": [{pid, score, doc_id, title, text}]}]}``; bad requests get a 400 with a readable message.
+- ``POST /search`` ``{"questions": [...], "k": 10, "mode": "hybrid"}`` -> ``{"version", "mode",
+  "took_ms", "results": [{"question", "hits": [{pid, score, doc_id, title, text}]}]}``; ``mode`` is
+  dense, bm25 or hybrid (default: ``search.mode``, auto = what the version's manifest recommends);
+  bad requests get a 400 with a readable message.
+- ``GET /``: a small page to look at results: a question box, dense, bm25 and hybrid hits side by
+  side, the version that answered and the latency (static HTML shipped with the package, no CDN).
 - ``GET /health``: 200 once a version is loaded and warmed up (503 before), with the version, the
   vectors served and the last version that failed to load, if any.
 - ``GET /metrics``: Prometheus text (requests and latency per endpoint, the loaded version,
@@ -70,9 +74,9 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name="dpr-search-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, loaded: Loaded, questions: list[str], k: int) -> Future:
+    def submit(self, loaded: Loaded, questions: list[str], k: int, mode: str | None = None) -> Future:
         fut: Future = Future()
-        self._queue.put((loaded, questions, k, fut))
+        self._queue.put((loaded, questions, (k, mode), fut))
         return fut
 
     def close(self) -> None:
@@ -98,7 +102,7 @@ class MicroBatcher:
                     break
                 taken.append(item)
                 n += len(item[1])
-            groups: dict = {}  # one search per (version, k), in arrival order
+            groups: dict = {}  # one search per (version, k, mode), in arrival order
             for item in taken:
                 groups.setdefault((id(item[0]), item[2]), []).append(item)
             for batch in groups.values():
@@ -108,7 +112,8 @@ class MicroBatcher:
         loaded = batch[0][0]
         questions = [q for _, qs, _, _ in batch for q in qs]
         try:
-            results = loaded.searcher.ask(questions, batch[0][2])
+            k, mode = batch[0][2]
+            results = loaded.searcher.ask(questions, k, mode)
         except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
             for *_, fut in batch:
                 fut.set_exception(exc)
@@ -148,11 +153,13 @@ class IndexHolder:
         searcher = Searcher(join_url(version_url(self.root, version), MANIFEST), self.cfg.encoder, self.cache_dir,
                             self.shards, scfg.mmap, scfg.nprobe or None, self.opts,
                             max_k=max(self.cfg.serve.max_k, scfg.max_k), k_factor=scfg.k_factor or None,
-                            verify_cache=scfg.verify_cache, docstore_cache_mb=scfg.docstore_cache_mb)
+                            verify_cache=scfg.verify_cache, docstore_cache_mb=scfg.docstore_cache_mb,
+                            mode=scfg.mode)
         n = self.cfg.serve.warmup_queries
         if n:
             questions = (WARMUP_QUESTIONS * (n // len(WARMUP_QUESTIONS) + 1))[:n]
-            searcher.ask(questions, min(10, self.cfg.serve.max_k))  # touches encoder, shards, stores, docstore
+            for mode in ("dense", "bm25", "hybrid") if searcher.index.sparse is not None else ("dense",):
+                searcher.ask(questions, min(10, self.cfg.serve.max_k), mode)  # encoder, shards, stores, docstore
         return Loaded(version, searcher, time.time(), round(time.time() - t0, 3), searcher.index.manifest.blobs())
 
     def poll_once(self) -> bool:
@@ -230,17 +237,17 @@ class IndexHolder:
 
 # ------------------------------------------------------------------ request checks
 
-def parse_search(body: bytes, cfg: Config) -> tuple[list[str], int]:
-    """(questions, k) from a /search body; InputError with a readable message otherwise."""
+def parse_search(body: bytes, cfg: Config) -> tuple[list[str], int, str | None]:
+    """(questions, k, mode or None) from a /search body; InputError with a readable message otherwise."""
     try:
         payload = json.loads(body or b"")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise InputError('request body must be a JSON object like {"questions": ["..."], "k": 10}')
-    unknown = sorted(set(payload) - {"questions", "k"})
+    unknown = sorted(set(payload) - {"questions", "k", "mode"})
     if unknown:
-        raise InputError(f"unknown field(s) {unknown}; expected 'questions' and optionally 'k'")
+        raise InputError(f"unknown field(s) {unknown}; expected 'questions' and optionally 'k' and 'mode'")
     questions = payload.get("questions")
     if not isinstance(questions, list) or not questions:
         raise InputError("'questions' must be a non-empty list of strings")
@@ -255,7 +262,10 @@ def parse_search(body: bytes, cfg: Config) -> tuple[list[str], int]:
     k = payload.get("k", cfg.search.k)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg.serve.max_k:
         raise InputError(f"'k' must be an integer from 1 to {cfg.serve.max_k} (serve.max_k), got {k!r}")
-    return [q.strip() for q in questions], k
+    mode = payload.get("mode")
+    if mode is not None and mode not in ("dense", "bm25", "hybrid", "auto"):
+        raise InputError(f"'mode' must be one of dense, bm25, hybrid, auto; got {mode!r}")
+    return [q.strip() for q in questions], k, (None if mode == "auto" else mode)
 
 
 def process_memory() -> dict[str, int]:
@@ -287,12 +297,19 @@ def bound_compute_threads(threads: int) -> int:
     return n
 
 
+def _page() -> str:
+    """The results page shipped with the package (dpr_lib/static/search.html)."""
+    from importlib import resources
+
+    return resources.files("dpr_lib").joinpath("static/search.html").read_text(encoding="utf-8")
+
+
 def create_app(holder: IndexHolder, start_poller: bool = True):
     import asyncio
     import contextlib
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     cfg = holder.cfg
@@ -335,31 +352,42 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
     async def search(request: Request):
         t0 = time.perf_counter()
         try:
-            questions, k = parse_search(await request.body(), cfg)
+            questions, k, mode = parse_search(await request.body(), cfg)
         except InputError as exc:
             return error(400, str(exc), "search", t0)
         loaded = holder.current  # this request finishes on this version, whatever swaps meanwhile
         if loaded is None:
             return error(503, "no index version loaded yet", "search", t0)
         try:
-            results = await asyncio.wrap_future(batcher.submit(loaded, questions, k))
+            results = await asyncio.wrap_future(batcher.submit(loaded, questions, k, mode))
         except InputError as exc:
             return error(400, str(exc), "search", t0)
         except Exception as exc:  # noqa: BLE001 - a readable 500, the service stays up
             log.exception("search failed")
             return error(500, f"search failed: {type(exc).__name__}: {exc}", "search", t0)
-        body = {"version": loaded.version, "results": [
+        body = {"version": loaded.version, "mode": mode or loaded.searcher.mode,
+                "took_ms": round((time.perf_counter() - t0) * 1000, 2), "results": [
             {"question": q, "hits": [{"pid": h.pid, "score": h.score, "doc_id": h.doc_id, "title": h.title,
                                       "text": h.text} for h in hits]} for q, hits in zip(questions, results)]}
         requests.labels("search", "200").inc()
         latency.labels("search").observe(time.perf_counter() - t0)
         return JSONResponse(body)
 
+    page = _page()
+
+    @app.get("/")
+    async def index_page():
+        requests.labels("page", "200").inc()
+        return HTMLResponse(page)
+
     @app.get("/health")
     async def health():
         loaded = holder.current
         body = {"status": "ready" if loaded else "loading", "version": loaded.version if loaded else None,
                 "vectors": loaded.searcher.index.ntotal if loaded else 0, "swaps": holder.swaps,
+                "mode": loaded.searcher.mode if loaded else None,
+                "modes": (["dense", "bm25", "hybrid"] if loaded.searcher.index.sparse is not None else ["dense"])
+                if loaded else [],
                 "failed_version": holder.failed}
         return JSONResponse(body, status_code=200 if loaded else 503)
 

@@ -106,6 +106,7 @@ def test_search_over_http(service):
     (json.dumps({"questions": ["q"], "k": 21}).encode(), "'k' must be an integer from 1 to 20"),
     (json.dumps({"questions": ["q"], "k": "5"}).encode(), "'k' must be an integer"),
     (json.dumps({"questions": ["q"], "top": 5}).encode(), "unknown field"),
+    (json.dumps({"questions": ["q"], "mode": "sparse"}).encode(), "'mode' must be one of dense, bm25, hybrid"),
 ])
 def test_bad_requests_get_400_and_the_service_stays_up(service, payload, message):
     client = service["client"]
@@ -271,3 +272,81 @@ def test_concurrent_requests_are_answered_together_and_each_gets_its_own_hits(se
     questions = _metric(after, "dpr_search_batched_questions") - _metric(before, "dpr_search_batched_questions")
     assert questions == sum(len(r["questions"]) for r in requests)
     assert batches < len(requests), f"{len(requests)} concurrent requests took {batches} forward passes"
+
+
+def test_each_mode_over_http_answers_as_the_library(service):
+    """dense, bm25 and hybrid over HTTP: the hits of the library's Searcher in that mode; the
+    default (no mode) is what the version recommends (hybrid: no validation data)."""
+    from dpr_lib.search import Searcher
+
+    client, cfg = service["client"], service["cfg"]
+    questions = ["fact3 alpha", "bravo fact7"]
+    direct = Searcher(ROOT, cfg.encoder, cfg.path("cache_dir") + "-modes", storage_options=cfg.storage_options())
+    assert client.get("/health").json()["modes"] == ["dense", "bm25", "hybrid"]
+    for mode in ("dense", "bm25", "hybrid", None):
+        r = client.post("/search", json={"questions": questions, "k": 4, **({"mode": mode} if mode else {})})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["mode"] == (mode or "hybrid") and body["took_ms"] > 0
+        want = direct.ask(questions, 4, mode)
+        assert [[h["pid"] for h in res["hits"]] for res in body["results"]] == [[h.pid for h in w] for w in want]
+    bm25 = client.post("/search", json={"questions": ["fact3"], "k": 1, "mode": "bm25"}).json()
+    assert bm25["results"][0]["hits"][0]["doc_id"] == "doc-3"  # the marker term finds its document
+
+
+def _browser():
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no headless browser: install Debian's chromium and chromium-driver (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
+
+
+def test_results_page_in_a_headless_browser(service):
+    """GET / in a real Chromium: type a question, search all modes, read the hits side by side;
+    they are the API's hits of each mode, with the version that answered and the latency."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    client = service["client"]
+    browser = _browser()
+    try:
+        browser.get(service["url"] + "/")
+        assert browser.title == "dpr-serve"
+        version = client.get("/health").json()["version"]
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "version").text == version)
+        box = browser.find_element(By.ID, "q")
+        box.send_keys("fact3 alpha")
+        Select(browser.find_element(By.ID, "mode")).select_by_value("all")
+        k = browser.find_element(By.ID, "k")
+        k.clear()
+        k.send_keys("5")
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 60).until(
+            lambda b: b.find_element(By.ID, "columns").get_attribute("data-state") == "done")
+        cols = browser.find_elements(By.CSS_SELECTOR, "#columns .col")
+        assert [c.get_attribute("data-mode") for c in cols] == ["dense", "bm25", "hybrid"]
+        for col in cols:
+            mode = col.get_attribute("data-mode")
+            api = client.post("/search", json={"questions": ["fact3 alpha"], "k": 5, "mode": mode}).json()
+            hits = col.find_elements(By.CSS_SELECTOR, "li.hit")
+            assert [int(h.get_attribute("data-pid")) for h in hits] == [h["pid"] for h in api["results"][0]["hits"]]
+            first = hits[0]
+            assert first.find_element(By.CSS_SELECTOR, ".title").text == api["results"][0]["hits"][0]["title"]
+            assert first.find_element(By.CSS_SELECTOR, ".snippet").text
+            assert first.find_element(By.CSS_SELECTOR, ".pid").text == f"pid {api['results'][0]['hits'][0]['pid']}"
+            assert col.find_element(By.CSS_SELECTOR, ".answered-by").text == version
+            assert col.find_element(By.CSS_SELECTOR, ".latency").text.endswith(" ms")
+        bm25_top = cols[1].find_element(By.CSS_SELECTOR, "li.hit .title").text
+        assert bm25_top == "Title 3"  # the marker term's document, found by BM25
+    finally:
+        browser.quit()
