@@ -17,9 +17,11 @@ import httpx
 import numpy as np
 
 
-async def run(url: str, questions: list[str], clients: int, seconds: float, batch: int, k: int) -> dict:
+async def run(url: str, questions: list[str], clients: int, seconds: float, batch: int, k: int,
+              mode: str = "") -> dict:
     lat: list[float] = []
     failed = 0
+    extra = {"mode": mode} if mode else {}
     stop = time.perf_counter() + seconds
 
     async def client(i: int, c: httpx.AsyncClient) -> None:
@@ -30,7 +32,7 @@ async def run(url: str, questions: list[str], clients: int, seconds: float, batc
             n += batch * clients
             t = time.perf_counter()
             try:
-                r = await c.post("/search", json={"questions": qs, "k": k})
+                r = await c.post("/search", json={"questions": qs, "k": k, **extra})
                 ok = r.status_code == 200 and len(r.json()["results"]) == batch
             except httpx.HTTPError:
                 ok = False
@@ -39,11 +41,11 @@ async def run(url: str, questions: list[str], clients: int, seconds: float, batc
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-        await c.post("/search", json={"questions": questions[:1], "k": k})  # connections up, version warm
+        await c.post("/search", json={"questions": questions[:1], "k": k, **extra})  # connections up, version warm
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i, c) for i in range(clients)))
         secs = time.perf_counter() - t0
-    return {"clients": clients, "batch": batch, "requests": len(lat), "failed": failed, "seconds": round(secs, 2),
+    return {"clients": clients, "batch": batch, "mode": mode or "(service default)", "requests": len(lat), "failed": failed, "seconds": round(secs, 2),
             "qps": round(len(lat) * batch / secs, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
             "p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
@@ -56,9 +58,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--mode", default="", help="dense, bm25 or hybrid (default: the service's)")
     args = ap.parse_args()
     questions = [q.strip() for q in open(args.questions, encoding="utf-8") if q.strip()]
-    print(json.dumps(asyncio.run(run(args.url, questions, args.clients, args.seconds, args.batch, args.k))))
+    print(json.dumps(asyncio.run(run(args.url, questions, args.clients, args.seconds, args.batch, args.k, args.mode))))
 
 
 if __name__ == "__main__":

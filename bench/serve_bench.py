@@ -40,10 +40,10 @@ print(json.dumps({{"imported": imported, "loaded": process_memory()["RssAnon"], 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def loadgen(url: str, questions_file: str, clients: int, seconds: float) -> dict:
+def loadgen(url: str, questions_file: str, clients: int, seconds: float, mode: str = "dense") -> dict:
     """bench/loadgen.py against a running service: one question per request from ``clients`` clients."""
     out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "loadgen.py"), "--url", url, "--questions",
-                          questions_file, "--clients", str(clients), "--seconds", str(seconds)],
+                          questions_file, "--clients", str(clients), "--seconds", str(seconds), "--mode", mode],
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
@@ -172,7 +172,7 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
                         n += batch * clients
                         t = time.perf_counter()
                         try:
-                            r = c.post("/search", json={"questions": qs, "k": 10})
+                            r = c.post("/search", json={"questions": qs, "k": 10, "mode": "dense"})
                             ok = r.status_code == 200
                         except httpx.HTTPError:
                             ok = False
@@ -209,6 +209,21 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
         details["serve_concurrency"] = conc
         log(f"serve: 1 client {conc[1]['qps']} q/s (p99 {conc[1]['p99_ms']} ms), 16 clients {conc[16]['qps']} q/s "
             f"(p99 {conc[16]['p99_ms']} ms)")
+        # Hybrid (BM25 shards + dense, fused as the manifest says) against dense, same load, same run.
+        hyb = {c: loadgen(url, qfile, c, 3 if QUICK else 10, mode="hybrid") for c in (1, 16)}
+        results.update({"serve.hybrid_qps_ratio": round(hyb[16]["qps"] / conc[16]["qps"], 3),
+                        "serve.hybrid_p99_ratio": round(hyb[16]["p99_ms"] / conc[16]["p99_ms"], 3)})
+        with httpx.Client(base_url=url, timeout=60) as c:
+            health = c.get("/health").json()
+        from dpr_lib.manifest import MANIFEST, read_manifest, version_url
+
+        mem = read_manifest(os.path.join(version_url(root, versions[0]), MANIFEST)).memory
+        results["serve.sparse_disk_bytes_per_passage"] = mem.get("sparse_disk_bytes_per_passage")
+        details["serve_hybrid"] = {"hybrid": hyb, "dense": conc, "modes": health["modes"], "manifest_memory": mem,
+                                   "single_client_qps_ratio": round(hyb[1]["qps"] / conc[1]["qps"], 3),
+                                   "single_client_p99_ratio": round(hyb[1]["p99_ms"] / conc[1]["p99_ms"], 3)}
+        log(f"serve: hybrid 16 clients {hyb[16]['qps']} q/s (p99 {hyb[16]['p99_ms']} ms) = "
+            f"{results['serve.hybrid_qps_ratio']}x dense q/s, p99 {results['serve.hybrid_p99_ratio']}x")
         lat, _, _ = load(3 if QUICK else 15, batch=1)
         steady_p99 = float(np.percentile(lat, 99))
         results["serve.p99_ms"] = round(steady_p99, 1)

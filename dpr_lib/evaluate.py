@@ -5,14 +5,17 @@ Given a QA dataset, the evaluation builds a closed corpus from it and runs the r
 (:class:`dpr_lib.search.Searcher`: the manifest's question encoder + the published IVF shards) and
 scores four retrievers over the same passages:
 
-- ``bm25``: BM25 (``bm25s``, Lucene variant, English stop words and Snowball stemming) over
-  ``title + text`` of each passage;
+- ``bm25``: BM25 (Lucene variant, bm25s' analyzer: English stop words and Snowball stemming) over
+  ``title + text`` of each passage: the version's own sparse side (:mod:`dpr_lib.sparse`), what a
+  service answers in mode ``bm25``;
 - ``dense_exact``: exact inner-product search over the Embeddings table (one Spark task per
   file, only top-k lists reach the driver), i.e. what the encoder achieves without approximation;
 - ``dense_ivf``: the published IVF shards at the manifest's nprobe, i.e. what a search service
   answers; the gap to ``dense_exact`` is the index's approximation loss;
-- ``hybrid``: a fusion of ``bm25`` and ``dense_ivf`` (reciprocal rank fusion by default, or a
-  min-max normalised linear combination).
+- ``hybrid``: a fusion of ``bm25`` and ``dense_ivf``: by default the label-free fusion a version
+  without validation data serves (RRF, k = 60), or ``--fusion``/``--rrf-k``/``--alpha``;
+- ``recommended`` (with ``--tune-fraction``): the fusion (or single retriever) chosen on a seeded
+  fraction of the questions, scored with everything else on the rest only.
 
 QA datasets (``squad``, ``dpr``) are scored with DPR's top-k accuracy: a question is answered at k
 if one of its top-k passages contains an answer string, compared as tokens after DPR-style
@@ -38,7 +41,16 @@ from dpr_lib.bm25 import Passages, bm25_topk
 from dpr_lib.config import Config
 from dpr_lib.datasets import load_dataset
 from dpr_lib.errors import InputError
-from dpr_lib.metrics import FUSIONS, fuse, fusion_candidates, qa_metrics, qrels_metrics, split_questions
+from dpr_lib.metrics import (
+    FUSIONS,
+    choose_fusion,
+    fuse,
+    fusion_candidates,
+    qa_metrics,
+    qrels_metrics,
+    split_questions,
+    tuning_metrics,
+)
 
 log = logging.getLogger("dpr_lib.evaluate")
 
@@ -48,36 +60,34 @@ LABELS = {"bm25": "BM25", "dense_exact": "dense, exact search", "dense_ivf": "de
           "hybrid": "hybrid (BM25 + dense IVF)"}
 
 
-def primary_metric(kind: str, k: int) -> str:
-    """What tuning maximises: top-20 accuracy on QA sets (DPR's headline figure), nDCG@10 on qrels."""
-    return f"top{min(20, k)}" if kind == "qa" else "ndcg@10"
-
-
 def _tune(runs: dict, ds, table, k: int, fraction: float, seed: int):
     """Choose what a version should serve (dense, bm25 or a fusion and its parameters) on a seeded
     random ``fraction`` of the questions, then keep only the other questions: every figure the
     report gives (including ``recommended``, the choice) is measured on questions it never saw."""
     tune_rows, held_rows = split_questions(len(ds.questions), fraction, seed)
-    metric = primary_metric(ds.kind, k)
+    metrics = tuning_metrics(ds.kind, k)
 
     def subset(rows):
         questions = [ds.questions[i] for i in rows]
         return dataclasses.replace(ds, questions=questions)
 
     def score(sub, pids):
-        return (qa_metrics(table, sub.questions, pids, k) if ds.kind == "qa"
-                else qrels_metrics(table, sub, pids, k))["metrics"][metric]
+        got = (qa_metrics(table, sub.questions, pids, k) if ds.kind == "qa"
+               else qrels_metrics(table, sub, pids, k))["metrics"]
+        return {m: got[m] for m in metrics}
 
     tune_ds = subset(tune_rows)
     candidates = fusion_candidates(runs["bm25"], runs["dense_ivf"], k)
     on_tune = {name: score(tune_ds, run[1][tune_rows]) for name, (_, run) in candidates.items()}
-    best = max(on_tune, key=lambda name: (on_tune[name], name == "dense"))  # ties: the simplest wins
+    best = choose_fusion(on_tune)
+    metric = ", ".join(metrics)
     held = {name: (run[0][held_rows], run[1][held_rows]) for name, run in runs.items()}
     held["recommended"] = tuple(a[held_rows] for a in candidates[best][1])
     tuning = {"fraction": fraction, "seed": seed, "metric": metric, "tuned_on": len(tune_rows),
               "scored_on": len(held_rows), "choice": {"name": best, **candidates[best][0]},
-              "on_tune": {name: round(v, 4) for name, v in on_tune.items()}}
-    log.info("tuned on %d questions: %s (%s %.4f on them); every figure below is on the other %d",
+              "rule": "largest worst-case margin over the better of bm25 and dense across the metrics, "
+                      "then the best mean", "on_tune": on_tune}
+    log.info("tuned on %d questions: %s (%s on them: %s); every figure below is on the other %d",
              len(tune_rows), best, metric, on_tune[best], len(held_rows))
     return held, subset(held_rows), tuning
 
@@ -89,7 +99,9 @@ def report_markdown(report: dict) -> str:
              f"`{report['encoder'].get('model_id')}` ({report['encoder'].get('id')}); index "
              f"`{report['index']['factory']}`, nprobe {report['index']['nprobe']} (recall@"
              f"{report['index']['recall_k']} vs exact {report['index']['recall']}); hybrid = "
-             f"{report['hybrid']['fusion']}; {report['seconds']} s.", "",
+             f"{report['hybrid']['fusion']}"
+             f"{' k=60, the label-free default' if report['hybrid'].get('rrf_k') == 60 else ''}; "
+             f"{report['seconds']} s.", "",
              "| retriever | " + " | ".join(metrics) + " |",
              "|---|" + "---:|" * len(metrics)]
     for name, m in report["retrievers"].items():
@@ -188,7 +200,10 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
 
     runs = {}
     t = time.time()
-    runs["bm25"] = bm25_topk(table, texts, k)
+    # The version's own BM25 (its sparse side: what a service answers in mode bm25); bm25s for a
+    # version built without one (same analyzer and formula, tests/unit/test_sparse_unit.py).
+    runs["bm25"] = searcher.index.search_sparse(texts, k) if searcher.index.sparse is not None else \
+        bm25_topk(table, texts, k)
     timings["bm25"] = round(time.time() - t, 1)
     t = time.time()
     with task_errors():

@@ -138,7 +138,7 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
     candidate (:func:`dpr_lib.metrics.fusion_candidates`). Returns (figures, fusion): ``figures``
     for the manifest's ``validation`` (``value`` is dense's, ``by_mode`` each mode's), ``fusion``
     the best candidate, what ``mode: auto``/``hybrid`` will serve ({} without a sparse side)."""
-    from dpr_lib.metrics import fusion_candidates
+    from dpr_lib.metrics import choose_fusion, fusion_candidates
     from dpr_lib.search import DEFAULT_FUSION, Searcher
 
     t = time.time()
@@ -167,23 +167,27 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
         candidates = {"dense": ({"mode": "dense"}, dense)}
     wanted = np.unique(np.concatenate([run[1][:, :k].ravel() for _, run in candidates.values()]))
     docs = index.lookup(wanted[wanted >= 0])
-    scorer = _qa_scorer(data, docs, k) if qa else _ndcg_scorer(data, docs, k)
+    scorer = _qa_scorer(data, docs, k) if qa else _qrels_scorer(data, docs, k)
     values = {name: scorer(run[1][:, :k]) for name, (_, run) in candidates.items()}
+    main = f"top{k}" if qa else "ndcg@10"
     metric = f"top{k}_accuracy" if qa else "ndcg@10"
-    figures = {"metric": metric, "value": values["dense"][0], "k": k}
+    figures = {"metric": metric, "value": values["dense"][main], "k": k}
     if qa:
-        figures["top1_accuracy"] = values["dense"][1]
+        figures["top1_accuracy"] = values["dense"]["top1"]
     fusion: dict = {}
     if index.sparse is not None:
-        hybrids = [n for n in candidates if candidates[n][0]["mode"] == "hybrid"]
-        best_hybrid = max(hybrids, key=lambda n: (values[n][0], n == "rrf_k60"))
-        best = max(candidates, key=lambda n: (values[n][0], {"dense": 2, "bm25": 1}.get(n, 0)))  # ties: simplest
+        best = choose_fusion(values)
+        hybrids = {n: v for n, v in values.items() if candidates[n][0]["mode"] == "hybrid"}
+        best_hybrid = choose_fusion({**hybrids, "bm25": values["bm25"], "dense": values["dense"]}) \
+            if best in ("bm25", "dense") else best
+        if best_hybrid in ("bm25", "dense"):  # what mode "hybrid" serves when neither fusion beats a single side
+            best_hybrid = max(hybrids, key=lambda n: (values[n][main], n == "rrf_k60"))
         settings = {key: v for key, v in candidates[best_hybrid][0].items() if key != "mode"}
-        fusion = {"mode": candidates[best][0]["mode"], **settings, "fetch_k_factor": DEFAULT_FUSION["fetch_k_factor"],
-                  "source": "tuned", "metric": metric, "questions": len(data),
-                  "figures": {n: v[0] for n, v in values.items()}}
-        figures["by_mode"] = {"dense": values["dense"][0], "bm25": values["bm25"][0],
-                              "hybrid": values[best_hybrid][0]}
+        fusion = {"mode": candidates[best][0]["mode"], "method": settings.pop("fusion"), **settings,
+                  "fetch_k_factor": DEFAULT_FUSION["fetch_k_factor"], "source": "tuned", "metric": metric,
+                  "chosen_by": list(values["dense"]), "questions": len(data), "figures": values}
+        figures["by_mode"] = {"dense": values["dense"][main], "bm25": values["bm25"][main],
+                              "hybrid": values[best_hybrid][main]}
     figures.update({"questions": len(data), "source": cfg.index.validation_questions,
                     "seconds": round(time.time() - t, 2)})
     log.info("validation: %s %.4f (dense) on %d questions%s (%.1fs)", metric, figures["value"], len(data),
@@ -205,21 +209,21 @@ def _qa_scorer(data: Validation, docs: dict, k: int):
             memo[key] = d is not None and has_answer(f"{d['title']} {d['text']}", data.answers[q])
         return memo[key]
 
-    def score(pids: np.ndarray) -> tuple[float, float]:
+    def score(pids: np.ndarray) -> dict:
         first = np.array([next((r for r, p in enumerate(row.tolist()) if p >= 0 and hit(q, p)), k)
                           for q, row in enumerate(pids)])
-        return round(float((first < k).mean()), 4), round(float((first < 1).mean()), 4)
+        return {f"top{c}": round(float((first < c).mean()), 4) for c in sorted({1, min(5, k), k})}
 
     return score
 
 
-def _ndcg_scorer(data: Validation, docs: dict, k: int):
-    """pids [q, k] -> (nDCG@10 over the hits' doc ids, a document at its best passage's rank,)."""
+def _qrels_scorer(data: Validation, docs: dict, k: int):
+    """pids [q, k] -> {nDCG@10, recall@k} over the hits' doc ids (a document at its best passage's rank)."""
     import pytrec_eval
 
-    evaluator = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10"})
+    evaluator = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10", f"recall.{k}"})
 
-    def score(pids: np.ndarray) -> tuple[float]:
+    def score(pids: np.ndarray) -> dict:
         run = {}
         for qid, row in zip(data.qids, pids):
             ranked: dict[str, float] = {}
@@ -229,7 +233,11 @@ def _ndcg_scorer(data: Validation, docs: dict, k: int):
                     ranked[d["doc_id"]] = float(k - r)
             run[qid] = ranked
         per_query = evaluator.evaluate(run)
-        return (round(float(np.mean([per_query.get(q, {}).get("ndcg_cut_10", 0.0) for q in data.qids])), 4),)
+
+        def mean(measure: str) -> float:
+            return round(float(np.mean([per_query.get(q, {}).get(measure, 0.0) for q in data.qids])), 4)
+
+        return {"ndcg@10": mean("ndcg_cut_10"), f"recall@{k}": mean(f"recall_{k}")}
 
     return score
 

@@ -120,19 +120,49 @@ def qrels_metrics(passages: Passages, ds: Dataset, pids: np.ndarray, k_max: int)
 
 RRF_KS = (10, 30, 60, 100)
 ALPHAS = tuple(round(a / 10, 1) for a in range(1, 10))
+DENSE_WEIGHTS = (0.5, 0.7, 1.4, 2.0)   # weighted RRF: the dense list's weight, BM25's being 1
 
 
 def fusion_candidates(bm25, dense, k: int) -> dict[str, tuple[dict, tuple[np.ndarray, np.ndarray]]]:
     """Every retriever a version could serve from a BM25 and a dense top-k: each alone, RRF over
-    ``RRF_KS`` and convex combinations of min-max normalised scores over ``ALPHAS`` (weight of
-    dense). {name: (its settings, (scores, pids))}."""
+    ``RRF_KS`` (equal weights, and the dense list weighted by ``DENSE_WEIGHTS``) and convex
+    combinations of min-max normalised scores over ``ALPHAS`` (weight of dense).
+    {name: (its settings, (scores, pids))}."""
     out = {"dense": ({"mode": "dense"}, dense), "bm25": ({"mode": "bm25"}, bm25)}
     for rk in RRF_KS:
         out[f"rrf_k{rk}"] = ({"mode": "hybrid", "fusion": "rrf", "rrf_k": rk}, fuse([bm25, dense], k, "rrf", rk))
+        for w in DENSE_WEIGHTS:
+            out[f"rrf_k{rk}_d{w}"] = ({"mode": "hybrid", "fusion": "rrf", "rrf_k": rk, "dense_weight": w},
+                                      fuse([bm25, dense], k, "rrf", rk, weights=[1.0, w]))
     for a in ALPHAS:
         out[f"linear_a{a}"] = ({"mode": "hybrid", "fusion": "linear", "alpha_dense": a},
                                fuse([bm25, dense], k, "linear", weights=[1.0 - a, a]))
     return out
+
+
+def tuning_metrics(kind: str, k: int) -> tuple[str, ...]:
+    """The figures a fusion is chosen by: the cutoffs a search team reads (QA: top-1, top-5, top-20
+    accuracy; judged queries: nDCG@10 and recall@20), capped at the lists' depth k."""
+    if kind == "qa":
+        return tuple(dict.fromkeys(f"top{min(c, k)}" for c in (1, 5, 20)))
+    return ("ndcg@10", f"recall@{min(20, k)}")
+
+
+def choose_fusion(figures: dict[str, dict[str, float]], singles: tuple[str, ...] = ("bm25", "dense")) -> str:
+    """The candidate to serve: the one whose worst margin over the better single retriever, across
+    the tuning figures, is largest (never worse than BM25 or dense at any cutoff, if any candidate
+    manages that), then the best mean figure, then the simplest (dense, bm25, a fusion).
+    ``figures``: {candidate: {metric: value}}, holding ``singles``."""
+    metrics = list(next(iter(figures.values())))
+    best_single = {m: max(figures[s][m] for s in singles if s in figures) for m in metrics}
+    rank = {"dense": 2, "bm25": 1}
+
+    def key(name: str):
+        f = figures[name]
+        margin = min(f[m] - best_single[m] for m in metrics)
+        return round(margin, 6), round(float(np.mean([f[m] for m in metrics])), 6), rank.get(name, 0)
+
+    return max(figures, key=key)
 
 
 def split_questions(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -293,7 +293,8 @@ def fuse_runs(fusion: dict, sparse: tuple, dense: tuple, k: int) -> tuple[np.nda
     if fusion.get("method") == "linear":
         a = float(fusion.get("alpha_dense", 0.5))
         return fuse([sparse, dense], k, "linear", weights=[1.0 - a, a])
-    return fuse([sparse, dense], k, "rrf", int(fusion.get("rrf_k", 60)))
+    return fuse([sparse, dense], k, "rrf", int(fusion.get("rrf_k", 60)),
+                weights=[1.0, float(fusion.get("dense_weight", 1.0))])
 
 
 class Searcher:

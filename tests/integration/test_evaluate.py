@@ -160,17 +160,18 @@ def test_tune_fraction_chooses_on_some_questions_and_scores_on_the_others(spark,
     report = ev.evaluate(spark, cfg, str(path), "squad", str(tmp_path / "out"), tune_fraction=0.5)
     tu = report["tuning"]
     assert tu["tuned_on"] == 20 and tu["scored_on"] == 20 == report["n_questions"]
-    assert tu["metric"] == "top20" and set(report["retrievers"]) == {"bm25", "dense_exact", "dense_ivf", "hybrid",
+    assert tu["metric"] == "top1, top5, top20" and set(report["retrievers"]) == {"bm25", "dense_exact", "dense_ivf", "hybrid",
                                                                       "recommended"}
     assert set(tu["on_tune"]) == {"dense", "bm25"} | {f"rrf_k{k}" for k in metrics.RRF_KS} | \
+        {f"rrf_k{k}_d{w}" for k in metrics.RRF_KS for w in metrics.DENSE_WEIGHTS} | \
         {f"linear_a{a}" for a in metrics.ALPHAS}
-    assert tu["on_tune"][tu["choice"]["name"]] == max(tu["on_tune"].values())
+    assert tu["choice"]["name"] == metrics.choose_fusion(tu["on_tune"])
     # The tiny random encoder is near chance; BM25 finds every planted answer: the choice serves BM25
     # (alone or dominating a fusion), and it is scored on held-out questions only.
-    assert tu["choice"]["mode"] in ("bm25", "hybrid") and tu["on_tune"]["bm25"] > tu["on_tune"]["dense"]
+    assert tu["choice"]["mode"] in ("bm25", "hybrid") and tu["on_tune"]["bm25"]["top20"] > tu["on_tune"]["dense"]["top20"]
     if tu["choice"]["name"] == "bm25":
         assert report["retrievers"]["recommended"] == report["retrievers"]["bm25"]
     assert len(report["curves"]["recommended"]) == len(report["curves"]["bm25"])
-    assert "chosen by top20 on a random 0.5 of the questions (20, seed" in (tmp_path / "out" / "report.md").read_text()
+    assert "chosen by top1, top5, top20 on a random 0.5 of the questions (20, seed" in (tmp_path / "out" / "report.md").read_text()
     again = ev.evaluate(spark, cfg, str(path), "squad", str(tmp_path / "out2"), tune_fraction=0.5)
     assert again["tuning"]["choice"] == tu["choice"] and again["retrievers"] == report["retrievers"], "seeded"

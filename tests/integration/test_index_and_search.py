@@ -97,7 +97,7 @@ def test_publish_local_manifest_and_sharded_equals_single(spark, encoded, tmp_pa
 
 def test_passage_lookup_and_question_search(spark, encoded, tmp_path):
     build_index(spark, encoded)
-    searcher = Searcher(encoded.path("index_root"), encoded.encoder, cache_dir=str(tmp_path / "c"))
+    searcher = Searcher(encoded.path("index_root"), encoded.encoder, cache_dir=str(tmp_path / "c"), mode="dense")
     passages = pa.concat_tables(pq.read_table(f) for f in storage.list_files(encoded.path("passages"), ".parquet"))
     some = passages.slice(0, 5).to_pylist()
     found = searcher.index.lookup([r["pid"] for r in some] + [-1])
@@ -111,7 +111,7 @@ def test_passage_lookup_and_question_search(spark, encoded, tmp_path):
     many = searcher.ask(["alpha"], k=1000)[0]
     assert 0 < len(many) <= 240 and len({h.pid for h in many}) == len(many), "k above the index size: fewer hits"
     everything = Searcher(encoded.path("index_root"), encoded.encoder, cache_dir=str(tmp_path / "c"),
-                          nprobe=searcher.index.manifest.nlist)
+                          nprobe=searcher.index.manifest.nlist, mode="dense")
     assert len(everything.ask(["alpha"], k=1000)[0]) == 240, "probing every list returns every passage"
     with pytest.raises(InputError, match="empty question"):
         searcher.ask(["  "])

@@ -188,3 +188,22 @@ def test_split_questions_is_seeded_disjoint_and_refuses_empty_sides():
     for bad in (0.0, 1.0, 0.01, 0.99):
         with pytest.raises(InputError, match="tune-fraction"):
             split_questions(10, bad, seed=1)
+
+
+def test_choose_fusion_prefers_never_worse_than_the_better_single_retriever():
+    from dpr_lib.metrics import choose_fusion
+
+    figures = {
+        "bm25": {"top1": 0.78, "top5": 0.93, "top20": 0.97},
+        "dense": {"top1": 0.60, "top5": 0.86, "top20": 0.96},
+        # best at top-20 but 0.02 behind BM25 at top-1: its worst margin is -0.02
+        "rrf_k10": {"top1": 0.76, "top5": 0.95, "top20": 0.985},
+        # never behind: worst margin +0.002 (top-1)
+        "rrf_k60_d0.5": {"top1": 0.782, "top5": 0.945, "top20": 0.98},
+    }
+    assert choose_fusion(figures) == "rrf_k60_d0.5"
+    # no fusion keeps up with BM25 anywhere: BM25 itself (margin 0) wins
+    assert choose_fusion({k: figures[k] for k in ("bm25", "dense", "rrf_k10")}) == "bm25"
+    # ties on every figure: the simplest retriever
+    same = {"top1": 0.5, "top5": 0.7, "top20": 0.9}
+    assert choose_fusion({"bm25": same, "dense": same, "rrf_k60": same}) == "dense"
