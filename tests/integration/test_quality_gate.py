@@ -147,3 +147,38 @@ def test_judged_queries_gate_on_ndcg_at_10(spark, encoded, tmp_path):
         build_index(spark, _cfg(encoded, tmp_path, f"index.validation_questions={beir}",
                                 f"paths.embeddings={broken}"))
     assert read_latest(cfg.path("index_root")) == first.version
+
+
+def test_a_random_encoder_is_refused_and_a_small_corpus_change_passes(spark, encoded, tmp_path, tiny_bert_dir):
+    """The gate's cases on real stages: after a good version, one whose corpus changed a little
+    (3 of 60 documents edited, re-sharded, re-encoded) passes and moves LATEST; one built with a
+    randomly initialised encoder (passages and questions) is refused, LATEST keeps the last good
+    version, and every mode's figure is on record."""
+    base, questions = encoded
+    cfg = _cfg(encoded, tmp_path)
+    first = build_index(spark, cfg)
+    root = cfg.path("index_root")
+
+    docs = _docs(60)
+    for i in (5, 17, 40):
+        docs[i]["text"] += " an edited sentence of ordinary words"
+    changed = make_config(tmp_path / "changed", *encoder_sets(base),
+                          f"corpus.input={write_jsonl(tmp_path / 'changed.jsonl', docs)}")
+    shard_corpus(spark, changed)
+    encode_passages(spark, changed)
+    second = build_index(spark, _cfg(encoded, tmp_path, f"paths.passages={changed.path('passages')}",
+                                     f"paths.embeddings={changed.path('embeddings')}"))
+    assert second.gate["passed"] and second.gate["compared_with"] == first.version
+    assert read_latest(root) == second.version
+    assert set(second.validation["by_mode"]) == {"dense", "bm25", "hybrid"}
+
+    random_enc = make_config(tmp_path / "random", f"encoder.model={tiny_bert_dir}", "encoder.pooling=mean",
+                             "encoder.normalize=true", f"corpus.input={write_jsonl(tmp_path / 'r.jsonl', docs)}")
+    shard_corpus(spark, random_enc)
+    encode_passages(spark, random_enc)
+    with pytest.raises(QualityGateError, match=r"top5_accuracy \(dense\) fell from "):
+        build_index(spark, make_config(
+            tmp_path, f"encoder.model={tiny_bert_dir}", "encoder.pooling=mean", "encoder.normalize=true",
+            f"paths.passages={random_enc.path('passages')}", f"paths.embeddings={random_enc.path('embeddings')}",
+            f"paths.index_root={root}", f"index.validation_questions={questions}", "index.validation_k=5"))
+    assert read_latest(root) == second.version, "LATEST keeps the last good version"
