@@ -217,32 +217,34 @@ class SparseIndex:
 
     def _shard_topk(self, shard: ArrayFile, terms: np.ndarray, weights: np.ndarray, k: int):
         st, off = shard["terms"], shard["offsets"]
-        n = len(shard["pids"])
         pos = np.searchsorted(st, terms)
-        rows_l, w_l = [], []
-        for p, h, w in zip(pos.tolist(), terms.tolist(), weights.tolist()):
-            if p >= len(st) or st[p] != h:
-                continue
-            a, b = int(off[p]), int(off[p + 1])
-            rows = np.asarray(shard["rows"][a:b])
-            tf = np.asarray(shard["tf"][a:b], np.float64)
-            dl = np.asarray(shard["doc_len"][rows], np.float64)
-            rows_l.append(rows)
-            w_l.append(w * tf / (tf + self.k1 * (1.0 - self.b + self.b * dl / max(self.avgdl, 1e-9))))
+        found = pos < len(st)
+        found[found] = st[pos[found]] == terms[found]
         out_s = np.full(k, -np.inf, np.float32)
         out_p = np.full(k, -1, np.int64)
-        if not rows_l:
+        if not found.any():
             return out_s, out_p
-        rows, w = np.concatenate(rows_l), np.concatenate(w_l)
-        if len(rows) * 8 > n:  # dense accumulate
-            acc = np.bincount(rows, w, minlength=n)
+        starts, stops = off[pos[found]], off[pos[found] + 1]
+        rows = np.concatenate([shard["rows"][a:b] for a, b in zip(starts.tolist(), stops.tolist())])
+        tf = np.concatenate([shard["tf"][a:b] for a, b in zip(starts.tolist(), stops.tolist())]).astype(np.float32)
+        w = np.repeat(weights[found].astype(np.float32), (stops - starts).astype(np.int64))
+        dl = np.asarray(shard["doc_len"])[rows].astype(np.float32)
+        norm = np.float32(self.k1) * (np.float32(1.0 - self.b) + np.float32(self.b / max(self.avgdl, 1e-9)) * dl)
+        contrib = w * tf / (tf + norm)
+        n = len(shard["pids"])
+        if len(rows) * 8 > n:  # accumulate densely
+            acc = np.bincount(rows, contrib, minlength=n)
             cand = np.flatnonzero(acc > 0)
             vals = acc[cand]
         else:
             cand, inv = np.unique(rows, return_inverse=True)
-            vals = np.bincount(inv, w)
-        cand_pids = np.asarray(shard["pids"])[cand]
+            vals = np.bincount(inv, contrib)
+        if len(vals) > k:  # the k best (and everything tied with the k-th), then ordered exactly
+            kth = np.partition(vals, len(vals) - k)[len(vals) - k]
+            keep = vals >= kth
+            cand, vals = cand[keep], vals[keep]
         vals = vals.astype(np.float32)
+        cand_pids = np.asarray(shard["pids"])[cand]
         order = np.lexsort((cand_pids, -vals))[:k]
         out_s[:len(order)], out_p[:len(order)] = vals[order], cand_pids[order]
         return out_s, out_p
