@@ -250,7 +250,7 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
         def publish() -> dict:
             # The join and union are computed once, into this run's Embeddings table (the next
             # run's baseline); the merge job reads that table, not the lineage again per action.
-            df = spark.read.parquet(_merged_embeddings(spark, run_dir, embeddings_df))
+            df = spark.read.parquet(_merged_embeddings(spark, run_dir, embeddings_df, fingerprint))
             reuse, reason = None, "first run"
             if baseline:
                 prev_root_version = read_latest(root, opts)
@@ -314,10 +314,53 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
     return report
 
 
-def _merged_embeddings(spark, run_dir: str, df_fn) -> str:
-    """Materialise this run's full Embeddings table (new + reused) as the next run's baseline."""
+def _merged_embeddings(spark, run_dir: str, df_fn, fingerprint: dict) -> str:
+    """Materialise this run's full Embeddings table (new + reused) as the next run's baseline, as the
+    DESIGN contract's table, like the encode job writes it: files of disjoint pid ranges, sorted by
+    pid, fixed-size float32 vectors, the encoder fingerprint in each file's metadata (so
+    :func:`~dpr_lib.encode.check_embeddings` accepts them; Spark's own writer drops both)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark import TaskContext
+
+    from dpr_lib import schemas
+    from dpr_lib.index_ops import local_tmp_dir, vectors_of
+
     url = join_url(run_dir, "embeddings")
-    df_fn().write.mode("overwrite").parquet(url)
+    fs, path = storage.get_fs(url)
+    if fs.exists(path):  # a crashed attempt's files: rewritten whole
+        fs.rm(path, recursive=True)
+    dim = int(fingerprint["dim"])
+    metadata = {schemas.META_FINGERPRINT: json.dumps(fingerprint, sort_keys=True).encode(),
+                schemas.META_DIM: str(dim).encode(), schemas.META_SOURCE_SHA256: b"nightly-merge"}
+
+    def write(batches):
+        # Built in the task: a pickled pyarrow schema loses the list element's non-nullability.
+        schema = schemas.embeddings_schema(dim).with_metadata(metadata)
+        out_url = join_url(url, f"part-{TaskContext.get().partitionId():05d}.parquet")
+        fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="dpr-emb-", dir=local_tmp_dir())
+        os.close(fd)
+        rows = 0
+        try:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for b in batches:
+                    if not b.num_rows:
+                        continue
+                    vec = pa.FixedSizeListArray.from_arrays(pa.array(vectors_of(b, dim).ravel(), pa.float32()), dim)
+                    writer.write_batch(pa.RecordBatch.from_arrays(
+                        [b.column("pid").cast(pa.int64()), b.column("content_hash"), vec], schema=schema))
+                    rows += b.num_rows
+            if rows:
+                storage.upload_file_atomic(tmp, out_url)
+        finally:
+            os.remove(tmp)
+        yield pa.RecordBatch.from_pylist([{"rows": rows}])
+
+    parts = max(1, spark.sparkContext.defaultParallelism)
+    (df_fn().select("pid", "content_hash", "vector").repartitionByRange(parts, "pid").sortWithinPartitions("pid")
+     .mapInArrow(write, "rows long").collect())
     return url
 
 

@@ -201,3 +201,28 @@ def test_recall_measured_on_configured_questions(spark, tmp_path, tiny_bert_dir)
     manifest = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "cache")).manifest
     assert retrained["quantizer"]["reused"] is False and manifest.version == retrained["version"]
     assert manifest.recall["questions_file"] == str(questions) and manifest.recall["queries"] == 40
+
+
+def test_the_runs_embeddings_table_keeps_the_design_contract(history):
+    """The merged Embeddings table a run leaves as the next run's baseline is what the encode job
+    writes: the fingerprint in every file's metadata, fixed-size float32 vectors, pid-sorted files
+    of disjoint pid ranges, one row per passage of the run."""
+    import pyarrow.parquet as pq
+
+    from dpr_lib import storage
+    from dpr_lib.encode import check_embeddings
+
+    cfg, _, _, _, third = history
+    state = json.load(open(os.path.join(cfg.path("work_dir"), "state", "last_success.json")))
+    files = storage.list_files(state["embeddings"], ".parquet")
+    fingerprint, rows = check_embeddings(files, state["fingerprint"])
+    assert rows == third["passages"] and fingerprint["id"] == state["fingerprint"]["id"]
+    ranges = []
+    for f in files:
+        t = pq.read_table(f)
+        assert str(t.schema.field("vector").type) == f"fixed_size_list<element: float not null>[{fingerprint['dim']}]"
+        pids = t.column("pid").to_numpy()
+        assert (np.diff(pids) > 0).all(), "pid-sorted, no duplicates"
+        ranges.append((pids[0], pids[-1]))
+    ranges.sort()
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:])), "disjoint pid ranges"
