@@ -472,18 +472,26 @@ def encode_batch(encoder: Encoder, batch: pa.RecordBatch) -> pa.RecordBatch:
                          "the corpus stage should have rejected them")
     vectors = encoder.encode(batch.column("title").to_pylist(), texts)
     check_vectors(vectors, pids, encoder.spec.dim)
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    vec_col = pa.FixedSizeListArray.from_arrays(flat, encoder.spec.dim)
-    schema = schemas.embeddings_schema(encoder.spec.dim)
-    return pa.RecordBatch.from_arrays([batch.column("pid"), batch.column("content_hash"), vec_col], schema=schema)
+    return embeddings_batch(batch.column("pid"), batch.column("content_hash"), vectors,
+                            schemas.embeddings_schema(encoder.spec.dim))
+
+
+def embeddings_batch(pids, content_hashes, vectors: np.ndarray, schema: pa.Schema) -> pa.RecordBatch:
+    """Rows of the Embeddings table (``schema``: :func:`dpr_lib.schemas.embeddings_schema`, with or
+    without file metadata): vectors float32 [n, dim] as its fixed-size lists."""
+    dim = schema.field("vector").type.list_size
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+    return pa.RecordBatch.from_arrays([pids, content_hashes, pa.FixedSizeListArray.from_arrays(flat, dim)],
+                                      schema=schema)
 
 
 # ---------------------------------------------------------------- one file (a Spark task, or a test)
 
-def embeddings_metadata(spec: EncoderSpec, source_sha: str) -> dict[bytes, bytes]:
-    return {schemas.META_FINGERPRINT: json.dumps(spec.fingerprint(), sort_keys=True).encode(),
+def embeddings_metadata(fingerprint: dict, source_sha: str) -> dict[bytes, bytes]:
+    """An Embeddings file's metadata: the encoder fingerprint (with its dim) and what it was made from."""
+    return {schemas.META_FINGERPRINT: json.dumps(fingerprint, sort_keys=True).encode(),
             schemas.META_SOURCE_SHA256: source_sha.encode(),
-            schemas.META_DIM: str(spec.dim).encode()}
+            schemas.META_DIM: str(fingerprint["dim"]).encode()}
 
 
 def _complete_rows(out_url: str, fingerprint_id: str, source_sha: str) -> int | None:
@@ -520,7 +528,7 @@ def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float
     stats["device"] = str(encoder.device)
     truncated0 = encoder.truncated
     fs, path = storage.get_fs(in_url)
-    schema = schemas.embeddings_schema(spec.dim).with_metadata(embeddings_metadata(spec, source_sha))
+    schema = schemas.embeddings_schema(spec.dim).with_metadata(embeddings_metadata(spec.fingerprint(), source_sha))
     fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="dpr-emb-")
     os.close(fd)
     try:

@@ -199,6 +199,7 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
 def _qa_scorer(data: Validation, docs: dict, k: int):
     """pids [q, k] -> (top-k accuracy, top-1 accuracy): a hit holds an answer (DPR's string match)."""
     from dpr_lib.datasets import has_answer
+    from dpr_lib.metrics import first_hit_ranks
 
     memo: dict = {}
 
@@ -210,9 +211,8 @@ def _qa_scorer(data: Validation, docs: dict, k: int):
         return memo[key]
 
     def score(pids: np.ndarray) -> dict:
-        first = np.array([next((r for r, p in enumerate(row.tolist()) if p >= 0 and hit(q, p)), k)
-                          for q, row in enumerate(pids)])
-        return {f"top{c}": round(float((first < c).mean()), 4) for c in sorted({1, min(5, k), k})}
+        ranks = first_hit_ranks(pids, hit)  # 1-based, 0 = none
+        return {f"top{c}": round(float(((ranks > 0) & (ranks <= c)).mean()), 4) for c in sorted({1, min(5, k), k})}
 
     return score
 
@@ -221,18 +221,12 @@ def _qrels_scorer(data: Validation, docs: dict, k: int):
     """pids [q, k] -> {nDCG@10, recall@k} over the hits' doc ids (a document at its best passage's rank)."""
     import pytrec_eval
 
+    from dpr_lib.metrics import doc_run
+
     evaluator = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10", f"recall.{k}"})
 
     def score(pids: np.ndarray) -> dict:
-        run = {}
-        for qid, row in zip(data.qids, pids):
-            ranked: dict[str, float] = {}
-            for r, p in enumerate(row.tolist()):
-                d = docs.get(p) if p >= 0 else None
-                if d is not None and d["doc_id"] not in ranked:
-                    ranked[d["doc_id"]] = float(k - r)
-            run[qid] = ranked
-        per_query = evaluator.evaluate(run)
+        per_query = evaluator.evaluate(doc_run(lambda p: (docs.get(p) or {}).get("doc_id"), data.qids, pids))
 
         def mean(measure: str) -> float:
             return round(float(np.mean([per_query.get(q, {}).get(measure, 0.0) for q in data.qids])), 4)

@@ -438,7 +438,7 @@ def sparse_assignment(shards: list[dict], pieces, num_shards: int, spark) -> dic
     pieces are increasing and no two intervals overlap, by hash for hash-sharded DataFrames, else
     by a join with the shards' pids."""
     if pieces is None:
-        return {"assign": functools.partial(_hash_assign, num_shards=num_shards)}
+        return {"assign": functools.partial(shard_of, num_shards=num_shards)}
     intervals = [(lo_hi[0], lo_hi[1], s["shard"]) if lo_hi else None
                  for s in shards for lo_hi in (s.get("pid_ranges") or [])]
     if intervals and None not in intervals:
@@ -449,10 +449,6 @@ def sparse_assignment(shards: list[dict], pieces, num_shards: int, spark) -> dic
             return {"assign": assign_by_ranges(ordered)}
     log.info("sparse: the shards' pids are not disjoint intervals; joining passages with the shards' pids")
     return {"pid_shards": pid_shard_table(spark, pieces)}
-
-
-def _hash_assign(pids: np.ndarray, num_shards: int) -> np.ndarray:
-    return shard_of(pids, num_shards) if num_shards > 1 else np.zeros(len(pids), np.int64)
 
 
 def _read_pieces(pieces: list[dict], dim: int, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

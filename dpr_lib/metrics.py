@@ -82,17 +82,18 @@ def qa_metrics(passages: Passages, questions: list[Question], pids: np.ndarray, 
     return {"metrics": out, "curve": curve}
 
 
-def doc_run(passages: Passages, questions: list[Question], pids: np.ndarray) -> dict[str, dict[str, float]]:
+def doc_run(doc_of, qids: list[str], pids: np.ndarray) -> dict[str, dict[str, float]]:
     """Passage top-k -> a document run (MaxP: a document ranks at its best passage's rank); the
-    score is a decreasing function of rank so trec_eval's tie-breaking cannot reorder it."""
+    score is a decreasing function of rank so trec_eval's tie-breaking cannot reorder it.
+    ``doc_of(pid)``: the passage's document id, or None."""
     run = {}
-    for q, row in zip(questions, pids):
+    for qid, row in zip(qids, pids):
         docs: dict[str, float] = {}
         for r, pid in enumerate(row.tolist()):
-            d = passages.doc_id(pid) if pid >= 0 else None
+            d = doc_of(pid) if pid >= 0 else None
             if d is not None and d not in docs:
                 docs[d] = float(len(row) - r)
-        run[q.qid] = docs
+        run[qid] = docs
     return run
 
 
@@ -100,7 +101,7 @@ def qrels_metrics(passages: Passages, ds: Dataset, pids: np.ndarray, k_max: int)
     import pytrec_eval
 
     qrels = {q.qid: ds.qrels[q.qid] for q in ds.questions}
-    run = doc_run(passages, ds.questions, pids)
+    run = doc_run(passages.doc_id, [q.qid for q in ds.questions], pids)
     cutoffs = ",".join(str(k) for k in range(1, k_max + 1))
     per_query = pytrec_eval.RelevanceEvaluator(qrels, {f"recall.{cutoffs}", "ndcg_cut.10"}).evaluate(run)
     top10 = {qid: dict(sorted(d.items(), key=lambda kv: -kv[1])[:10]) for qid, d in run.items()}

@@ -326,6 +326,7 @@ def _merged_embeddings(spark, run_dir: str, df_fn, fingerprint: dict) -> str:
     from pyspark import TaskContext
 
     from dpr_lib import schemas
+    from dpr_lib.encode import embeddings_batch, embeddings_metadata
     from dpr_lib.index_ops import local_tmp_dir, vectors_of
 
     url = join_url(run_dir, "embeddings")
@@ -333,8 +334,7 @@ def _merged_embeddings(spark, run_dir: str, df_fn, fingerprint: dict) -> str:
     if fs.exists(path):  # a crashed attempt's files: rewritten whole
         fs.rm(path, recursive=True)
     dim = int(fingerprint["dim"])
-    metadata = {schemas.META_FINGERPRINT: json.dumps(fingerprint, sort_keys=True).encode(),
-                schemas.META_DIM: str(dim).encode(), schemas.META_SOURCE_SHA256: b"nightly-merge"}
+    metadata = embeddings_metadata(fingerprint, "nightly-merge")
 
     def write(batches):
         # Built in the task: a pickled pyarrow schema loses the list element's non-nullability.
@@ -348,9 +348,8 @@ def _merged_embeddings(spark, run_dir: str, df_fn, fingerprint: dict) -> str:
                 for b in batches:
                     if not b.num_rows:
                         continue
-                    vec = pa.FixedSizeListArray.from_arrays(pa.array(vectors_of(b, dim).ravel(), pa.float32()), dim)
-                    writer.write_batch(pa.RecordBatch.from_arrays(
-                        [b.column("pid").cast(pa.int64()), b.column("content_hash"), vec], schema=schema))
+                    writer.write_batch(embeddings_batch(b.column("pid").cast(pa.int64()), b.column("content_hash"),
+                                                        vectors_of(b, dim), schema))
                     rows += b.num_rows
             if rows:
                 storage.upload_file_atomic(tmp, out_url)

@@ -169,12 +169,16 @@ class ShardedIndex:
         except (KeyError, TypeError) as exc:
             raise IndexIntegrityError(f"version {self.version}: the manifest's sparse section is incomplete ({exc})") from None
 
-    def search_sparse(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """BM25 top-k of the loaded shards' passages (global statistics: merges across nodes are exact)."""
+    def require_sparse(self):
+        """The sparse side, or a readable refusal when the version (or this load) has none."""
         if self.sparse is None:
             raise InputError(f"version {self.version} has no sparse side (built with index.sparse=false, or "
                              "loaded without it): only mode 'dense' is available")
-        return self.sparse.search(questions, k)
+        return self.sparse
+
+    def search_sparse(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 top-k of the loaded shards' passages (global statistics: merges across nodes are exact)."""
+        return self.require_sparse().search(questions, k)
 
     def _open_store(self, entry: ShardEntry, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
         """The shard's re-rank store, verified and memory-mapped read-only (``.npy``, no pickle)."""
@@ -315,7 +319,7 @@ class Searcher:
         self.mode = self.fusion.get("mode", "hybrid") if mode == "auto" and self.index.sparse else \
             ("dense" if mode == "auto" else mode)
         if self.mode != "dense" and self.index.sparse is None:
-            self.index.search_sparse([], 1)  # the readable refusal
+            self.index.require_sparse()
         spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question",
                             storage_options=storage_options)
         expected = self.index.manifest.question_encoder or self.index.manifest.encoder or {}

@@ -158,8 +158,9 @@ class IndexHolder:
         n = self.cfg.serve.warmup_queries
         if n:
             questions = (WARMUP_QUESTIONS * (n // len(WARMUP_QUESTIONS) + 1))[:n]
-            for mode in ("dense", "bm25", "hybrid") if searcher.index.sparse is not None else ("dense",):
-                searcher.ask(questions, min(10, self.cfg.serve.max_k), mode)  # encoder, shards, stores, docstore
+            # hybrid touches the encoder, the shards and re-rank stores, the sparse side and the docstore
+            searcher.ask(questions, min(10, self.cfg.serve.max_k),
+                         "hybrid" if searcher.index.sparse is not None else "dense")
         return Loaded(version, searcher, time.time(), round(time.time() - t0, 3), searcher.index.manifest.blobs())
 
     def poll_once(self) -> bool:

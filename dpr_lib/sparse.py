@@ -38,10 +38,11 @@ import pyarrow as pa
 from dpr_lib import storage
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import InputError
+from dpr_lib.manifest import relative_to
+from dpr_lib.train_data import K1, B
 
 log = logging.getLogger("dpr_lib.sparse")
 
-K1, B = 1.5, 0.75                      # Lucene / bm25s defaults (as the training-data miner)
 ANALYZER = "bm25s-en-snowball/title+text"
 MAGIC = b"DPRARR1\x00"
 ALIGN = 64
@@ -151,6 +152,13 @@ def pack_docs(pids: np.ndarray, shards: np.ndarray, analyzed: list) -> Iterator[
                "nterms": np.array([len(t) for t in terms], np.int32).tobytes(),
                "terms": (np.concatenate(terms) if terms else np.zeros(0, np.int64)).tobytes(),
                "tfs": (np.concatenate(tfs) if tfs else np.zeros(0, np.int32)).tobytes()}
+
+
+def unpack_docs(rows) -> tuple[np.ndarray, ...]:
+    """The packed rows of one shard (:func:`pack_docs`) -> (pids, lens, nterms, terms, tfs), concatenated."""
+    return tuple(np.concatenate([np.frombuffer(r[key], dtype) for r in rows]) for key, dtype in
+                 (("pids", np.int64), ("lens", np.int32), ("nterms", np.int32), ("terms", np.int64),
+                  ("tfs", np.int32)))
 
 
 def inverted(pids: np.ndarray, lens: np.ndarray, nterms: np.ndarray, terms: np.ndarray,
@@ -331,9 +339,7 @@ def build_sparse(spark, cfg: Config, vurl: str, num_shards: int, assign=None, pi
         for shard, row in pairs:
             parts.setdefault(int(shard), []).append(row)
         for s, rows in parts.items():
-            inv = inverted(*(np.concatenate([np.frombuffer(r[key], dtype) for r in rows]) for key, dtype in
-                             (("pids", np.int64), ("lens", np.int32), ("nterms", np.int32), ("terms", np.int64),
-                              ("tfs", np.int32))))
+            inv = inverted(*unpack_docs(rows))
             meta = _write_file(inv, {"kind": "bm25-shard", "shard": s, "analyzer": ANALYZER}, urls[s], opts, retries)
             df = np.diff(inv["offsets"]).astype(np.int64)
             result = {**meta, "shard": s, "docs": len(inv["pids"]), "terms": len(inv["terms"]),
@@ -379,18 +385,12 @@ def build_sparse(spark, cfg: Config, vurl: str, num_shards: int, assign=None, pi
              vocab["terms"], disk / 1e6, time.time() - t0)
     return {"method": "bm25", "k1": K1, "b": B, "analyzer": ANALYZER, "docs": n_docs,
             "avg_doc_len": total_len / n_docs if n_docs else 0.0,
-            "vocab": {**vocab, "path": relative(vocab["path"], vurl)},
-            "shards": [{"index": r["shard"], "path": relative(r["path"], vurl), "bytes": r["bytes"],
+            "vocab": {**vocab, "path": relative_to(vocab["path"], vurl)},
+            "shards": [{"index": r["shard"], "path": relative_to(r["path"], vurl), "bytes": r["bytes"],
                         "sha256": r["sha256"], "docs": r["docs"], "terms": r["terms"], "postings": r["postings"]}
                        for r in results],
             "disk_bytes_per_passage": round(disk / n_docs, 1) if n_docs else 0.0,
             "seconds": round(time.time() - t0, 2)}
-
-
-def relative(url: str, vurl: str) -> str:
-    from dpr_lib.manifest import relative_to
-
-    return relative_to(url, vurl)
 
 
 def build_local(out_dir: str, pids: np.ndarray, texts: list[str], shard_of_pid=None, num_shards: int = 1) -> dict:
@@ -403,9 +403,7 @@ def build_local(out_dir: str, pids: np.ndarray, texts: list[str], shard_of_pid=N
     os.makedirs(out_dir, exist_ok=True)
     df_terms, df_counts, paths, total = [], [], [], 0
     for row in pack_docs(pids, shards, analyzed):
-        inv = inverted(np.frombuffer(row["pids"], np.int64), np.frombuffer(row["lens"], np.int32),
-                       np.frombuffer(row["nterms"], np.int32), np.frombuffer(row["terms"], np.int64),
-                       np.frombuffer(row["tfs"], np.int32))
+        inv = inverted(*unpack_docs([row]))
         path = os.path.join(out_dir, f"sparse-{row['shard']:05d}.bm25")
         ArrayFile.write(path, inv, {"kind": "bm25-shard", "shard": row["shard"], "analyzer": ANALYZER})
         paths.append(path)

@@ -262,7 +262,9 @@ def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, pa
     n, avgdl, df = corpus_stats(pdf, terms)
     if n == 0:
         raise InputError(f"{table_url}: no passages to mine")
-    idf = np.log(1.0 + (n - df + 0.5) / (df + 0.5)).astype(np.float32)
+    from dpr_lib.sparse import idf as bm25_idf
+
+    idf = bm25_idf(df, n).astype(np.float32)
     timings["bm25_stats"] = round(time.time() - t, 1)
     log.info("BM25 over %d passages (average %.1f tokens), %d question terms", n, avgdl, len(terms.vocab))
 
