@@ -251,7 +251,12 @@ class NightlyConfig:
     stale_lock_s: int = 6 * 3600
     """A lock older than this (seconds) is considered left by a dead run and taken over."""
     keep_runs: int = 2
-    """Per-run work directories kept under <work_dir>/runs (the last successful one is the next baseline)."""
+    """Per-run work directories kept under <work_dir>/runs (the last successful one is the next baseline;
+    runs whose Embeddings tables a delta chain still uses are kept as well)."""
+    compact_ratio: float = 0.2
+    """Publish a delta segment (new and changed passages + tombstones) while tombstones plus vectors in
+    delta segments stay within this fraction of the corpus; past it, compact into a fresh full version.
+    0 compacts every night (today's full shard rebuild from reused embeddings)."""
 
 
 @dataclass
@@ -495,6 +500,8 @@ def validate(cfg: Config) -> Config:
         )
     if not 0.0 <= cfg.corpus.max_reject_ratio <= 1.0:
         raise ConfigError(f"corpus.max_reject_ratio must be within [0, 1], got {cfg.corpus.max_reject_ratio}")
+    if cfg.nightly.compact_ratio < 0:
+        raise ConfigError(f"nightly.compact_ratio must be >= 0, got {cfg.nightly.compact_ratio}")
     if not 0.0 <= cfg.nightly.max_shrink <= 1.0:
         raise ConfigError(f"nightly.max_shrink must be within [0, 1], got {cfg.nightly.max_shrink}")
     if not 0.0 < cfg.index.recall_target <= 1.0:

@@ -1004,6 +1004,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
         accounting=ledger,
         timings={k_: round(v, 3) for k_, v in timings.items()},
         software=software_versions(),
+        compaction=(extra_manifest or {}).get("compaction") or {"kind": "full", "reason": quantizer["reason"]},
         extra={key: v for key, v in (extra_manifest or {}).items() if key not in Manifest.field_names()},
     )
     _quality_gate(cfg, root, vurl, manifest, validation, force)

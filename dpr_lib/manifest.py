@@ -8,8 +8,16 @@ Layout under ``index_root`` (any fsspec URL)::
     versions/<version>/docstore/part-NNNNN.parquet      pid-sorted (pid, doc_id, title, text)
     versions/<version>/sparse-NNNNN.bm25        BM25 inverted index of shard N's passages
     versions/<version>/sparse-vocab.bm25        corpus-wide document frequencies (dpr_lib.sparse)
+    versions/<version>/tombstones.npy           [n, 2] int64 (pid, seq): pid is dead in segments older than seq
     versions/<version>/manifest.json            this module's :class:`Manifest`
     LATEST                                      the current version id, written last
+
+A version is a list of immutable **segments**. Its own files (``shards``, ``docstore``, the
+sparse shards) are its newest segment; ``segments`` lists earlier segments it references by the
+version that wrote them (their files stay in that version's directory, never copied), and
+``tombstones`` the pids removed from those earlier segments (deleted or changed). A full build
+has one segment and no tombstones, and is written as format 2 (readable by older loaders); a
+version that references segments is format 3.
 
 This module is the only place that builds or parses a manifest: the merge job writes one with
 :meth:`Manifest.to_json`, the loader, the service, the nightly job and the evaluation read one
@@ -33,9 +41,12 @@ from dpr_lib.errors import IncompatibleIndexError, IndexIntegrityError
 
 log = logging.getLogger("dpr_lib.manifest")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """2 adds k_factor, memory and per-shard re-rank stores: a reader of 1 would search compact shards
-without re-ranking, so it must refuse them (and a service keeps its current version)."""
+without re-ranking, so it must refuse them (and a service keeps its current version). 3 adds
+segments and tombstones: a reader of 2 would serve only the newest segment, without the deleted
+pids filtered, so it must refuse them. Versions without segments are still written as 2."""
+SEGMENTED_FORMAT = 3
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 
@@ -102,6 +113,37 @@ class DocstoreEntry:
 
 
 @dataclass
+class Segment:
+    """An immutable part of a version: dense shards (with re-rank stores), docstore files and
+    sparse shards, all in the directory of the version that wrote it. ``seq`` orders segments:
+    a pid tombstoned with seq t is dead in every segment with seq < t."""
+
+    version: str
+    seq: int
+    shards: list[ShardEntry]
+    docstore: list[DocstoreEntry] = field(default_factory=list)
+    sparse_shards: list[dict] = field(default_factory=list)
+    vectors: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Segment:
+        return cls(version=d["version"], seq=int(d["seq"]), shards=[ShardEntry.from_dict(s) for s in d["shards"]],
+                   docstore=[DocstoreEntry.from_dict(e) for e in d.get("docstore") or []],
+                   sparse_shards=list(d.get("sparse_shards") or []), vectors=int(d.get("vectors") or 0))
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "seq": self.seq, "vectors": self.vectors,
+                "shards": [s.to_dict() for s in self.shards],
+                "docstore": [dataclasses.asdict(d) for d in self.docstore], "sparse_shards": self.sparse_shards}
+
+    def files(self) -> list[FileEntry]:
+        out = [f for s in self.shards for f in s.files()]
+        out += [FileEntry(d.path, d.bytes, d.sha256) for d in self.docstore]
+        out += [FileEntry(e["path"], int(e["bytes"]), e["sha256"]) for e in self.sparse_shards]
+        return out
+
+
+@dataclass
 class Manifest:
     """What a version holds and how to search it (README, "Index version layout")."""
 
@@ -147,11 +189,20 @@ class Manifest:
     fusion: dict = field(default_factory=dict)
     """What ``mode: hybrid`` serves: {"method": "rrf"|"linear", "rrf_k"|"alpha_dense", "fetch_k_factor",
     "source": "tuned"|"default", "figures"?: {candidate: value}, "metric"?}."""
+    segments: list[Segment] = field(default_factory=list)
+    """Earlier segments this version references (oldest first); its own files are the newest segment."""
+    segment_seq: int = 0
+    """The seq of this version's own segment (0 for a full build)."""
+    tombstones: dict | None = None
+    """{path, bytes, sha256, count}: ``tombstones.npy`` of (pid, seq) rows, or None (nothing removed)."""
+    compaction: dict = field(default_factory=dict)
+    """Why this version is a full build or a delta: {"kind": "full"|"delta", "reason": str, ...}."""
     software: dict = field(default_factory=dict)
     """What wrote the version: {"faiss", "numpy", "dpr_lib", "python", "index_format"}; a reader whose
     FAISS cannot read a shard names both FAISS versions instead of failing inside FAISS."""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    format_version: int = FORMAT_VERSION
+    format_version: int = field(default=FORMAT_VERSION, compare=False)
+    """As read; what is written follows the content (3 with segments or tombstones, else 2)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Keys written by the caller of the merge job (the nightly job's ``nightly``, ``retrain_reason``);
     kept at the top level of the JSON."""
@@ -173,6 +224,10 @@ class Manifest:
                 value = [s.to_dict() for s in value]
             elif f.name == "docstore":
                 value = [dataclasses.asdict(d) for d in value]
+            elif f.name == "segments":
+                value = [seg.to_dict() for seg in value]
+            elif f.name == "format_version":
+                value = SEGMENTED_FORMAT if self.segments or self.tombstones else 2
             out[f.name] = value
         for key, value in self.extra.items():
             out.setdefault(key, value)
@@ -194,6 +249,8 @@ class Manifest:
             kwargs["trained"] = FileEntry.from_dict(d["trained"])
             kwargs["shards"] = [ShardEntry.from_dict(s) for s in d["shards"]]
             kwargs["docstore"] = [DocstoreEntry.from_dict(e) for e in d.get("docstore") or []]
+            kwargs["segments"] = [Segment.from_dict(e) for e in d.get("segments") or []]
+            kwargs["segment_seq"] = int(d.get("segment_seq") or 0)
             kwargs["dim"], kwargs["nlist"] = int(d["dim"]), int(d["nlist"])
             kwargs["nprobe"] = int(d.get("nprobe") or 1)
             manifest = cls(**kwargs, extra={k: v for k, v in d.items() if k not in names})
@@ -211,15 +268,40 @@ class Manifest:
             raise IndexIntegrityError(f"{where} is not a JSON object")
         return cls.from_dict(doc, where)
 
+    def own_segment(self) -> Segment:
+        """This version's own files as a segment."""
+        return Segment(self.version, self.segment_seq, self.shards, self.docstore,
+                       list((self.sparse or {}).get("shards") or []), sum(s.vectors for s in self.shards))
+
+    def all_segments(self) -> list[Segment]:
+        """Every segment a reader searches, oldest first (the referenced ones, then its own)."""
+        return [*self.segments, self.own_segment()]
+
+    def referenced_versions(self) -> frozenset[str]:
+        """Versions whose directories hold files this version needs (itself included)."""
+        return frozenset({self.version, *(seg.version for seg in self.segments)})
+
     def blobs(self) -> frozenset[str]:
-        """sha256 of every file a search node fetches for this version (shards, re-rank stores, docstore, sparse)."""
-        shas = {e.sha256 for e in self.docstore}
-        for shard in self.shards:
-            shas.update(f.sha256 for f in shard.files())
+        """sha256 of every file a search node fetches for this version (shards, re-rank stores,
+        docstore, sparse, tombstones), over all its segments."""
+        shas = {f.sha256 for seg in self.all_segments() for f in seg.files()}
         if self.sparse:
             shas.add(self.sparse["vocab"]["sha256"])
-            shas.update(s["sha256"] for s in self.sparse["shards"])
+        if self.tombstones:
+            shas.add(self.tombstones["sha256"])
         return frozenset(shas)
+
+    def files_by_version(self) -> list[tuple[str, FileEntry]]:
+        """(version that holds it, entry) for every file a search node fetches: what a swap downloads
+        is the part of this list whose sha256 the node does not hold yet."""
+        out = [(seg.version, f) for seg in self.all_segments() for f in seg.files()]
+        if self.sparse:
+            v = self.sparse["vocab"]
+            out.append((self.version, FileEntry(v["path"], int(v["bytes"]), v["sha256"])))
+        if self.tombstones:
+            t = self.tombstones
+            out.append((self.version, FileEntry(t["path"], int(t["bytes"]), t["sha256"])))
+        return out
 
 
 REJECTED = "rejected.json"  # in a version the quality gate refused (dpr_lib.gate)
@@ -319,6 +401,19 @@ def prune_versions(root: str, keep: int, storage_options: dict | None = None) ->
         doomed += [v for v in rejected if v < good[-1] and v != latest]
     if complete:
         doomed += [v for v in versions if v not in complete and v < complete[-1]]
+    # A segment's files live in the version that wrote it: never remove a version that a kept
+    # (or rejected-but-kept) version references.
+    survivors = [v for v in complete if v not in doomed]
+    needed: set[str] = set()
+    for v in survivors:
+        try:
+            needed |= read_manifest(join_url(version_url(root, v), MANIFEST), storage_options).referenced_versions()
+        except IncompatibleIndexError:  # written by a newer dpr_lib: keep whatever it may reference
+            return []
+    kept_for_segments = sorted(set(doomed) & needed)
+    if kept_for_segments:
+        log.info("keeping version(s) %s: their segments are referenced by kept versions", kept_for_segments)
+    doomed = [v for v in doomed if v not in needed]
     fs, _ = storage.get_fs(root, storage_options)
     for v in doomed:
         _, path = storage.get_fs(version_url(root, v), storage_options)

@@ -9,9 +9,16 @@ A run:
    ``nightly.max_shrink`` (unless forced);
 4. encodes only new and changed passages; unchanged ones reuse their embedding when it was made
    by the same encoder fingerprint;
-5. builds and publishes a version, reusing the previous ``trained.faiss`` unless the encoder
-   changed, the vector count grew past ``nightly.retrain_growth``, or the reused quantizer needs
-   more than ``nightly.max_nprobe_growth`` x the previous version's nprobe to reach the recall target;
+5. publishes a version. With the previous version's quantizer still usable it publishes a
+   **delta**: one new segment of the new and changed passages plus tombstones for the changed and
+   deleted pids, referencing the earlier segments (``dpr_lib.segments``): what it writes and what a
+   search node downloads follow the change. It **compacts** instead (a fresh full version,
+   re-sharding every vector) on ``--compact``, when tombstones plus delta vectors would exceed
+   ``nightly.compact_ratio`` of the corpus, or when the settings of the sides changed; and it
+   retrains the quantizer when the encoder changed, the vector count grew past
+   ``nightly.retrain_growth``, or (at a full build) the reused quantizer needs more than
+   ``nightly.max_nprobe_growth`` x the previous version's nprobe to reach the recall target.
+   The manifest's ``compaction`` says which and why;
 6. records the run as the new baseline (``<work_dir>/state/last_success.json``) and releases the lock.
 
 Stages are idempotent and recorded in ``<work_dir>/runs/<run>/state.json``: a failed run is
@@ -155,8 +162,14 @@ def diff_passages(spark, new_url: str, old_url: str | None) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
-    """One scheduled run. Returns the run report (also written to <run>/report.json)."""
+def _tables(urls) -> list[str]:
+    """A baseline's Embeddings: one table URL (older runs, full builds) or the list of a delta chain."""
+    return [urls] if isinstance(urls, str) else list(urls)
+
+
+def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False) -> dict:
+    """One scheduled run. Returns the run report (also written to <run>/report.json).
+    ``compact``: publish a fresh full version (no delta segment) whatever the garbage ratio."""
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
     from dpr_lib.gate import read_validation_questions
@@ -217,13 +230,17 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
             passages = spark.read.parquet(storage.resolve_table(run_cfg.path("passages")))
             todo = passages
             if same_encoder:
-                old = spark.read.parquet(baseline["embeddings"]).select("pid", "content_hash")
+                # The new and changed passages (by the diff's key): every passage of the previous
+                # snapshot has a vector in the baseline's Embeddings tables. They are also the
+                # delta segment's passages.
+                old = spark.read.parquet(storage.resolve_table(baseline["passages"])).select("pid", "content_hash")
                 todo = passages.join(old, ["pid", "content_hash"], "left_anti")
             todo_url = join_url(run_dir, "to_encode")
             n_todo = todo.count()
-            # One encode task per file: enough files to keep every core busy, none tiny.
+            # One encode task per file: enough files to keep every core busy, none tiny; files of
+            # disjoint pid ranges, pid-sorted (the delta's docstore and shards read them in order).
             parts = max(1, min(max(spark.sparkContext.defaultParallelism, -(-n_todo // 2000)), -(-n_todo // 64)))
-            todo.repartition(parts).write.mode("overwrite").parquet(todo_url)
+            todo.repartitionByRange(parts, "pid").sortWithinPartitions("pid").write.mode("overwrite").parquet(todo_url)
             enc_cfg = _with_paths(cfg, run_dir, passages=todo_url, embeddings=join_url(run_dir, "embeddings_new"))
             stats = encode_passages(spark, enc_cfg) if n_todo else {"passages_encoded": 0}
             # Files a crashed attempt of this run already encoded are kept: they count as encoded.
@@ -240,17 +257,15 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
                 check_embeddings(new_files, fingerprint)
                 frames.append(spark.read.parquet(*new_files).select("pid", "content_hash", "vector"))
             if same_encoder:
-                old = spark.read.parquet(baseline["embeddings"]).select("pid", "content_hash", "vector")
+                old = spark.read.parquet(*_tables(baseline["embeddings"])).select("pid", "content_hash", "vector")
                 frames.append(old.join(passages, ["pid", "content_hash"], "left_semi"))
             df = frames[0]
             for f in frames[1:]:
                 df = df.unionByName(f)
-            return df
+            # A passage deleted and later re-added with its old text has a vector in two tables.
+            return df.dropDuplicates(["pid"]) if len(frames) > 1 else df
 
         def publish() -> dict:
-            # The join and union are computed once, into this run's Embeddings table (the next
-            # run's baseline); the merge job reads that table, not the lineage again per action.
-            df = spark.read.parquet(_merged_embeddings(spark, run_dir, embeddings_df, fingerprint))
             reuse, reason = None, "first run"
             if baseline:
                 prev_root_version = read_latest(root, opts)
@@ -272,27 +287,34 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
             extra = {"encoder": fingerprint, "retrain_reason": reason,
                      "nightly": {"run": state["run"], "diff": diff, "encoded": encoded["encoded"],
                                  "reused_embeddings": corpus["passages"] - encoded["encoded"]}}
-            pub_cfg = _with_paths(cfg, run_dir)
             # The ledger: reused = the diff's unchanged passages (a join apart from the one that
             # selects the reused vectors), embedded = rows the encode tasks wrote.
             counts = {"input_records": corpus["input_records"], "docs": corpus["docs"],
                       "rejects": corpus["rejects"], "corpus_passages": corpus["passages"],
                       "embedded": encoded["encoded"], "reused": diff["unchanged"] if same_encoder else 0}
-            manifest = build_index(spark, pub_cfg, df, extra, reuse_from=reuse, counts=counts, force=force,
-                                   validation=validation,
+            full_why = _compaction_reason(cfg, reuse, diff, corpus["passages"], compact) if reuse else reason
+            if reuse and full_why is None:
+                return _publish_delta(spark, cfg, run_dir, baseline, reuse, diff, counts, extra, validation, force)
+            # The join and union are computed once, into this run's Embeddings table (the next
+            # run's baseline); the merge job reads that table, not the lineage again per action.
+            df = spark.read.parquet(_merged_embeddings(spark, run_dir, embeddings_df, fingerprint))
+            extra["compaction"] = {"kind": "full", "reason": full_why}
+            manifest = build_index(spark, _with_paths(cfg, run_dir), df, extra, reuse_from=reuse, counts=counts,
+                                   force=force, validation=validation,
                                    question_vectors=questions, questions_source=cfg.index.recall_questions)
             return {"version": manifest.version, "quantizer": manifest.quantizer,
                     "vectors": manifest.totals["vectors"], "recall": manifest.recall["at_nprobe"],
-                    "nprobe": manifest.nprobe}
+                    "nprobe": manifest.nprobe, "kind": "full", "reason": full_why,
+                    "embeddings": [join_url(run_dir, "embeddings")]}
 
         published = stage("publish", publish)
-        _write_json(join_url(cfg.path("work_dir"), "state", "last_success.json"), {
-            "run": state["run"], "passages": run_cfg.path("passages"), "passages_count": corpus["passages"],
-            "embeddings": join_url(run_dir, "embeddings"),
-            "fingerprint": fingerprint, "version": published["version"]})
+        new_baseline = {"run": state["run"], "passages": run_cfg.path("passages"), "passages_count": corpus["passages"],
+                        "embeddings": published["embeddings"], "fingerprint": fingerprint,
+                        "version": published["version"]}
+        _write_json(join_url(cfg.path("work_dir"), "state", "last_success.json"), new_baseline)
         state["published"] = True
         _write_json(state_url, state)
-        _prune_runs(cfg, keep=ncfg.keep_runs, current=state["run"])
+        _prune_runs(cfg, keep=ncfg.keep_runs, current=state["run"], needed=_tables(new_baseline["embeddings"]))
     finally:
         if lock:
             lock.release()
@@ -301,6 +323,7 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
         "encoded": encoded["encoded"], "reused": corpus["passages"] - encoded["encoded"],
         "passages": corpus["passages"], "rejects": corpus["rejects"], "quantizer": published["quantizer"],
         "recall_at_nprobe": published["recall"], "nprobe": published["nprobe"],
+        "kind": published.get("kind", "full"), "compaction_reason": published.get("reason"),
         "seconds": {**state["seconds"], "total": round(time.time() - t0, 2)},
     }
     _write_json(join_url(run_dir, "report.json"), report)
@@ -308,7 +331,9 @@ def run_nightly(spark, cfg: Config, force: bool = False) -> dict:
     report["summary"] = (
         f"nightly {state['run']}: published {published['version']} ({corpus['passages']} passages: "
         f"{diff['new']} new, {diff['changed']} changed, {diff['unchanged']} unchanged, {diff['deleted']} deleted; "
-        f"encoded {encoded['encoded']}, reused {report['reused']}; quantizer {q}: {published['quantizer']['reason']}; "
+        f"encoded {encoded['encoded']}, reused {report['reused']}; "
+        f"{'delta segment' if report['kind'] == 'delta' else 'full build: ' + str(report['compaction_reason'])}; "
+        f"quantizer {q}: {published['quantizer']['reason']}; "
         f"recall@{cfg.index.recall_k} {published['recall']}) in {report['seconds']['total']:.0f}s")
     log.info(report["summary"])
     return report
@@ -363,6 +388,52 @@ def _merged_embeddings(spark, run_dir: str, df_fn, fingerprint: dict) -> str:
     return url
 
 
+def _compaction_reason(cfg: Config, reuse: dict, diff: dict, passages: int, compact: bool) -> str | None:
+    """Why this run must publish a full version although the quantizer could be reused; None: a delta."""
+    from dpr_lib.segments import garbage
+
+    prev = reuse["manifest"]
+    if compact:
+        return "--compact"
+    if bool(prev.sparse) != cfg.sparse_enabled() or bool(prev.docstore) != bool(cfg.publish.docstore):
+        return "the sparse side or the docstore was switched on or off since the previous version"
+    g = garbage(prev)
+    removed, added = diff["changed"] + diff["deleted"], diff["new"] + diff["changed"]
+    ratio = (g["tombstones"] + removed + g["delta_vectors"] + added) / max(1, passages)
+    if ratio > cfg.nightly.compact_ratio:
+        return (f"tombstones and delta vectors would be {ratio:.1%} of the corpus "
+                f"(> nightly.compact_ratio={cfg.nightly.compact_ratio:g})")
+    return None
+
+
+def _publish_delta(spark, cfg: Config, run_dir: str, baseline: dict, reuse: dict, diff: dict, counts: dict,
+                   extra: dict, validation, force: bool) -> dict:
+    """The delta path of the publish stage: the new and changed passages (``to_encode``, their
+    vectors in ``embeddings_new``) as one segment, the changed and deleted pids as tombstones."""
+    import numpy as np
+
+    from dpr_lib.manifest import version_url
+    from dpr_lib.segments import build_delta
+
+    passages = spark.read.parquet(storage.resolve_table(join_url(run_dir, "passages"))).select("pid", "content_hash")
+    old = spark.read.parquet(storage.resolve_table(baseline["passages"]))
+    removed_df = old.join(passages, ["pid", "content_hash"], "left_anti").select("pid", "title", "text")
+    # Collected: the changed and deleted pids, as many as the change (8 bytes each).
+    removed = np.array(sorted(r["pid"] for r in removed_df.select("pid").collect()), np.int64)
+    new_url = join_url(run_dir, "embeddings_new")
+    prev = reuse["manifest"]
+    delta_cfg = _with_paths(cfg, run_dir, passages=join_url(run_dir, "to_encode"), embeddings=new_url)
+    reason = (f"{diff['new'] + diff['changed']} new or changed and {diff['changed'] + diff['deleted']} removed "
+              f"passages within nightly.compact_ratio={cfg.nightly.compact_ratio:g}")
+    manifest = build_delta(spark, delta_cfg, prev, version_url(cfg.path("index_root"), prev.version),
+                           reuse["trained"], removed, removed_df, counts, extra, reason, validation, force)
+    has_new = storage.exists(new_url) and bool(storage.list_files(new_url, ".parquet"))
+    tables = _tables(baseline["embeddings"]) + ([new_url] if has_new else [])
+    return {"version": manifest.version, "quantizer": manifest.quantizer, "vectors": manifest.totals["vectors"],
+            "recall": manifest.recall.get("at_nprobe"), "nprobe": manifest.nprobe, "kind": "delta",
+            "reason": reason, "embeddings": tables}
+
+
 def _slim(stats: dict) -> dict:
     return {k: stats[k] for k in ("passages", "rejects", "docs", "input_records")}
 
@@ -378,10 +449,13 @@ def _with_paths(cfg: Config, run_dir: str, **paths) -> Config:
     return out
 
 
-def _prune_runs(cfg: Config, keep: int, current: str) -> None:
+def _prune_runs(cfg: Config, keep: int, current: str, needed: list[str] = ()) -> None:
+    """Remove run directories beyond the newest ``keep``, except those holding an Embeddings table
+    of the current baseline (a delta chain references earlier runs' tables)."""
     runs = join_url(cfg.path("work_dir"), "runs")
     fs, path = storage.get_fs(runs)
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    referenced = {u.split("/runs/", 1)[1].split("/", 1)[0] for u in needed if "/runs/" in u}
     for name in names[:-keep]:
-        if name != current:
+        if name != current and name not in referenced:
             fs.rm(f"{path}/{name}", recursive=True)

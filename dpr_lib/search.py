@@ -30,7 +30,7 @@ import numpy as np
 from dpr_lib import storage
 from dpr_lib.config import EncoderConfig, join_url
 from dpr_lib.errors import DprError, IncompatibleIndexError, IndexIntegrityError, InputError, StorageError
-from dpr_lib.index_ops import ID_BYTES, code_size, merge_topk, rerank, set_nprobe
+from dpr_lib.index_ops import ID_BYTES, code_size, merge_topk, rerank
 from dpr_lib.manifest import ShardEntry, open_manifest
 
 log = logging.getLogger("dpr_lib.search")
@@ -62,6 +62,9 @@ class ShardCache:
         self.dir = os.path.join(cache_dir, "blobs")
         self.storage_options = storage_options
         self.verify = verify
+        self.downloaded_bytes = 0
+        """Bytes this cache object fetched from storage (entries already present cost nothing)."""
+        self.downloaded_files = 0
         os.makedirs(self.dir, exist_ok=True)
 
     def fetch(self, url: str, sha256: str, suffix: str) -> str:
@@ -89,7 +92,10 @@ class ShardCache:
             got = storage.sha256_file(tmp)
             if got != sha256:
                 raise IndexIntegrityError(f"{url} is corrupt: sha256 {got} does not match the manifest's {sha256}")
+            size = os.path.getsize(tmp)
             os.replace(tmp, dest)
+            self.downloaded_bytes += size
+            self.downloaded_files += 1
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
@@ -97,12 +103,21 @@ class ShardCache:
 
 
 class ShardedIndex:
-    """The shards of one version (or a subset), searchable as one index."""
+    """The shards of one version (or a subset), searchable as one index.
+
+    A version made of segments (manifest format 3) is searched over every segment; a pid that the
+    version's tombstones remove from a segment is never returned from it (a FAISS ID selector
+    inside the IVF scan, so each shard still returns its k best live vectors). All segments
+    share the quantizer, so the merged top-k equals that of one index holding the live vectors.
+
+    ``reuse``: a loaded ShardedIndex (the version being replaced) whose loaded files this one
+    shares by sha256 instead of loading them again: a swap to a version that adds a delta segment
+    downloads and loads only the delta (and the small tombstone and vocabulary files)."""
 
     def __init__(self, index: str, cache_dir: str | None = None, shards: list[int] | None = None,
                  mmap: bool = False, nprobe: int | None = None, storage_options: dict | None = None,
                  k_factor: int | None = None, verify_cache: bool = False, docstore_cache_mb: float = 64,
-                 sparse: bool = True):
+                 sparse: bool = True, reuse: ShardedIndex | None = None):
         import faiss
 
         self.manifest, self.version_url = open_manifest(index, storage_options)
@@ -110,62 +125,125 @@ class ShardedIndex:
         self.dim = self.manifest.dim
         self.cache = ShardCache(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dpr_lib"),
                                 storage_options, verify_cache)
-        entries = self.manifest.shards
+        segments = self.manifest.all_segments()
         if shards is not None:
-            known = {e.index for e in entries}
+            known = {e.index for seg in segments for e in seg.shards}
             unknown = sorted(set(shards) - known)
             if unknown:
                 raise InputError(f"shards {unknown} are not in version {self.version} (it has {sorted(known)})")
-            entries = [e for e in entries if e.index in set(shards)]
         self.nprobe = int(nprobe or self.manifest.nprobe or 1)
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        self.shards = []
-        self.stores: list[tuple[np.ndarray, np.ndarray]] = []
         rerank = self.manifest.rerank
         self.k_factor = int(k_factor or (rerank or {}).get("k_factor") or 1) if rerank else 0
-        for e in entries:
-            path = self.cache.fetch(join_url(self.version_url, _safe_relpath(e.path)), e.sha256, ".faiss")
-            try:
-                idx = faiss.read_index(path, flags)
-            except RuntimeError as exc:
-                wrote = (self.manifest.software or {}).get("faiss")
-                why = str(exc).strip().splitlines()[-1][:300]
-                if wrote and wrote != faiss.__version__:
-                    raise IncompatibleIndexError(
-                        f"shard {e.path} was written by FAISS {wrote}; this FAISS {faiss.__version__} cannot read it "
-                        f"({why}). Install faiss-cpu=={wrote} where the index is searched, or rebuild the version "
-                        "with this FAISS") from None
-                raise IndexIntegrityError(f"shard {e.path} cannot be read by FAISS {faiss.__version__}: {why}") from None
-            if idx.d != self.dim:
-                raise IncompatibleIndexError(f"shard {e.path} has dimension {idx.d}, manifest says {self.dim}")
-            set_nprobe(idx, self.nprobe)
-            self.shards.append(idx)
-            if rerank:
-                self.stores.append(self._open_store(e, idx.ntotal))
-        self.ntotal = sum(s.ntotal for s in self.shards)
-        self.sparse = self._open_sparse([e.index for e in entries]) if sparse and self.manifest.sparse else None
-        self._docstore = sorted(self.manifest.docstore, key=lambda d: d.min_pid)
+        self.tombstones = self._open_tombstones()
+        shared = dict(reuse._loaded) if reuse is not None and reuse.dim == self.dim else {}
+        self._loaded: dict[str, tuple] = {}  # shard sha256 -> (faiss index, re-rank store or None)
+        self.shards, self.stores, self._selectors, self._segment_urls = [], [], [], []
+        self.shard_seqs: list[int] = []  # the segment (seq) of each loaded shard
+        self.reused_files = 0
+        for seg in segments:
+            surl = self.segment_url(seg.version)
+            self._segment_urls.append((surl, seg))
+            dead = self.dead_in(seg.seq)
+            selector = _not_in(dead) if len(dead) else None
+            for e in seg.shards:
+                if shards is not None and e.index not in set(shards):
+                    continue
+                if e.sha256 in shared:
+                    idx, store = shared[e.sha256]
+                    self.reused_files += 1
+                else:
+                    idx = self._read_shard(surl, e, flags)
+                    store = self._open_store(surl, e, idx.ntotal) if rerank else None
+                self._loaded[e.sha256] = (idx, store)
+                self.shards.append(idx)
+                if rerank:
+                    self.stores.append(store)
+                self._selectors.append(selector)
+                self.shard_seqs.append(seg.seq)
+        stored = sum(s.ntotal for s in self.shards)
+        # Live vectors: the manifest's count for a whole version (tombstoned rows excluded); a
+        # shard subset counts its stored rows.
+        self.ntotal = int(self.manifest.totals.get("vectors", stored)) if shards is None else stored
+        shard_filter = None if shards is None else set(shards)
+        self.sparse = self._open_sparse(shard_filter) if sparse and self.manifest.sparse else None
+        self._docstore = [(surl, sorted(seg.docstore, key=lambda d: d.min_pid))
+                          for surl, seg in reversed(self._segment_urls)]  # newest first: a pid's live text
         self._docstore_files: dict[str, object] = {}
         self._docstore_lock = threading.Lock()  # lookups may come from several service threads
         self.docstore_cache_bytes = int(docstore_cache_mb * 2**20)
         self._groups: OrderedDict = OrderedDict()
         self._groups_bytes = 0
-        log.info("loaded version %s: %d shards, %d vectors, nprobe %d", self.version, len(self.shards),
-                 self.ntotal, self.nprobe)
+        log.info("loaded version %s: %d segment(s), %d shards, %d live vectors, nprobe %d%s", self.version,
+                 len(segments), len(self.shards), self.ntotal, self.nprobe,
+                 f", {self.reused_files} shard(s) shared with version {reuse.version}" if self.reused_files else "")
 
-    def _open_sparse(self, shard_numbers: list[int]):
-        """The BM25 side of the loaded shards: verified, memory-mapped; statistics are the corpus's."""
+    def segment_url(self, version: str) -> str:
+        """The directory of the version that wrote a segment (a sibling of this version's)."""
+        if version == self.version:
+            return self.version_url
+        from dpr_lib.manifest import version_url
+
+        return version_url(self.version_url.rstrip("/").rsplit("/", 2)[0], version)
+
+    def _open_tombstones(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pids sorted, seq) of the version's tombstones; empty without any."""
+        t = self.manifest.tombstones
+        if not t:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        local = self.cache.fetch(join_url(self.version_url, _safe_relpath(t["path"])), t["sha256"], ".npy")
+        try:
+            arr = np.load(local, allow_pickle=False)
+        except ValueError as exc:
+            raise IndexIntegrityError(f"tombstones of version {self.version} are not a plain .npy array: {exc}") from None
+        if arr.ndim != 2 or arr.shape[1] != 2 or arr.dtype != np.int64 or len(arr) != int(t.get("count", len(arr))):
+            raise IndexIntegrityError(f"tombstones of version {self.version} have shape {arr.shape} {arr.dtype}, "
+                                      f"expected [{t.get('count')}, 2] int64")
+        return np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1])
+
+    def dead_in(self, seq: int) -> np.ndarray:
+        """Pids removed from the segment with this seq (tombstoned by a later segment)."""
+        pids, seqs = self.tombstones
+        return pids[seqs > seq]
+
+    def _read_shard(self, surl: str, e: ShardEntry, flags: int):
+        import faiss
+
+        path = self.cache.fetch(join_url(surl, _safe_relpath(e.path)), e.sha256, ".faiss")
+        try:
+            idx = faiss.read_index(path, flags)
+        except RuntimeError as exc:
+            wrote = (self.manifest.software or {}).get("faiss")
+            why = str(exc).strip().splitlines()[-1][:300]
+            if wrote and wrote != faiss.__version__:
+                raise IncompatibleIndexError(
+                    f"shard {e.path} was written by FAISS {wrote}; this FAISS {faiss.__version__} cannot read it "
+                    f"({why}). Install faiss-cpu=={wrote} where the index is searched, or rebuild the version "
+                    "with this FAISS") from None
+            raise IndexIntegrityError(f"shard {e.path} cannot be read by FAISS {faiss.__version__}: {why}") from None
+        if idx.d != self.dim:
+            raise IncompatibleIndexError(f"shard {e.path} has dimension {idx.d}, manifest says {self.dim}")
+        return idx
+
+    def _open_sparse(self, shard_filter: set[int] | None):
+        """The BM25 side of the loaded shards, over every segment (tombstoned pids masked):
+        verified, memory-mapped; statistics are the live corpus's."""
         from dpr_lib.sparse import SparseIndex
 
         sp = self.manifest.sparse
 
-        def fetch(entry: dict) -> str:
-            return self.cache.fetch(join_url(self.version_url, _safe_relpath(entry["path"])), entry["sha256"], ".bm25")
+        def fetch(url: str, entry: dict) -> str:
+            return self.cache.fetch(join_url(url, _safe_relpath(entry["path"])), entry["sha256"], ".bm25")
 
-        wanted = set(shard_numbers)
         try:
-            return SparseIndex(fetch(sp["vocab"]), [fetch(e) for e in sp["shards"] if e["index"] in wanted],
-                               sp["docs"], sp["avg_doc_len"], sp.get("k1", 1.5), sp.get("b", 0.75))
+            paths, dead = [], []
+            for surl, seg in self._segment_urls:
+                for e in seg.sparse_shards:
+                    if shard_filter is None or e["index"] in shard_filter:
+                        paths.append(fetch(surl, e))
+                        dead.append(self.dead_in(seg.seq))
+            return SparseIndex(fetch(self.version_url, sp["vocab"]), paths, sp["docs"], sp["avg_doc_len"],
+                               sp.get("k1", 1.5), sp.get("b", 0.75), dead=dead)
         except (KeyError, TypeError) as exc:
             raise IndexIntegrityError(f"version {self.version}: the manifest's sparse section is incomplete ({exc})") from None
 
@@ -180,12 +258,12 @@ class ShardedIndex:
         """BM25 top-k of the loaded shards' passages (global statistics: merges across nodes are exact)."""
         return self.require_sparse().search(questions, k)
 
-    def _open_store(self, entry: ShardEntry, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
+    def _open_store(self, surl: str, entry: ShardEntry, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
         """The shard's re-rank store, verified and memory-mapped read-only (``.npy``, no pickle)."""
         store = entry.rerank or {}
         if set(store) != {"pids", "vectors"}:
             raise IndexIntegrityError(f"shard {entry.path}: the manifest lists no complete re-rank store")
-        local = {part: self.cache.fetch(join_url(self.version_url, _safe_relpath(meta.path)), meta.sha256,
+        local = {part: self.cache.fetch(join_url(surl, _safe_relpath(meta.path)), meta.sha256,
                                         f".{part}.npy") for part, meta in store.items()}
         try:
             pids = np.load(local["pids"], mmap_mode="r", allow_pickle=False)
@@ -207,11 +285,14 @@ class ShardedIndex:
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise InputError(f"queries must have shape [n, {self.dim}], got {list(q.shape)}")
-        if self.stores:
-            results = [rerank(q, s.search(q, k * self.k_factor)[1], pids, vecs, k)
-                       for s, (pids, vecs) in zip(self.shards, self.stores)]
-        else:
-            results = [s.search(q, k) for s in self.shards]
+        results = []
+        for i, shard in enumerate(self.shards):
+            params = _search_params(shard, self.nprobe, self._selectors[i])
+            if self.stores:
+                pids, vecs = self.stores[i]
+                results.append(rerank(q, shard.search(q, k * self.k_factor, params=params)[1], pids, vecs, k))
+            else:
+                results.append(shard.search(q, k, params=params))
         return merge_topk([r[0] for r in results], [r[1] for r in results], k)
 
     def memory(self) -> dict:
@@ -227,35 +308,38 @@ class ShardedIndex:
         """{pid: {doc_id, title, text}} for the given pids, reading only the row groups that hold them."""
 
         wanted = sorted({int(p) for p in pids if int(p) >= 0})
-        starts = [d.min_pid for d in self._docstore]
-        by_file: dict[int, list[int]] = {}
-        for pid in wanted:
-            i = bisect.bisect_right(starts, pid) - 1
-            if i >= 0 and pid <= self._docstore[i].max_pid:
-                by_file.setdefault(i, []).append(pid)
         out: dict[int, dict] = {}
         with self._docstore_lock:
-            self._read_docstore(by_file, out)
+            for surl, entries in self._docstore:  # newest segment first: the live text of a changed pid
+                starts = [d.min_pid for d in entries]
+                by_file: dict[int, list[int]] = {}
+                for pid in wanted:
+                    i = bisect.bisect_right(starts, pid) - 1
+                    if i >= 0 and pid <= entries[i].max_pid:
+                        by_file.setdefault(i, []).append(pid)
+                self._read_docstore(surl, entries, by_file, out)
+                wanted = [p for p in wanted if p not in out]
+                if not wanted:
+                    break
         return out
 
-    def _read_docstore(self, by_file: dict[int, list[int]], out: dict[int, dict]) -> None:
+    def _read_docstore(self, surl: str, entries, by_file: dict[int, list[int]], out: dict[int, dict]) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         for i, file_pids in by_file.items():
-            entry = self._docstore[i]
-            pf = self._docstore_files.get(entry.path)
+            entry = entries[i]
+            pf = self._docstore_files.get(entry.sha256)
             if pf is None:
-                local = self.cache.fetch(join_url(self.version_url, _safe_relpath(entry.path)), entry.sha256,
-                                         ".parquet")
-                pf = self._docstore_files[entry.path] = pq.ParquetFile(local)
+                local = self.cache.fetch(join_url(surl, _safe_relpath(entry.path)), entry.sha256, ".parquet")
+                pf = self._docstore_files[entry.sha256] = pq.ParquetFile(local)
             tables = []
             for g in range(pf.metadata.num_row_groups):
                 st = pf.metadata.row_group(g).column(0).statistics
                 lo, hi = (st.min, st.max) if st is not None and st.has_min_max else (None, None)
                 if lo is None or any(lo <= p <= hi for p in file_pids):
-                    tables.append(self._row_group(pf, entry.path, g))
+                    tables.append(self._row_group(pf, entry.sha256, g))
             table = pa.concat_tables(tables)
             # Only the wanted rows become Python objects (a row group holds publish.docstore_row_group rows).
             hit = table.filter(pc.is_in(table.column("pid"), value_set=pa.array(file_pids, type=pa.int64())))
@@ -278,6 +362,34 @@ class ShardedIndex:
                 _, old = self._groups.popitem(last=False)
                 self._groups_bytes -= old.nbytes
         return table
+
+
+def _not_in(pids: np.ndarray):
+    """A FAISS selector of every id except ``pids`` (the selector it wraps is kept alive with it)."""
+    import faiss
+
+    ids = np.ascontiguousarray(pids, dtype=np.int64)
+    batch = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+    sel = faiss.IDSelectorNot(batch)
+    sel.referenced = batch  # the C++ object holds a raw pointer to it
+    return sel
+
+
+def _search_params(index, nprobe: int, selector):
+    """Per-call search parameters: the IVF's nprobe (shards shared between two loaded versions may
+    serve different nprobes) and the tombstone selector, if any."""
+    import faiss
+
+    if faiss.try_extract_index_ivf(index) is not None:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(nprobe)
+    elif selector is None:
+        return None
+    else:
+        params = faiss.SearchParameters()
+    if selector is not None:
+        params.sel = selector
+    return params
 
 
 MODES = ("dense", "bm25", "hybrid")
@@ -307,13 +419,15 @@ class Searcher:
     def __init__(self, index: str, encoder_cfg: EncoderConfig | None = None, cache_dir: str | None = None,
                  shards: list[int] | None = None, mmap: bool = False, nprobe: int | None = None,
                  storage_options: dict | None = None, max_k: int = 1000, k_factor: int | None = None,
-                 verify_cache: bool = False, docstore_cache_mb: float = 64, mode: str = "auto"):
+                 verify_cache: bool = False, docstore_cache_mb: float = 64, mode: str = "auto",
+                 reuse: ShardedIndex | None = None):
+        """``reuse``: the ShardedIndex of the version being replaced (see :class:`ShardedIndex`)."""
         from dpr_lib.encode import get_encoder, resolve_spec
 
         if mode not in MODES + ("auto",):
             raise InputError(f"mode must be one of {', '.join(MODES + ('auto',))}, got {mode!r}")
         self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options, k_factor, verify_cache,
-                                  docstore_cache_mb, sparse=mode != "dense")
+                                  docstore_cache_mb, sparse=mode != "dense", reuse=reuse)
         self.max_k = max_k
         self.fusion = fusion_of(self.index.manifest)
         self.mode = self.fusion.get("mode", "hybrid") if mode == "auto" and self.index.sparse else \

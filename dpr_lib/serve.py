@@ -56,6 +56,8 @@ class Loaded:
     loaded_at: float
     load_seconds: float
     blobs: frozenset  # sha256 of the cache files it uses
+    downloaded_bytes: int = 0  # fetched from storage to load it (files already cached cost nothing)
+    reused_shards: int = 0  # shards shared with the version it replaced (segments it already held)
 
 
 class MicroBatcher:
@@ -139,6 +141,7 @@ class IndexHolder:
         self.failed: dict | None = None  # {"version", "error", "at"}
         self.swaps = 0
         self.failures = 0
+        self.downloaded_bytes = 0  # over every load since start
         self._released: list[frozenset] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,14 +157,17 @@ class IndexHolder:
                             self.shards, scfg.mmap, scfg.nprobe or None, self.opts,
                             max_k=max(self.cfg.serve.max_k, scfg.max_k), k_factor=scfg.k_factor or None,
                             verify_cache=scfg.verify_cache, docstore_cache_mb=scfg.docstore_cache_mb,
-                            mode=scfg.mode)
+                            mode=scfg.mode, reuse=self.current.searcher.index if self.current else None)
         n = self.cfg.serve.warmup_queries
         if n:
             questions = (WARMUP_QUESTIONS * (n // len(WARMUP_QUESTIONS) + 1))[:n]
             # hybrid touches the encoder, the shards and re-rank stores, the sparse side and the docstore
             searcher.ask(questions, min(10, self.cfg.serve.max_k),
                          "hybrid" if searcher.index.sparse is not None else "dense")
-        return Loaded(version, searcher, time.time(), round(time.time() - t0, 3), searcher.index.manifest.blobs())
+        cache = searcher.index.cache
+        self.downloaded_bytes += cache.downloaded_bytes
+        return Loaded(version, searcher, time.time(), round(time.time() - t0, 3), searcher.index.manifest.blobs(),
+                      cache.downloaded_bytes, searcher.index.reused_files)
 
     def poll_once(self) -> bool:
         """Load and swap to LATEST if it is new; True when a swap happened."""
@@ -389,6 +395,10 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
                 "mode": loaded.searcher.mode if loaded else None,
                 "modes": (["dense", "bm25", "hybrid"] if loaded.searcher.index.sparse is not None else ["dense"])
                 if loaded else [],
+                "segments": len(loaded.searcher.index.manifest.all_segments()) if loaded else 0,
+                "loaded": {"downloaded_bytes": loaded.downloaded_bytes, "reused_shards": loaded.reused_shards,
+                           "seconds": loaded.load_seconds} if loaded else None,
+                "downloaded_bytes_total": holder.downloaded_bytes,
                 "failed_version": holder.failed}
         return JSONResponse(body, status_code=200 if loaded else 503)
 

@@ -188,10 +188,13 @@ class SparseIndex:
     the global statistics, so a subset ranks its passages exactly as the whole index would)."""
 
     def __init__(self, vocab_path: str, shard_paths: list[str], n_docs: int, avg_doc_len: float,
-                 k1: float = K1, b: float = B, mmap: bool = True):
+                 k1: float = K1, b: float = B, mmap: bool = True, dead: list[np.ndarray] | None = None):
+        """``dead``: per shard, pids removed from it (tombstoned by a later segment), never returned."""
         self.vocab = ArrayFile(vocab_path, mmap)
         self.shards = [ArrayFile(p, mmap) for p in shard_paths]
         self.n_docs, self.avgdl, self.k1, self.b = int(n_docs), float(avg_doc_len), k1, b
+        self.dead_rows = [None if d is None or not len(d) else np.isin(np.asarray(f["pids"]), d)
+                          for f, d in zip(self.shards, dead or [None] * len(self.shards))]
 
     def query_terms(self, questions: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per question: (term hashes found in the vocabulary, their weight = count x idf)."""
@@ -215,15 +218,16 @@ class SparseIndex:
             if not len(terms):
                 continue
             per_s, per_p = [], []
-            for shard in self.shards:
-                s, p = self._shard_topk(shard, terms, weights, k)
+            for shard, dead in zip(self.shards, self.dead_rows):
+                s, p = self._shard_topk(shard, terms, weights, k, dead)
                 per_s.append(s[None, :])
                 per_p.append(p[None, :])
             ms, mp = merge_topk(per_s, per_p, k)
             scores[q], pids[q] = ms[0], mp[0]
         return scores, pids
 
-    def _shard_topk(self, shard: ArrayFile, terms: np.ndarray, weights: np.ndarray, k: int):
+    def _shard_topk(self, shard: ArrayFile, terms: np.ndarray, weights: np.ndarray, k: int,
+                    dead: np.ndarray | None = None):
         st, off = shard["terms"], shard["offsets"]
         pos = np.searchsorted(st, terms)
         found = pos < len(st)
@@ -247,6 +251,9 @@ class SparseIndex:
         else:
             cand, inv = np.unique(rows, return_inverse=True)
             vals = np.bincount(inv, contrib)
+        if dead is not None:
+            live = ~dead[cand]
+            cand, vals = cand[live], vals[live]
         if len(vals) > k:  # the k best (and everything tied with the k-th), then ordered exactly
             kth = np.partition(vals, len(vals) - k)[len(vals) - k]
             keep = vals >= kth

@@ -12,7 +12,7 @@ def main(cfg, args):
     from dpr_lib.nightly import run_nightly
     from dpr_lib.spark import get_session
 
-    report = run_nightly(get_session(cfg), cfg, force=args.force)
+    report = run_nightly(get_session(cfg), cfg, force=args.force, compact=args.compact)
     print(report["summary"], flush=True)
     return report
 
@@ -20,6 +20,8 @@ def main(cfg, args):
 def extra(parser):
     parser.add_argument("--force", action="store_true", help="publish even if the snapshot shrank past nightly.max_shrink or the quality gate "
                         "found a regression")
+    parser.add_argument("--compact", action="store_true", help="publish a fresh full version (re-shard every vector) "
+                        "instead of a delta segment, whatever nightly.compact_ratio says")
 
 
 if __name__ == "__main__":

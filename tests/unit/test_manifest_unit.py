@@ -2,10 +2,20 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from dpr_lib.errors import IncompatibleIndexError, IndexIntegrityError
-from dpr_lib.manifest import FORMAT_VERSION, DocstoreEntry, FileEntry, Manifest, ShardEntry, relative_to, version_url
+from dpr_lib.manifest import (
+    FORMAT_VERSION,
+    SEGMENTED_FORMAT,
+    DocstoreEntry,
+    FileEntry,
+    Manifest,
+    ShardEntry,
+    relative_to,
+    version_url,
+)
 
 
 def _manifest() -> Manifest:
@@ -23,7 +33,7 @@ def _manifest() -> Manifest:
 def test_json_round_trip_keeps_every_field_and_the_caller_keys():
     m = _manifest()
     doc = json.loads(m.to_json())
-    assert doc["format_version"] == FORMAT_VERSION and doc["nightly"] == {"run": "r1"}
+    assert doc["format_version"] == 2 and doc["nightly"] == {"run": "r1"}  # no segments: format-2 readers load it
     assert doc["shards"][0]["rerank"]["vectors"]["path"] == "shard-00000.vectors.npy"
     assert "rerank" not in doc["shards"][1] and "extra" not in doc
     back = Manifest.from_json(m.to_json())
@@ -54,3 +64,36 @@ def test_version_paths():
     for bad in ("", "..", "a/b"):
         with pytest.raises(IncompatibleIndexError, match="invalid version id"):
             version_url("s3://b/idx", bad)
+
+
+def test_a_version_with_segments_is_format_3_and_a_format_2_reader_refuses_it(monkeypatch):
+    from dpr_lib import manifest as mf
+
+    base = _manifest()
+    delta = _manifest()
+    delta.version, delta.segment_seq = "v2", 1
+    delta.segments = [base.own_segment()]
+    delta.shards = [ShardEntry(0, "shard-00000.faiss", 1, 50, "9" * 64)]
+    delta.docstore = []
+    delta.tombstones = {"path": "tombstones.npy", "bytes": 144, "sha256": "8" * 64, "count": 2}
+    doc = json.loads(delta.to_json())
+    assert doc["format_version"] == SEGMENTED_FORMAT == 3
+    back = Manifest.from_json(delta.to_json())
+    assert back == delta and [s.seq for s in back.all_segments()] == [0, 1]
+    assert back.referenced_versions() == {base.version, "v2"}
+    # Every file of every segment, plus the tombstones, is something a search node fetches.
+    assert back.blobs() == base.blobs() | {"9" * 64, "8" * 64}
+    assert {(v, f.path) for v, f in back.files_by_version()} >= {(base.version, "shard-00001.faiss"), ("v2", "tombstones.npy")}
+    monkeypatch.setattr(mf, "FORMAT_VERSION", 2)  # the reader of the previous release
+    with pytest.raises(IncompatibleIndexError, match="format_version 3; this dpr_lib reads up to 2: upgrade"):
+        Manifest.from_json(delta.to_json(), "m.json")
+    assert Manifest.from_json(base.to_json()) == base, "a full build still loads there"
+
+
+def test_tombstones_keep_the_latest_seq_per_pid():
+    from dpr_lib.segments import add_tombstones
+
+    t = add_tombstones(np.zeros((0, 2), np.int64), np.array([5, 3]), 1)
+    assert t.tolist() == [[3, 1], [5, 1]]
+    t = add_tombstones(t, np.array([5, 9]), 2)
+    assert t.tolist() == [[3, 1], [5, 2], [9, 2]]
