@@ -395,7 +395,8 @@ def _compaction_reason(cfg: Config, reuse: dict, diff: dict, passages: int, comp
     prev = reuse["manifest"]
     if compact:
         return "--compact"
-    if bool(prev.sparse) != cfg.sparse_enabled() or bool(prev.docstore) != bool(cfg.publish.docstore):
+    had_docstore = any(seg.docstore for seg in prev.all_segments())
+    if bool(prev.sparse) != cfg.sparse_enabled() or had_docstore != bool(cfg.publish.docstore):
         return "the sparse side or the docstore was switched on or off since the previous version"
     g = garbage(prev)
     removed, added = diff["changed"] + diff["deleted"], diff["new"] + diff["changed"]

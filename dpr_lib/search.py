@@ -178,6 +178,16 @@ class ShardedIndex:
                  len(segments), len(self.shards), self.ntotal, self.nprobe,
                  f", {self.reused_files} shard(s) shared with version {reuse.version}" if self.reused_files else "")
 
+    def prefetch_docstore(self) -> int:
+        """Fetch every docstore file into the cache now (a service does, before it swaps: no first
+        request pays a download). Returns the files fetched or found."""
+        n = 0
+        for surl, entries in self._docstore:
+            for e in entries:
+                self.cache.fetch(join_url(surl, _safe_relpath(e.path)), e.sha256, ".parquet")
+                n += 1
+        return n
+
     def segment_url(self, version: str) -> str:
         """The directory of the version that wrote a segment (a sibling of this version's)."""
         if version == self.version:

@@ -83,6 +83,8 @@ def removed_statistics(spark, removed_df) -> dict:
 
     from dpr_lib.sparse import analyze
 
+    schema = pa.schema([(name, pa.int64()) for name in ("term", "df", "docs", "length")])
+
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
             titles, texts = b.column("title").to_pylist(), b.column("text").to_pylist()
@@ -90,10 +92,10 @@ def removed_statistics(spark, removed_df) -> dict:
             flat = np.concatenate([h for h, _, _ in analyzed]) if analyzed else np.zeros(0, np.int64)
             zeros = np.zeros(len(flat), np.int64)
             yield pa.RecordBatch.from_arrays([pa.array(flat), pa.array(zeros + 1), pa.array(zeros), pa.array(zeros)],
-                                             names=["term", "df", "docs", "length"])
+                                             schema=schema)
             # One row without a term per batch: its document count and token total.
             yield pa.RecordBatch.from_pylist([{"term": None, "df": 0, "docs": len(analyzed),
-                                               "length": int(sum(a[2] for a in analyzed))}])
+                                               "length": int(sum(a[2] for a in analyzed))}], schema=schema)
 
     tokens = removed_df.select("title", "text").mapInArrow(run, "term long, df long, docs long, length long") \
         .persist(StorageLevel.MEMORY_AND_DISK)

@@ -158,6 +158,7 @@ class IndexHolder:
                             max_k=max(self.cfg.serve.max_k, scfg.max_k), k_factor=scfg.k_factor or None,
                             verify_cache=scfg.verify_cache, docstore_cache_mb=scfg.docstore_cache_mb,
                             mode=scfg.mode, reuse=self.current.searcher.index if self.current else None)
+        searcher.index.prefetch_docstore()  # local before the swap: no request waits for a download
         n = self.cfg.serve.warmup_queries
         if n:
             questions = (WARMUP_QUESTIONS * (n // len(WARMUP_QUESTIONS) + 1))[:n]

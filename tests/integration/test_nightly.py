@@ -22,14 +22,17 @@ def cfg_for(tmp, tiny_bert_dir, snapshot, *extra):
 
 
 def shard_ids(root, cache) -> set[int]:
+    """The live pids of the version LATEST names: every segment's stored ids minus its tombstoned ones."""
     loaded = ShardedIndex(root, cache_dir=cache)
     ids = set()
-    for idx in loaded.shards:
+    for idx, seq in zip(loaded.shards, loaded.shard_seqs):
         ivf = faiss.extract_index_ivf(idx)
+        stored = set()
         for lst in range(ivf.nlist):
             n = ivf.invlists.list_size(lst)
             if n:
-                ids.update(faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n).tolist())
+                stored.update(faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n).tolist())
+        ids |= stored - set(loaded.dead_in(seq).tolist())
     return ids
 
 
@@ -65,12 +68,14 @@ def test_unchanged_corpus_encodes_nothing_and_still_publishes(history):
     assert second["encoded"] == 0 and second["reused"] == 80
     assert second["diff"] == {"new": 0, "changed": 0, "unchanged": 80, "deleted": 0}
     assert second["quantizer"]["reused"] is True and second["version"] != first["version"]
+    assert second["kind"] == "delta", "nothing changed: an empty delta segment, no shard rebuilt"
 
 
 def test_edits_additions_and_deletions(history, tiny_bert_dir):
     cfg, tmp, _, _, third = history
     assert third["diff"] == {"new": 1, "changed": 2, "unchanged": 76, "deleted": 2}
     assert third["encoded"] == 3 and third["reused"] == 76 and third["passages"] == 79
+    assert third["kind"] == "delta"
     assert read_latest(cfg.path("index_root")) == third["version"]
     from dpr_lib.corpus import make_pid
 
@@ -159,7 +164,7 @@ def test_quantizer_that_needs_more_probes_is_retrained(spark, tmp_path, tiny_ber
     reused = run_nightly(spark, cfg)
     assert reused["quantizer"]["reused"] is True
     strict = cfg_for(tmp_path, tiny_bert_dir, snapshot, "nightly.max_nprobe_growth=0.001")
-    report = run_nightly(spark, strict)
+    report = run_nightly(spark, strict, compact=True)  # the drift check runs when every vector is re-sharded
     q = report["quantizer"]
     assert q["reused"] is False
     assert f"the reused quantizer of version {reused['version']} needs nprobe" in q["reason"]
@@ -197,7 +202,7 @@ def test_recall_measured_on_configured_questions(spark, tmp_path, tiny_bert_dir)
     # A reused quantizer discarded for a retrain: the retrained version measured the same questions.
     strict = cfg_for(tmp_path, tiny_bert_dir, snapshot, f"index.recall_questions={questions}",
                      "nightly.max_nprobe_growth=0.001")
-    retrained = run_nightly(spark, strict)
+    retrained = run_nightly(spark, strict, compact=True)
     manifest = ShardedIndex(cfg.path("index_root"), cache_dir=str(tmp_path / "cache")).manifest
     assert retrained["quantizer"]["reused"] is False and manifest.version == retrained["version"]
     assert manifest.recall["questions_file"] == str(questions) and manifest.recall["queries"] == 40
@@ -214,15 +219,20 @@ def test_the_runs_embeddings_table_keeps_the_design_contract(history):
 
     cfg, _, _, _, third = history
     state = json.load(open(os.path.join(cfg.path("work_dir"), "state", "last_success.json")))
-    files = storage.list_files(state["embeddings"], ".parquet")
-    fingerprint, rows = check_embeddings(files, state["fingerprint"])
-    assert rows == third["passages"] and fingerprint["id"] == state["fingerprint"]["id"]
-    ranges = []
-    for f in files:
-        t = pq.read_table(f)
-        assert str(t.schema.field("vector").type) == f"fixed_size_list<element: float not null>[{fingerprint['dim']}]"
-        pids = t.column("pid").to_numpy()
-        assert (np.diff(pids) > 0).all(), "pid-sorted, no duplicates"
-        ranges.append((pids[0], pids[-1]))
-    ranges.sort()
-    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:])), "disjoint pid ranges"
+    tables = state["embeddings"]
+    assert isinstance(tables, list) and tables
+    for table in tables:  # a full build leaves one table; a delta chain adds the run's new vectors as another
+        files = storage.list_files(table, ".parquet")
+        fingerprint, rows = check_embeddings(files, state["fingerprint"])
+        assert fingerprint["id"] == state["fingerprint"]["id"]
+        if len(tables) == 1:
+            assert rows == third["passages"] or rows == state["passages_count"]
+        ranges = []
+        for f in files:
+            t = pq.read_table(f)
+            assert str(t.schema.field("vector").type) == f"fixed_size_list<element: float not null>[{fingerprint['dim']}]"
+            pids = t.column("pid").to_numpy()
+            assert (np.diff(pids) > 0).all(), "pid-sorted, no duplicates"
+            ranges.append((pids[0], pids[-1]))
+        ranges.sort()
+        assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:])), "disjoint pid ranges"

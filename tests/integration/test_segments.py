@@ -1,0 +1,182 @@
+"""Versions made of segments on real Spark: a nightly change published as a delta segment plus
+tombstones, searched exactly like the full rebuild with the same quantizer; compaction, pruning,
+a crash before LATEST, format-2 versions, and a serving node's swap that downloads only the delta."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import make_config, synthetic_docs, write_jsonl
+
+from dpr_lib.corpus import make_pid
+from dpr_lib.manifest import MANIFEST, list_versions, read_latest, read_manifest, version_url
+from dpr_lib.nightly import run_nightly
+from dpr_lib.search import Searcher, ShardedIndex
+
+QUESTIONS = [f"which document mentions fact{i}?" for i in range(60)] + ["zulu fresh document", "completely new words"]
+NEW_TEXT = "completely new words about a quiet harbour " * 15  # 120 words: both passages of doc-7 change
+
+
+def cfg_for(tmp, tiny_bert_dir, snapshot, *extra):
+    return make_config(tmp, f"corpus.input={snapshot}", f"encoder.model={tiny_bert_dir}", "encoder.pooling=mean",
+                       "encoder.normalize=true", "index.num_shards=2", "index.factory=IVF4,Flat",
+                       "publish.keep_versions=2", "serve.warmup_queries=0", *extra)
+
+
+@pytest.fixture(scope="module")
+def chain(spark, tmp_path_factory, tiny_bert_dir):
+    """v1: a full build; v2: a delta (doc-5 deleted, doc-7 rewritten, doc-new added); v3: the same
+    snapshot with --compact, i.e. a full rebuild with v1's quantizer. A serving node follows."""
+    from dpr_lib.serve import IndexHolder
+
+    tmp = tmp_path_factory.mktemp("segments")
+    docs = synthetic_docs(100, words_per_doc=150, seed=21)
+    snapshot = write_jsonl(tmp / "snapshot.jsonl", docs)
+    cfg = cfg_for(tmp, tiny_bert_dir, snapshot)
+    v1 = run_nightly(spark, cfg)
+    holder = IndexHolder(cfg, cfg.path("index_root"))
+    assert holder.poll_once()
+    first_load = holder.current
+    edited = [dict(d) for d in docs if d["id"] != "doc-5"]
+    edited[7]["text"] = NEW_TEXT  # doc-8 after the deletion shifted the list
+    edited_id = edited[7]["id"]
+    edited.append({"id": "doc-new", "title": "New", "text": "a fresh document about zulu " * 10})
+    write_jsonl(snapshot, edited)
+    v2 = run_nightly(spark, cfg)
+    assert holder.poll_once()
+    swap = holder.current
+    v3 = run_nightly(spark, cfg, compact=True)
+    return {"cfg": cfg, "tmp": tmp, "v1": v1, "v2": v2, "v3": v3, "first_load": first_load, "swap": swap,
+            "edited_id": edited_id, "holder": holder}
+
+
+def _searcher(chain, version, mode="auto"):
+    cfg = chain["cfg"]
+    url = os.path.join(version_url(cfg.path("index_root"), version), MANIFEST)
+    return Searcher(url, cfg.encoder, str(chain["tmp"] / "cache-search"), mode=mode, nprobe=2)
+
+
+def test_the_change_is_a_delta_segment_with_tombstones(chain):
+    v1, v2, v3 = chain["v1"], chain["v2"], chain["v3"]
+    assert v1["kind"] == "full" and v2["kind"] == "delta" and v3["kind"] == "full"
+    assert v2["diff"] == {"new": 1, "changed": 2, "unchanged": 196, "deleted": 2}
+    root = chain["cfg"].path("index_root")
+    m2 = read_manifest(os.path.join(version_url(root, v2["version"]), MANIFEST))
+    assert [s.version for s in m2.segments] == [v1["version"]], "v1's segment is referenced, not copied"
+    assert m2.segment_seq == 1 and m2.tombstones["count"] == 4, "2 changed + 2 deleted pids"
+    assert sum(s.vectors for s in m2.shards) == 3, "the delta holds only the new and changed passages"
+    assert m2.totals["vectors"] == 199 == v2["passages"]
+    assert m2.compaction["kind"] == "delta" and m2.quantizer["from_version"] == v1["version"]
+    m3 = read_manifest(os.path.join(version_url(root, v3["version"]), MANIFEST))
+    assert m3.compaction == {"kind": "full", "reason": "--compact"} and not m3.segments and not m3.tombstones
+    assert m3.quantizer["reused"] is True, "compaction kept the quantizer: the same codes"
+    assert json.load(open(os.path.join(version_url(root, v3["version"]), MANIFEST)))["format_version"] == 2
+    assert json.load(open(os.path.join(version_url(root, v2["version"]), MANIFEST)))["format_version"] == 3
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
+def test_a_deleted_pid_is_never_returned_and_a_changed_passage_only_with_its_new_text(chain, mode):
+    s = _searcher(chain, chain["v2"]["version"], mode)
+    deleted = {make_pid("doc-5", 0), make_pid("doc-5", 1)}
+    hits = s.ask(["which document mentions fact5?", "completely new words about a quiet harbour"], k=199, mode=mode)
+    for row in hits:
+        pids = [h.pid for h in row]
+        assert not deleted & set(pids), "a deleted pid came back"
+        assert len(pids) == len(set(pids)), "a pid came back twice (old and new segment)"
+    changed = make_pid(chain["edited_id"], 0)
+    (top,) = [h for h in hits[1] if h.pid == changed]
+    assert top.text.startswith("completely new words about a quiet harbour")
+    if mode == "bm25":  # the tiny random encoder ranks by chance; BM25 must find the new words first
+        assert hits[1][0].pid in {changed, make_pid(chain["edited_id"], 1)}
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
+def test_segments_with_tombstones_equal_the_full_rebuild_with_the_same_quantizer(chain, mode):
+    delta = _searcher(chain, chain["v2"]["version"], mode)
+    full = _searcher(chain, chain["v3"]["version"], mode)
+    ds, dp = delta.retrieve(QUESTIONS, 20, mode)
+    fs, fp = full.retrieve(QUESTIONS, 20, mode)
+    np.testing.assert_array_equal(dp, fp)
+    np.testing.assert_allclose(ds, fs, rtol=1e-5, atol=1e-6)
+    assert delta.index.ntotal == full.index.ntotal == 199
+    if mode != "dense":  # corpus statistics updated by the delta = those of the rebuild
+        d, f = delta.index.manifest.sparse, full.index.manifest.sparse
+        assert d["docs"] == f["docs"] and d["avg_doc_len"] == pytest.approx(f["avg_doc_len"])
+        assert d["vocab"]["terms"] == f["vocab"]["terms"]
+
+
+def test_a_serving_node_keeps_its_base_segment_and_downloads_only_the_delta(chain):
+    cfg, swap, first = chain["cfg"], chain["swap"], chain["first_load"]
+    root = cfg.path("index_root")
+    m1 = read_manifest(os.path.join(version_url(root, chain["v1"]["version"]), MANIFEST))
+    m2 = read_manifest(os.path.join(version_url(root, chain["v2"]["version"]), MANIFEST))
+    assert swap.version == m2.version
+    assert swap.reused_shards == len(m1.shards), "the base shards were shared, not loaded again"
+    assert first.downloaded_bytes == sum(f.bytes for _, f in m1.files_by_version())
+    own = sum(f.bytes for v, f in m2.files_by_version() if v == m2.version)
+    assert swap.downloaded_bytes == own, "exactly the delta's files (shards, docstore, sparse, tombstones, vocabulary)"
+    full = sum(f.bytes for _, f in m2.files_by_version())
+    assert swap.downloaded_bytes < 0.5 * full
+    holder = chain["holder"]
+    hits = holder.current.searcher.ask(["which document mentions fact5?"], 199, "bm25")[0]
+    assert make_pid("doc-5", 0) not in {h.pid for h in hits}
+
+
+def test_a_format_2_version_still_loads(chain):
+    root = chain["cfg"].path("index_root")
+    v3 = chain["v3"]["version"]
+    on_disk = json.load(open(os.path.join(version_url(root, v3), MANIFEST)))
+    assert on_disk["format_version"] == 2 and "segments" in on_disk and on_disk["segments"] == []
+    # Written exactly as the previous release wrote it (no segment keys): still loads, one segment.
+    for key in ("segments", "segment_seq", "tombstones", "compaction"):
+        on_disk.pop(key)
+    legacy = chain["tmp"] / "legacy" / "manifest.json"
+    os.makedirs(legacy.parent, exist_ok=True)
+    legacy.write_text(json.dumps(on_disk))
+    for name in os.listdir(version_url(root, v3)):  # its files, beside the manifest
+        if name != MANIFEST:
+            os.symlink(os.path.join(version_url(root, v3), name), legacy.parent / name)
+    loaded = ShardedIndex(str(legacy), cache_dir=str(chain["tmp"] / "cache-legacy"))
+    assert loaded.ntotal == 199 and len(loaded.manifest.all_segments()) == 1
+
+
+def test_a_crash_between_the_delta_and_latest_leaves_the_previous_version_served(spark, tmp_path, tiny_bert_dir,
+                                                                                monkeypatch):
+    from dpr_lib import publish
+
+    docs = synthetic_docs(100, words_per_doc=150, seed=4)
+    snapshot = write_jsonl(tmp_path / "s.jsonl", docs)
+    cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot)
+    good = run_nightly(spark, cfg)["version"]
+    write_jsonl(snapshot, docs[:-1])  # one document deleted
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed before LATEST")
+
+    monkeypatch.setattr(publish, "set_latest", crash)
+    with pytest.raises(RuntimeError, match="killed before LATEST"):
+        run_nightly(spark, cfg)
+    root = cfg.path("index_root")
+    assert read_latest(root) == good
+    loaded = ShardedIndex(root, cache_dir=str(tmp_path / "c1"))
+    assert loaded.version == good and loaded.ntotal == 200
+    monkeypatch.undo()
+    report = run_nightly(spark, cfg)
+    assert report["kind"] == "delta" and read_latest(root) == report["version"]
+    assert ShardedIndex(root, cache_dir=str(tmp_path / "c2")).ntotal == 198
+    runs = sorted(os.listdir(os.path.join(cfg.path("work_dir"), "runs")))
+    state = json.load(open(os.path.join(cfg.path("work_dir"), "runs", runs[-1], "state.json")))
+    assert state["run"] == report["run"] and state["seconds"].keys() >= {"shard", "diff", "encode", "publish"}
+
+
+def test_pruning_keeps_every_referenced_segment(spark, chain):
+    """keep_versions=2: after v3 (compacted) the kept versions are v2 and v3, and v2 references v1,
+    so v1 stays. One more compaction: v2 goes, and with it the last reference to v1."""
+    cfg = chain["cfg"]
+    root = cfg.path("index_root")
+    v1, v2, v3 = (chain[k]["version"] for k in ("v1", "v2", "v3"))
+    assert list_versions(root) == [v1, v2, v3]
+    assert ShardedIndex(os.path.join(version_url(root, v2), MANIFEST), cache_dir=str(chain["tmp"] / "c-p")).ntotal == 199
+    v4 = run_nightly(spark, cfg, compact=True)["version"]
+    assert list_versions(root) == [v3, v4]
