@@ -15,7 +15,6 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
     jobs' library entry point (run_nightly), and top-10 agreement of the two indexes."""
     from dpr_lib.config import load_config
     from dpr_lib.encode import Encoder, resolve_spec
-    from dpr_lib.index_ops import set_nprobe
     from dpr_lib.nightly import run_nightly
     from dpr_lib.search import ShardedIndex
 
@@ -71,8 +70,7 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
 
     def top10(name: str, nprobe: int) -> np.ndarray:
         ix = indexes[name]
-        for shard in ix.shards:
-            set_nprobe(shard, nprobe)
+        ix.nprobe = nprobe
         return ix.search(q, 10)[1]
 
     nlist = max(ix.manifest.nlist for ix in indexes.values())

@@ -2,7 +2,7 @@
 
 Writes bench/results/latest.json (flat dotted keys, numbers), latest.md and ratios.png.
 BENCH_QUICK=1 shrinks every size for a smoke run (CI) that only proves the harness works;
-BENCH_ONLY=encode|index|nightly|serve|scale|cluster runs one part and merges it into the last
+BENCH_ONLY=encode|index|nightly|nightly_scale|serve|scale|cluster runs one part and merges it into the last
 results. The parts: encode_bench, index_bench, nightly_bench, serve_bench, scale, cluster_bench
 (what they share: common).
 """
@@ -19,6 +19,7 @@ from common import OUT, QUICK, REPO, SQUAD, log, machine
 from encode_bench import bench_encode
 from index_bench import bench_driver_rss, bench_index, bench_search_single
 from nightly_bench import bench_nightly
+from nightly_scale import bench_nightly_scale
 from scale import bench_scale
 from serve_bench import bench_serve
 
@@ -86,7 +87,8 @@ def main() -> int:
         return 0
     spark = get_session(load_config(os.path.join(REPO, "conf", "local.yaml"),
                                     ["spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 6g}"]))
-    standalone = {"scale": bench_scale, "nightly": bench_nightly}  # parts that need nothing from encode
+    # parts that need nothing from encode
+    standalone = {"scale": bench_scale, "nightly": bench_nightly, "nightly_scale": bench_nightly_scale}
     if ONLY in standalone:
         standalone[ONLY](spark, results, details)
         spark.stop()
@@ -102,6 +104,8 @@ def main() -> int:
         bench_search_single(enc_cfg, results)
         bench_index(spark, enc_cfg, emb, results, details)
         bench_nightly(spark, results, details)
+        if not QUICK:  # ~25 min: 1.08M Wikipedia passages, twice over
+            bench_nightly_scale(spark, results, details)
         bench_scale(spark, results, details)
     if ONLY == "index":
         bench_index(spark, enc_cfg, emb, results, details)

@@ -30,7 +30,7 @@ import numpy as np
 from dpr_lib import storage
 from dpr_lib.config import EncoderConfig, join_url
 from dpr_lib.errors import DprError, IncompatibleIndexError, IndexIntegrityError, InputError, StorageError
-from dpr_lib.index_ops import ID_BYTES, code_size, merge_topk, rerank
+from dpr_lib.index_ops import ID_BYTES, code_size, merge_topk, rerank, set_nprobe
 from dpr_lib.manifest import ShardEntry, open_manifest
 
 log = logging.getLogger("dpr_lib.search")
@@ -154,6 +154,7 @@ class ShardedIndex:
                     self.reused_files += 1
                 else:
                     idx = self._read_shard(surl, e, flags)
+                    set_nprobe(idx, self.nprobe)  # the default of direct users of .shards; searches pass theirs
                     store = self._open_store(surl, e, idx.ntotal) if rerank else None
                 self._loaded[e.sha256] = (idx, store)
                 self.shards.append(idx)
