@@ -253,6 +253,10 @@ class NightlyConfig:
     keep_runs: int = 2
     """Per-run work directories kept under <work_dir>/runs (the last successful one is the next baseline;
     runs whose Embeddings tables a delta chain still uses are kept as well)."""
+    changes: str = ""
+    """A change set to apply instead of reading corpus.input in full (JSON Lines or Parquet with op =
+    upsert | delete, id, title, text; or table:<name>): only those documents are split and diffed.
+    Usually given per run with jobs/nightly.py --changes URL."""
     compact_ratio: float = 0.2
     """Publish a delta segment (new and changed passages + tombstones) while tombstones plus vectors in
     delta segments stay within this fraction of the corpus; past it, compact into a fresh full version.

@@ -114,16 +114,17 @@ def _write_json(url: str, doc: dict) -> None:
     storage.write_bytes_atomic(url, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
 
 
-def resume_key(cfg: Config, fingerprint_id: str) -> str:
-    """What a resumed run must share with the failed one: the same snapshot files (name, size,
-    mtime), passage settings and encoder. Otherwise a new run starts."""
+def resume_key(cfg: Config, fingerprint_id: str, changes: str | None = None) -> str:
+    """What a resumed run must share with the failed one: the same snapshot (or change set) files
+    (name, size, mtime), passage settings and encoder. Otherwise a new run starts."""
     import hashlib
 
-    parts = [fingerprint_id, str(cfg.corpus.words), str(cfg.corpus.overlap), cfg.corpus.input]
-    if cfg.corpus.input and not cfg.corpus.input.startswith("table:"):
-        fs, path = storage.get_fs(cfg.corpus.input)
+    source = changes or cfg.corpus.input
+    parts = [fingerprint_id, str(cfg.corpus.words), str(cfg.corpus.overlap), source, "changes" if changes else ""]
+    if source and not source.startswith("table:"):
+        fs, path = storage.get_fs(source)
         if fs.exists(path):
-            for f in storage.list_files(cfg.corpus.input):
+            for f in storage.list_files(source):
                 info = fs.info(storage.get_fs(f)[1])
                 parts.append(f"{f}:{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -144,20 +145,88 @@ def _unfinished_run(cfg: Config, key: str) -> dict | None:
     return None
 
 
-def diff_passages(spark, new_url: str, old_url: str | None) -> dict:
-    """Counts of new / changed / unchanged / deleted passages (by pid and content_hash)."""
+def diff_passages(spark, new_url: str, old=None) -> dict:
+    """Counts of new / changed / unchanged / deleted passages (by pid and content_hash); ``old``:
+    the previous live Passages (a DataFrame with pid, content_hash), None on a first run."""
     from pyspark.sql import functions as F
 
     new = spark.read.parquet(storage.resolve_table(new_url)).select("pid", F.col("content_hash").alias("h_new"))
-    if not old_url:
+    if old is None:
         return {"new": new.count(), "changed": 0, "unchanged": 0, "deleted": 0}
-    old = spark.read.parquet(storage.resolve_table(old_url)).select("pid", F.col("content_hash").alias("h_old"))
+    old = old.select("pid", F.col("content_hash").alias("h_old"))
     row = (new.join(old, "pid", "full_outer").agg(
         F.sum(F.when(F.col("h_old").isNull(), 1).otherwise(0)).alias("new"),
         F.sum(F.when(F.col("h_new").isNull(), 1).otherwise(0)).alias("deleted"),
         F.sum(F.when(F.col("h_new") == F.col("h_old"), 1).otherwise(0)).alias("unchanged"),
         F.sum(F.when(F.col("h_new") != F.col("h_old"), 1).otherwise(0)).alias("changed")).first())
     return {k: int(row[k] or 0) for k in ("new", "changed", "unchanged", "deleted")}
+
+
+def passages_chain(baseline: dict) -> list[dict]:
+    """The previous run's Passages as tables [{url, seq}]: one full table, or (after change-set runs)
+    a full table and the delta tables that followed it, aligned with the index's segments."""
+    p = baseline["passages"]
+    return [{"url": p, "seq": 0}] if isinstance(p, str) else list(p)
+
+
+def live_passages(spark, chain: list[dict], tombstones):
+    """The live rows of a Passages chain: a row of the table with seq s is dead when its pid is
+    tombstoned with a later seq (the index's rule, ``dpr_lib.segments``). ``tombstones``: [n, 2]
+    int64 (pid, seq) rows, joined by broadcast (as many as the changes since the last compaction)."""
+    from pyspark.sql import functions as F
+
+    frames = [spark.read.parquet(storage.resolve_table(e["url"])).withColumn("_seq", F.lit(int(e["seq"])))
+              for e in chain]
+    df = frames[0]
+    for f in frames[1:]:
+        df = df.unionByName(f)
+    if len(chain) > 1 and len(tombstones):
+        import pyarrow as pa
+
+        t = spark.createDataFrame(pa.table({"pid": tombstones[:, 0], "_tseq": tombstones[:, 1]}).to_pandas())
+        df = df.join(F.broadcast(t), "pid", "left").where(F.col("_tseq").isNull() | (F.col("_tseq") <= F.col("_seq"))) \
+            .drop("_tseq")
+    return df.drop("_seq")
+
+
+def read_changes(spark, url: str):
+    """A change set: rows with ``op`` (upsert | delete), ``id``, and for upserts ``title``, ``text``;
+    JSON Lines, Parquet, or ``table:<name>`` (e.g. a Delta/Iceberg change feed read as a table).
+    Returns (upserts DataFrame [id, title, text], deleted ids DataFrame [doc_id], counts)."""
+    from pyspark.sql import functions as F
+
+    if url.startswith("table:"):
+        name = url[len("table:"):]
+        if not spark.catalog.tableExists(name):
+            raise InputError(f"nightly.changes names table {name!r}, which is not in the session's catalog")
+        df = spark.table(name)
+    else:
+        files = storage.list_files(url) if storage.exists(url) else []
+        if not files:
+            raise InputError(f"nightly.changes: no change set at {url}")
+        df = spark.read.parquet(*files) if all(f.endswith(".parquet") for f in files) else spark.read.json(files)
+    missing = [c for c in ("op", "id") if c not in df.columns]
+    if missing:
+        raise InputError(f"nightly.changes {url}: the change set lacks column(s) {missing}; expected op "
+                         f"(upsert | delete), id, title, text; got {df.columns}")
+    op = F.lower(F.trim(F.col("op").cast("string")))
+    df = df.withColumn("op", op).withColumn("id", F.col("id").cast("string"))
+    bad = df.where(F.col("op").isNull() | ~F.col("op").isin("upsert", "delete") | F.col("id").isNull())
+    n_bad = bad.count()
+    if n_bad:
+        sample = [r.asDict() for r in bad.select("op", "id").limit(3).collect()]
+        raise InputError(f"nightly.changes {url}: {n_bad} row(s) with an op other than upsert / delete or no id "
+                         f"(e.g. {sample}); nothing was published")
+    both = df.groupBy("id").agg(F.countDistinct("op").alias("ops")).where(F.col("ops") > 1)
+    conflicts = [r["id"] for r in both.limit(5).collect()]
+    if conflicts:
+        raise InputError(f"nightly.changes {url}: document(s) {conflicts} are both upserted and deleted in one change "
+                         "set; send one op per document")
+    cols = [F.col("id"), F.col("title") if "title" in df.columns else F.lit(None).cast("string").alias("title"),
+            F.col("text") if "text" in df.columns else F.lit(None).cast("string").alias("text")]
+    upserts = df.where(F.col("op") == "upsert").select(*cols)
+    deletes = df.where(F.col("op") == "delete").select(F.col("id").alias("doc_id")).distinct()
+    return upserts, deletes
 
 
 # ---------------------------------------------------------------- the run
@@ -167,9 +236,11 @@ def _tables(urls) -> list[str]:
     return [urls] if isinstance(urls, str) else list(urls)
 
 
-def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False) -> dict:
+def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, changes: str | None = None) -> dict:
     """One scheduled run. Returns the run report (also written to <run>/report.json).
-    ``compact``: publish a fresh full version (no delta segment) whatever the garbage ratio."""
+    ``compact``: publish a fresh full version (no delta segment) whatever the garbage ratio.
+    ``changes`` (or ``nightly.changes``): a change set (documents upserted, ids deleted) applied to
+    the previous run instead of reading a full snapshot: only those documents are split and diffed."""
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
     from dpr_lib.gate import read_validation_questions
@@ -192,7 +263,8 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False) 
         validation = read_validation_questions(cfg) if cfg.index.validation_questions else None
         spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=opts)
         fingerprint = spec.fingerprint()
-        key = resume_key(cfg, fingerprint["id"])
+        changes = changes or ncfg.changes or None
+        key = resume_key(cfg, fingerprint["id"], changes)
         state = _unfinished_run(cfg, key)
         if state:
             log.info("resuming run %s from stage(s) done: %s", state["run"], state["done"])
@@ -214,11 +286,40 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False) 
             _write_json(state_url, state)
             return state[name]
 
-        corpus = stage("shard", lambda: _slim(shard_corpus(spark, run_cfg)))
         same_encoder = bool(baseline) and baseline["fingerprint"]["id"] == fingerprint["id"]
-        diff = stage("diff", lambda: diff_passages(spark, run_cfg.path("passages"),
-                                                  baseline["passages"] if baseline else None))
-        if baseline and not force:
+        if changes and not baseline:
+            raise InputError("nightly.changes: a change set applies to a previous run; run once on a full snapshot "
+                             "(corpus.input) first")
+        chain = passages_chain(baseline) if baseline else []
+        tombstones = _baseline_tombstones(cfg, baseline) if len(chain) > 1 else None
+
+        def old_live():
+            """The previous live Passages; with a change set, only the rows of the documents it names."""
+            if not baseline:
+                return None
+            old = live_passages(spark, chain, tombstones)
+            if changes:
+                from pyspark.sql import functions as F
+
+                ids = spark.read.parquet(join_url(run_dir, "changes", "affected")).select("doc_id")
+                old = old.join(F.broadcast(ids), "doc_id", "left_semi")
+            return old
+
+        def shard() -> dict:
+            if not changes:
+                return _slim(shard_corpus(spark, run_cfg))
+            upserts, deletes = read_changes(spark, changes)
+            affected = upserts.select(upserts["id"].alias("doc_id")).unionByName(deletes).distinct()
+            affected.write.mode("overwrite").parquet(join_url(run_dir, "changes", "affected"))
+            out = _slim(shard_corpus(spark, run_cfg, df=upserts))
+            out["deleted_docs"] = deletes.count()
+            return out
+
+        corpus = stage("shard", shard)
+        diff = stage("diff", lambda: diff_passages(spark, run_cfg.path("passages"), old_live()))
+        # Passages after this run: the snapshot's, or with a change set the previous count plus the diff.
+        total = baseline["passages_count"] + diff["new"] - diff["deleted"] if changes else corpus["passages"]
+        if baseline and not force and not changes:
             before, after = baseline["passages_count"], corpus["passages"]
             if after < (1 - ncfg.max_shrink) * before:
                 raise InputError(
@@ -233,8 +334,7 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False) 
                 # The new and changed passages (by the diff's key): every passage of the previous
                 # snapshot has a vector in the baseline's Embeddings tables. They are also the
                 # delta segment's passages.
-                old = spark.read.parquet(storage.resolve_table(baseline["passages"])).select("pid", "content_hash")
-                todo = passages.join(old, ["pid", "content_hash"], "left_anti")
+                todo = passages.join(old_live().select("pid", "content_hash"), ["pid", "content_hash"], "left_anti")
             todo_url = join_url(run_dir, "to_encode")
             n_todo = todo.count()
             # One encode task per file: enough files to keep every core busy, none tiny; files of
@@ -249,7 +349,8 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False) 
         encoded = stage("encode", encode_changed)
 
         def embeddings_df():
-            passages = spark.read.parquet(storage.resolve_table(run_cfg.path("passages"))).select("pid", "content_hash")
+            passages = spark.read.parquet(storage.resolve_table(_run_passages(run_dir, changes))) \
+                .select("pid", "content_hash")
             frames = []
             new_files = storage.list_files(join_url(run_dir, "embeddings_new"), ".parquet") \
                 if storage.exists(join_url(run_dir, "embeddings_new")) else []
@@ -275,8 +376,8 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False) 
                     reason = "encoder fingerprint changed"
                 elif prev_manifest is None:
                     reason = "no previous version published"
-                elif corpus["passages"] > ncfg.retrain_growth * prev_manifest.totals["vectors"]:
-                    reason = (f"vector count grew from {prev_manifest.totals['vectors']} to {corpus['passages']}"
+                elif total > ncfg.retrain_growth * prev_manifest.totals["vectors"]:
+                    reason = (f"vector count grew from {prev_manifest.totals['vectors']} to {total}"
                               f" (> nightly.retrain_growth={ncfg.retrain_growth})")
                 else:
                     trained = storage.read_bytes(join_url(version_url(root, prev_root_version), "trained.faiss"), opts)
@@ -286,42 +387,52 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False) 
                              "max_nprobe_key": "nightly.max_nprobe_growth"}
             extra = {"encoder": fingerprint, "retrain_reason": reason,
                      "nightly": {"run": state["run"], "diff": diff, "encoded": encoded["encoded"],
-                                 "reused_embeddings": corpus["passages"] - encoded["encoded"]}}
+                                 "reused_embeddings": total - encoded["encoded"], "changes": changes}}
             # The ledger: reused = the diff's unchanged passages (a join apart from the one that
             # selects the reused vectors), embedded = rows the encode tasks wrote.
             counts = {"input_records": corpus["input_records"], "docs": corpus["docs"],
-                      "rejects": corpus["rejects"], "corpus_passages": corpus["passages"],
-                      "embedded": encoded["encoded"], "reused": diff["unchanged"] if same_encoder else 0}
-            full_why = _compaction_reason(cfg, reuse, diff, corpus["passages"], compact) if reuse else reason
+                      "rejects": corpus["rejects"], "corpus_passages": total,
+                      "embedded": encoded["encoded"],
+                      "reused": (total - encoded["encoded"] if changes else diff["unchanged"]) if same_encoder else 0}
+            full_why = _compaction_reason(cfg, reuse, diff, total, compact) if reuse else reason
             if reuse and full_why is None:
-                return _publish_delta(spark, cfg, run_dir, baseline, reuse, diff, counts, extra, validation, force)
+                return _publish_delta(spark, cfg, run_dir, old_live(), reuse, diff, counts, extra, validation, force,
+                                      baseline)
+            if changes:
+                # A full build needs every passage: the previous live rows of the documents the
+                # change set does not name, plus this run's (written once, as the next baseline).
+                _full_passages(spark, run_dir, live_passages(spark, chain, tombstones))
             # The join and union are computed once, into this run's Embeddings table (the next
             # run's baseline); the merge job reads that table, not the lineage again per action.
             df = spark.read.parquet(_merged_embeddings(spark, run_dir, embeddings_df, fingerprint))
             extra["compaction"] = {"kind": "full", "reason": full_why}
-            manifest = build_index(spark, _with_paths(cfg, run_dir), df, extra, reuse_from=reuse, counts=counts,
+            manifest = build_index(spark, _with_paths(cfg, run_dir, passages=_run_passages(run_dir, changes)), df,
+                                   extra, reuse_from=reuse, counts=counts,
                                    force=force, validation=validation,
                                    question_vectors=questions, questions_source=cfg.index.recall_questions)
             return {"version": manifest.version, "quantizer": manifest.quantizer,
                     "vectors": manifest.totals["vectors"], "recall": manifest.recall["at_nprobe"],
                     "nprobe": manifest.nprobe, "kind": "full", "reason": full_why,
-                    "embeddings": [join_url(run_dir, "embeddings")]}
+                    "embeddings": [join_url(run_dir, "embeddings")],
+                    "passages": [{"url": _run_passages(run_dir, changes), "seq": 0}]}
 
         published = stage("publish", publish)
-        new_baseline = {"run": state["run"], "passages": run_cfg.path("passages"), "passages_count": corpus["passages"],
+        new_baseline = {"run": state["run"], "passages": published["passages"], "passages_count": total,
                         "embeddings": published["embeddings"], "fingerprint": fingerprint,
                         "version": published["version"]}
         _write_json(join_url(cfg.path("work_dir"), "state", "last_success.json"), new_baseline)
         state["published"] = True
         _write_json(state_url, state)
-        _prune_runs(cfg, keep=ncfg.keep_runs, current=state["run"], needed=_tables(new_baseline["embeddings"]))
+        _prune_runs(cfg, keep=ncfg.keep_runs, current=state["run"],
+                    needed=_tables(new_baseline["embeddings"]) + [e["url"] for e in published["passages"]])
     finally:
         if lock:
             lock.release()
     report = {
         "run": state["run"], "version": published["version"], "diff": diff,
-        "encoded": encoded["encoded"], "reused": corpus["passages"] - encoded["encoded"],
-        "passages": corpus["passages"], "rejects": corpus["rejects"], "quantizer": published["quantizer"],
+        "encoded": encoded["encoded"], "reused": total - encoded["encoded"],
+        "passages": total, "rejects": corpus["rejects"], "quantizer": published["quantizer"],
+        "input": f"change set {changes}" if changes else "snapshot",
         "recall_at_nprobe": published["recall"], "nprobe": published["nprobe"],
         "kind": published.get("kind", "full"), "compaction_reason": published.get("reason"),
         "seconds": {**state["seconds"], "total": round(time.time() - t0, 2)},
@@ -329,7 +440,7 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False) 
     _write_json(join_url(run_dir, "report.json"), report)
     q = "reused" if published["quantizer"]["reused"] else "retrained"
     report["summary"] = (
-        f"nightly {state['run']}: published {published['version']} ({corpus['passages']} passages: "
+        f"nightly {state['run']}: published {published['version']} ({total} passages: "
         f"{diff['new']} new, {diff['changed']} changed, {diff['unchanged']} unchanged, {diff['deleted']} deleted; "
         f"encoded {encoded['encoded']}, reused {report['reused']}; "
         f"{'delta segment' if report['kind'] == 'delta' else 'full build: ' + str(report['compaction_reason'])}; "
@@ -407,17 +518,17 @@ def _compaction_reason(cfg: Config, reuse: dict, diff: dict, passages: int, comp
     return None
 
 
-def _publish_delta(spark, cfg: Config, run_dir: str, baseline: dict, reuse: dict, diff: dict, counts: dict,
-                   extra: dict, validation, force: bool) -> dict:
+def _publish_delta(spark, cfg: Config, run_dir: str, old, reuse: dict, diff: dict, counts: dict,
+                   extra: dict, validation, force: bool, baseline: dict) -> dict:
     """The delta path of the publish stage: the new and changed passages (``to_encode``, their
-    vectors in ``embeddings_new``) as one segment, the changed and deleted pids as tombstones."""
+    vectors in ``embeddings_new``) as one segment, the changed and deleted pids (``old``: the
+    previous live Passages, or those of the documents a change set names) as tombstones."""
     import numpy as np
 
     from dpr_lib.manifest import version_url
     from dpr_lib.segments import build_delta
 
     passages = spark.read.parquet(storage.resolve_table(join_url(run_dir, "passages"))).select("pid", "content_hash")
-    old = spark.read.parquet(storage.resolve_table(baseline["passages"]))
     removed_df = old.join(passages, ["pid", "content_hash"], "left_anti").select("pid", "title", "text")
     # Collected: the changed and deleted pids, as many as the change (8 bytes each).
     removed = np.array(sorted(r["pid"] for r in removed_df.select("pid").collect()), np.int64)
@@ -430,9 +541,43 @@ def _publish_delta(spark, cfg: Config, run_dir: str, baseline: dict, reuse: dict
                            reuse["trained"], removed, removed_df, counts, extra, reason, validation, force)
     has_new = storage.exists(new_url) and bool(storage.list_files(new_url, ".parquet"))
     tables = _tables(baseline["embeddings"]) + ([new_url] if has_new else [])
+    chain = passages_chain(baseline)
+    if not extra["nightly"].get("changes"):  # a snapshot run's Passages are the whole live state
+        chain = [{"url": join_url(run_dir, "passages"), "seq": manifest.segment_seq}]
+    else:
+        chain = chain + [{"url": join_url(run_dir, "to_encode"), "seq": manifest.segment_seq}]
     return {"version": manifest.version, "quantizer": manifest.quantizer, "vectors": manifest.totals["vectors"],
             "recall": manifest.recall.get("at_nprobe"), "nprobe": manifest.nprobe, "kind": "delta",
-            "reason": reason, "embeddings": tables}
+            "reason": reason, "embeddings": tables, "passages": chain}
+
+
+def _run_passages(run_dir: str, changes: str | None) -> str:
+    """The run's full Passages table: the snapshot's, or with a change set the one a full build wrote."""
+    return join_url(run_dir, "passages_full" if changes else "passages")
+
+
+def _full_passages(spark, run_dir: str, live) -> str:
+    """Every live passage after a change set: the previous live rows of documents it does not name,
+    plus the run's; pid-sorted files of disjoint ranges (the docstore copies them in order)."""
+    url = _run_passages(run_dir, "changes")
+    ids = spark.read.parquet(join_url(run_dir, "changes", "affected")).select("doc_id")
+    new = spark.read.parquet(storage.resolve_table(join_url(run_dir, "passages")))
+    from pyspark.sql import functions as F
+
+    full = live.join(F.broadcast(ids), "doc_id", "left_anti").select(*new.columns).unionByName(new)
+    parts = max(1, spark.sparkContext.defaultParallelism)
+    full.repartitionByRange(parts, "pid").sortWithinPartitions("pid").write.mode("overwrite").parquet(url)
+    return url
+
+
+def _baseline_tombstones(cfg: Config, baseline: dict):
+    """The tombstones of the version the baseline published ([n, 2] int64 (pid, seq))."""
+    from dpr_lib.manifest import MANIFEST, read_manifest, version_url
+    from dpr_lib.segments import read_tombstones
+
+    vurl = version_url(cfg.path("index_root"), baseline["version"])
+    opts = cfg.storage_options()
+    return read_tombstones(read_manifest(join_url(vurl, MANIFEST), opts), vurl, opts)
 
 
 def _slim(stats: dict) -> dict:

@@ -12,7 +12,8 @@ def main(cfg, args):
     from dpr_lib.nightly import run_nightly
     from dpr_lib.spark import get_session
 
-    report = run_nightly(get_session(cfg), cfg, force=args.force, compact=args.compact)
+    report = run_nightly(get_session(cfg), cfg, force=args.force, compact=args.compact,
+                         changes=args.changes)
     print(report["summary"], flush=True)
     return report
 
@@ -22,6 +23,9 @@ def extra(parser):
                         "found a regression")
     parser.add_argument("--compact", action="store_true", help="publish a fresh full version (re-shard every vector) "
                         "instead of a delta segment, whatever nightly.compact_ratio says")
+    parser.add_argument("--changes", metavar="URL", default=None,
+                        help="apply this change set (JSON Lines / Parquet rows: op = upsert | delete, id, title, text; "
+                        "or table:<name>) to the previous run instead of reading the whole corpus.input snapshot")
 
 
 if __name__ == "__main__":

@@ -180,3 +180,117 @@ def test_pruning_keeps_every_referenced_segment(spark, chain):
     assert ShardedIndex(os.path.join(version_url(root, v2), MANIFEST), cache_dir=str(chain["tmp"] / "c-p")).ntotal == 199
     v4 = run_nightly(spark, cfg, compact=True)["version"]
     assert list_versions(root) == [v3, v4]
+
+
+def test_a_change_set_as_input_gives_the_state_a_snapshot_would(spark, tmp_path, tiny_bert_dir):
+    """Two change sets (upserts and deletes, the second touching a passage the first added) applied
+    as deltas; then the equivalent full snapshot diffs as unchanged against that state, and its
+    compacted rebuild searches exactly like the segments."""
+    docs = synthetic_docs(100, words_per_doc=150, seed=31)
+    snapshot = write_jsonl(tmp_path / "s.jsonl", docs)
+    cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot)
+    run_nightly(spark, cfg)
+    first = write_jsonl(tmp_path / "changes-1.jsonl", [
+        {"op": "upsert", "id": "doc-3", "title": "Title 3", "text": NEW_TEXT},
+        {"op": "upsert", "id": "doc-new1", "title": "New 1", "text": "a fresh document about zulu " * 10},
+        {"op": "delete", "id": "doc-9"}])
+    r1 = run_nightly(spark, cfg, changes=first)
+    assert r1["input"] == f"change set {first}" and r1["kind"] == "delta"
+    assert r1["diff"] == {"new": 1, "changed": 2, "unchanged": 0, "deleted": 2}, "only the named documents were diffed"
+    assert r1["passages"] == 199 and r1["encoded"] == 3
+    second = write_jsonl(tmp_path / "changes-2.jsonl", [
+        {"op": "upsert", "id": "doc-3", "title": "Title 3", "text": "yet another rewrite of it " * 24},
+        {"op": "delete", "id": "doc-new1"},
+        {"op": "UPSERT", "id": "doc-new2", "title": "New 2", "text": "brand new text about yankee " * 10}])
+    r2 = run_nightly(spark, cfg, changes=second)
+    assert r2["diff"] == {"new": 1, "changed": 2, "unchanged": 0, "deleted": 1} and r2["passages"] == 199
+    state = json.load(open(os.path.join(cfg.path("work_dir"), "state", "last_success.json")))
+    assert [e["seq"] for e in state["passages"]] == [0, 1, 2], "a full table and the two deltas' passages"
+
+    final = [d for d in docs if d["id"] != "doc-9"]
+    final[3] = {**final[3], "text": "yet another rewrite of it " * 24}
+    final.append({"id": "doc-new2", "title": "New 2", "text": "brand new text about yankee " * 10})
+    write_jsonl(snapshot, final)
+    full = run_nightly(spark, cfg, compact=True)
+    assert full["diff"] == {"new": 0, "changed": 0, "unchanged": 199, "deleted": 0}, \
+        "the chain's live Passages are exactly the snapshot's"
+    assert full["kind"] == "full"
+    root = cfg.path("index_root")
+    for mode in ("dense", "bm25", "hybrid"):
+        got = {}
+        for name, v in (("segments", r2["version"]), ("rebuild", full["version"])):
+            s = Searcher(os.path.join(version_url(root, v), MANIFEST), cfg.encoder, str(tmp_path / "cs"), mode=mode,
+                         nprobe=2)
+            got[name] = s.retrieve(QUESTIONS, 10, mode)
+        np.testing.assert_array_equal(got["segments"][1], got["rebuild"][1])
+        np.testing.assert_allclose(got["segments"][0], got["rebuild"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_bad_change_set_fails_naming_the_rows_and_publishes_nothing(spark, tmp_path, tiny_bert_dir):
+    from dpr_lib.errors import InputError
+
+    snapshot = write_jsonl(tmp_path / "s.jsonl", synthetic_docs(60, words_per_doc=150, seed=5))
+    cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot)
+    with pytest.raises(InputError, match="applies to a previous run"):
+        run_nightly(spark, cfg, changes=str(tmp_path / "none.jsonl"))
+    good = run_nightly(spark, cfg)["version"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"op": "update", "id": "doc-1", "title": "t", "text": "x y z"}])
+    with pytest.raises(InputError, match="1 row\\(s\\) with an op other than upsert / delete"):
+        run_nightly(spark, cfg, changes=bad)
+    both = write_jsonl(tmp_path / "both.jsonl", [{"op": "upsert", "id": "doc-1", "title": "t", "text": "x y z"},
+                                                 {"op": "delete", "id": "doc-1"}])
+    with pytest.raises(InputError, match="both upserted and deleted"):
+        run_nightly(spark, cfg, changes=both)
+    assert read_latest(cfg.path("index_root")) == good
+
+
+def test_a_swap_to_a_delta_under_load_fails_no_request(spark, tmp_path, tiny_bert_dir):
+    """Three clients query the node (as dpr-serve's handlers do: the version read once per request)
+    while a delta version is published and swapped in, its base shards shared with the old one."""
+    import threading
+
+    from dpr_lib.serve import IndexHolder, MicroBatcher
+
+    docs = synthetic_docs(100, words_per_doc=150, seed=12)
+    snapshot = write_jsonl(tmp_path / "s.jsonl", docs)
+    cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot)
+    v1 = run_nightly(spark, cfg)["version"]
+    holder = IndexHolder(cfg, cfg.path("index_root"))
+    assert holder.poll_once()
+    failures, seen, stop = [], [[] for _ in range(3)], threading.Event()
+    batcher = MicroBatcher(8, 0.002)  # dpr-serve's request path: one forward pass per batch
+    gone = {make_pid("doc-2", 0), make_pid("doc-2", 1)}
+
+    def client(i):
+        n = 0
+        while not stop.is_set():
+            loaded = holder.current
+            try:
+                hits = batcher.submit(loaded, [f"which document mentions fact{n % 100}?"], 10,
+                                      ("dense", "bm25", "hybrid")[i]).result(timeout=60)
+                seen[i].append((loaded.version, {h.pid for h in hits[0]}))
+            except Exception as exc:  # noqa: BLE001 - what the test counts
+                failures.append(repr(exc))
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        write_jsonl(snapshot, [d for d in docs if d["id"] != "doc-2"])
+        v2 = run_nightly(spark, cfg)
+        assert v2["kind"] == "delta" and holder.poll_once()
+        import time
+
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        batcher.close()
+    assert failures == []
+    assert holder.current.reused_shards == 2
+    for runs in seen:
+        versions = [v for v, _ in runs]
+        assert set(versions) <= {v1, v2["version"]} and versions[-1] == v2["version"]
+        assert all(not (pids & gone) for v, pids in runs if v == v2["version"]), "a deleted pid after the swap"
