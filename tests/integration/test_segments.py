@@ -229,7 +229,7 @@ def test_a_change_set_as_input_gives_the_state_a_snapshot_would(spark, tmp_path,
 def test_a_bad_change_set_fails_naming_the_rows_and_publishes_nothing(spark, tmp_path, tiny_bert_dir):
     from dpr_lib.errors import InputError
 
-    snapshot = write_jsonl(tmp_path / "s.jsonl", synthetic_docs(60, words_per_doc=150, seed=5))
+    snapshot = write_jsonl(tmp_path / "s.jsonl", synthetic_docs(100, words_per_doc=150, seed=5))
     cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot)
     with pytest.raises(InputError, match="applies to a previous run"):
         run_nightly(spark, cfg, changes=str(tmp_path / "none.jsonl"))
