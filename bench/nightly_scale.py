@@ -121,9 +121,10 @@ def baseline(spark, cfg, real: np.ndarray) -> dict:
             base = bc.value[rng.integers(0, len(bc.value), len(pids))]
             v = base + rng.standard_normal(base.shape).astype(np.float32) * 0.05
             v /= np.linalg.norm(v, axis=1, keepdims=True)
+            offsets = pa.array(np.arange(len(pids) + 1, dtype=np.int32) * dim)
             yield pa.RecordBatch.from_arrays(
                 [b.column("pid"), b.column("content_hash"),
-                 pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1).astype(np.float32)), dim)],
+                 pa.ListArray.from_arrays(offsets, pa.array(v.reshape(-1).astype(np.float32)))],
                 names=["pid", "content_hash", "vector"])
 
     passages = spark.read.parquet(storage.resolve_table(run_cfg.path("passages"))).select("pid", "content_hash")
@@ -164,7 +165,7 @@ def one_size(spark, name: str, snapshots: tuple[str, str], real: np.ndarray, que
     cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
         f"paths.work_dir={work}", f"paths.cache_dir={OUT}/cache", f"corpus.input={before}",
         f"corpus.words={WORDS}", f"index.recall_questions={questions_file}", "serve.warmup_queries=0",
-        "publish.keep_versions=5", "nightly.keep_runs=5"])
+        "publish.keep_versions=5", "nightly.keep_runs=5", "nightly.compact_ratio=1"])  # the delta is what is measured
     root = cfg.path("index_root")
     t = time.time()
     base = baseline(spark, cfg, real)
