@@ -31,6 +31,7 @@ WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wiki")
 OUT = os.path.join(WORK, "nightly-scale")
 WORDS = 100 if QUICK else 60
 CHANGED_FRACTION = 0.01
+NOISE = 0.35 / np.sqrt(384)
 
 
 def articles() -> list[dict]:
@@ -58,6 +59,54 @@ def plan_change(docs: list[dict], seed: int = 7) -> dict:
               "text": "\n".join(reversed(docs[j]["text"].split("\n")))} for i, j in enumerate(donors)]
     return {"changed": changed, "deleted": deleted, "added": added,
             "changed_words": int(words[list(changed)].sum()), "total_words": int(words.sum())}
+
+
+def write_change_set(docs: list[dict], change: dict, path: str) -> str:
+    """The same change as a change set: the rewritten and added articles upserted, the deleted ones deleted."""
+    with open(path, "w") as fh:
+        for i in sorted(change["changed"]):
+            d = docs[i]
+            fh.write(json.dumps({"op": "upsert", **d, "text": "This article was revised overnight. " + d["text"]}) + "\n")
+        for d in change["added"]:
+            fh.write(json.dumps({"op": "upsert", **d}) + "\n")
+        for i in sorted(change["deleted"]):
+            fh.write(json.dumps({"op": "delete", "id": docs[i]["id"]}) + "\n")
+    return path
+
+
+def changefeed_run(spark, name: str, change_set: str) -> dict:
+    """From the same baseline as the snapshot runs (its state restored, LATEST back on its
+    version), the change given as a change set: the whole run's seconds."""
+    from dpr_lib.config import load_config
+    from dpr_lib.manifest import set_latest
+    from dpr_lib.nightly import _write_json, run_nightly
+
+    work = os.path.join(OUT, name)
+    base = json.load(open(os.path.join(work, "state", "base_success.json")))
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
+        f"paths.work_dir={work}", f"paths.cache_dir={OUT}/cache", f"corpus.input={OUT}/{name}-v2.jsonl",
+        f"corpus.words={WORDS}", f"index.recall_questions={OUT}/recall_questions.txt", "serve.warmup_queries=0",
+        "publish.keep_versions=5", "nightly.keep_runs=5", "nightly.compact_ratio=1"])
+    _write_json(os.path.join(work, "state", "last_success.json"), base)
+    set_latest(cfg.path("index_root"), base["version"])
+    t = time.time()
+    report = run_nightly(spark, cfg, changes=change_set)
+    wall = time.time() - t
+    assert report["kind"] == "delta", report["summary"]
+    return {"wall_s": round(wall, 1), "seconds": report["seconds"], "diff": report["diff"],
+            "encoded": report["encoded"], "passages": report["passages"], "version": report["version"]}
+
+
+def bench_nightly_changefeed(spark, results: dict, details: dict) -> None:
+    """BENCH_ONLY=nightly_changefeed: the change-set runs alone, on the baselines nightly_scale left."""
+    docs = articles()
+    change = plan_change(docs)
+    change_set = write_change_set(docs, change, os.path.join(OUT, "changes.jsonl"))
+    runs = {name: changefeed_run(spark, name, change_set) for name in ("big", "small")}
+    results["nightly.changefeed_proportionality"] = round(runs["big"]["wall_s"] / runs["small"]["wall_s"], 3)
+    details["nightly_changefeed"] = runs
+    log(f"nightly-scale: change set on {runs['big']['passages']} vs {runs['small']['passages']} passages: "
+        f"{runs['big']['wall_s']}s vs {runs['small']['wall_s']}s -> {results['nightly.changefeed_proportionality']}")
 
 
 def write_snapshots(docs: list[dict], keep: list[int], change: dict, path: str) -> tuple[str, str]:
@@ -119,7 +168,9 @@ def baseline(spark, cfg, real: np.ndarray) -> dict:
             pids = b.column("pid").to_numpy()
             rng = np.random.default_rng(int(pids[0]) & 0x7FFFFFFF if len(pids) else 0)
             base = bc.value[rng.integers(0, len(bc.value), len(pids))]
-            v = base + rng.standard_normal(base.shape).astype(np.float32) * 0.05
+            # noise of norm ~0.35 (cosine ~0.94 to the real vector): nearby, as real near-duplicates
+            # are; more noise makes the synthetic base unlike the real changed passages and questions
+            v = base + rng.standard_normal(base.shape).astype(np.float32) * NOISE
             v /= np.linalg.norm(v, axis=1, keepdims=True)
             offsets = pa.array(np.arange(len(pids) + 1, dtype=np.int32) * dim)
             yield pa.RecordBatch.from_arrays(
@@ -181,6 +232,8 @@ def one_size(spark, name: str, snapshots: tuple[str, str], real: np.ndarray, que
         assert holder.poll_once()
         base_download = holder.current.downloaded_bytes
     saved = open(os.path.join(work, "state", "last_success.json")).read()
+    with open(os.path.join(work, "state", "base_success.json"), "w") as fh:  # the change-set run starts here too
+        fh.write(saved)
     cfg.corpus.input = after
     t = time.time()
     delta = run_nightly(spark, cfg)
@@ -207,6 +260,10 @@ def one_size(spark, name: str, snapshots: tuple[str, str], real: np.ndarray, que
     state.pop("publish", None)
     state["seconds"].pop("publish", None)
     _write_json(os.path.join(run_dir, "state.json"), state)
+    # The rebuild keeps the quantizer whatever its recall sweep says (the drift check would retrain
+    # when the synthetic base and the real changed passages differ): the comparison is with the
+    # same quantizer, as the delta has.
+    cfg.nightly.max_nprobe_growth = 1e9
     t = time.time()
     full = run_nightly(spark, cfg, compact=True)
     full_s = time.time() - t
@@ -289,6 +346,7 @@ def bench_nightly_scale(spark, results: dict, details: dict) -> None:
         "nightly.post_diff_proportionality": round(post_diff(big) / post_diff(small_run), 3),
         "nightly.delta_top10_agreement": served["equal_top10_sets"],
     })
+    bench_nightly_changefeed(spark, results, details)
     details["nightly_scale"] = {"big": big, "small": small_run, "agreement": served,
                                 "change": {k: v for k, v in change.items() if k in ("changed_words", "total_words")},
                                 "words_per_passage": WORDS, "quick": QUICK}

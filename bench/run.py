@@ -2,7 +2,7 @@
 
 Writes bench/results/latest.json (flat dotted keys, numbers), latest.md and ratios.png.
 BENCH_QUICK=1 shrinks every size for a smoke run (CI) that only proves the harness works;
-BENCH_ONLY=encode|index|nightly|nightly_scale|serve|scale|cluster runs one part and merges it into the last
+BENCH_ONLY=encode|index|nightly|nightly_scale|nightly_changefeed|serve|scale|cluster runs one part and merges it into the last
 results. The parts: encode_bench, index_bench, nightly_bench, serve_bench, scale, cluster_bench
 (what they share: common).
 """
@@ -19,7 +19,7 @@ from common import OUT, QUICK, REPO, SQUAD, log, machine
 from encode_bench import bench_encode
 from index_bench import bench_driver_rss, bench_index, bench_search_single
 from nightly_bench import bench_nightly
-from nightly_scale import bench_nightly_scale
+from nightly_scale import bench_nightly_changefeed, bench_nightly_scale
 from scale import bench_scale
 from serve_bench import bench_serve
 
@@ -88,7 +88,8 @@ def main() -> int:
     spark = get_session(load_config(os.path.join(REPO, "conf", "local.yaml"),
                                     ["spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 6g}"]))
     # parts that need nothing from encode
-    standalone = {"scale": bench_scale, "nightly": bench_nightly, "nightly_scale": bench_nightly_scale}
+    standalone = {"scale": bench_scale, "nightly": bench_nightly, "nightly_scale": bench_nightly_scale,
+                  "nightly_changefeed": bench_nightly_changefeed}
     if ONLY in standalone:
         standalone[ONLY](spark, results, details)
         spark.stop()
