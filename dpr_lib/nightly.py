@@ -290,6 +290,9 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, 
         if changes and not baseline:
             raise InputError("nightly.changes: a change set applies to a previous run; run once on a full snapshot "
                              "(corpus.input) first")
+        if changes and not same_encoder:
+            raise InputError("nightly.changes: the encoder changed since the previous run, so every passage must be "
+                             "encoded again; run on a full snapshot (corpus.input) instead of a change set")
         chain = passages_chain(baseline) if baseline else []
         tombstones = _baseline_tombstones(cfg, baseline) if len(chain) > 1 else None
 

@@ -241,6 +241,10 @@ def test_a_bad_change_set_fails_naming_the_rows_and_publishes_nothing(spark, tmp
                                                  {"op": "delete", "id": "doc-1"}])
     with pytest.raises(InputError, match="both upserted and deleted"):
         run_nightly(spark, cfg, changes=both)
+    other = cfg_for(tmp_path, tiny_bert_dir, snapshot, "encoder.pooling=cls")
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"op": "delete", "id": "doc-1"}])
+    with pytest.raises(InputError, match="the encoder changed since the previous run"):
+        run_nightly(spark, other, changes=ok)
     assert read_latest(cfg.path("index_root")) == good
 
 
