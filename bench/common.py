@@ -29,11 +29,17 @@ os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 SQUAD = os.path.join(os.path.dirname(REPO), "shared", "data", "squad")
+WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wiki")
 OUT = os.environ.get("BENCH_OUT") or os.path.join(REPO, "bench", "results")
 WORK = os.path.join(REPO, "work", "bench")
 N_PASSAGES = 200 if QUICK else 2400
 N_VECTORS = 20_000 if QUICK else 200_000
 RSS_SAMPLE = 4096 if QUICK else 20_000
+
+
+def equal_sets(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of rows whose id sets are equal (top-k agreement of two result lists [q, k])."""
+    return round(float(np.mean([set(x) == set(y) for x, y in zip(a, b)])), 4)
 
 
 def log(msg: str) -> None:

@@ -6,9 +6,8 @@ import os
 import time
 
 import numpy as np
-from common import N_PASSAGES, QUICK, REPO, WORK, log, model_flops_per_token, squad_jsonl
+from common import N_PASSAGES, QUICK, REPO, WIKI, WORK, log, model_flops_per_token, squad_jsonl
 
-WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wiki")
 OVERHEAD_PASSAGES = 20_000  # the Spark overhead is judged where fixed per-worker costs are amortised
 
 

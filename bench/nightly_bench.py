@@ -7,7 +7,7 @@ import os
 import time
 
 import numpy as np
-from common import QUICK, REPO, WORK, log, squad_jsonl, squad_questions, squad_remix_jsonl
+from common import QUICK, REPO, WORK, equal_sets, log, squad_jsonl, squad_questions, squad_remix_jsonl
 
 
 def bench_nightly(spark, results: dict, details: dict) -> None:
@@ -75,8 +75,7 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
 
     nlist = max(ix.manifest.nlist for ix in indexes.values())
     exact = top10("full", nlist)  # every list probed: exact search (IVF-Flat)
-    def agree(a, b) -> float:
-        return round(float(np.mean([set(x) == set(y) for x, y in zip(a, b)])), 4)
+    agree = equal_sets
     def recall(a) -> float:
         return round(float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, exact)])), 4)
 

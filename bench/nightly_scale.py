@@ -25,13 +25,17 @@ import shutil
 import time
 
 import numpy as np
-from common import QUICK, REPO, WORK, log, squad_questions
+from common import QUICK, REPO, WIKI, WORK, equal_sets, log, squad_questions
 
-WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wiki")
 OUT = os.path.join(WORK, "nightly-scale")
 WORDS = 100 if QUICK else 60
 CHANGED_FRACTION = 0.01
 NOISE = 0.35 / np.sqrt(384)
+NIGHTLY_SCALE_KEYS = frozenset({
+    "nightly.scale_passages", "nightly.swap_download_fraction", "nightly.index_bytes_written_fraction",
+    "nightly.index_stage_ratio", "nightly.delta_vs_compact_ratio", "nightly.post_diff_proportionality",
+    "nightly.delta_top10_agreement", "nightly.changefeed_proportionality"})
+NIGHTLY_CHANGEFEED_KEYS = frozenset({"nightly.changefeed_proportionality"})
 
 
 def articles() -> list[dict]:
@@ -290,7 +294,7 @@ def agreement(cfg, a_version: str, b_version: str, questions: list[str], nprobe:
         q = s.encoder.encode(None, questions)
         runs[name] = s.index.search(q, 10)[1]
     a, b = runs["delta"], runs["compact"]
-    out["equal_top10_sets"] = round(float(np.mean([set(x) == set(y) for x, y in zip(a, b)])), 4)
+    out["equal_top10_sets"] = equal_sets(a, b)
     out["mean_top10_overlap"] = round(float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)])), 5)
     out["questions"] = len(questions)
     return out

@@ -19,7 +19,7 @@ from common import OUT, QUICK, REPO, SQUAD, log, machine
 from encode_bench import bench_encode
 from index_bench import bench_driver_rss, bench_index, bench_search_single
 from nightly_bench import bench_nightly
-from nightly_scale import bench_nightly_changefeed, bench_nightly_scale
+from nightly_scale import NIGHTLY_CHANGEFEED_KEYS, NIGHTLY_SCALE_KEYS, bench_nightly_changefeed, bench_nightly_scale
 from scale import bench_scale
 from serve_bench import bench_serve
 
@@ -28,12 +28,25 @@ from serve_bench import bench_serve
 ONLY = os.environ.get("BENCH_ONLY", "")  # serve / index / nightly / scale / cluster: that part, merged into latest.json
 
 
+PART_KEYS = {"nightly_scale": NIGHTLY_SCALE_KEYS, "nightly_changefeed": NIGHTLY_CHANGEFEED_KEYS}
+"""Parts whose figures share another part's key prefix (``nightly.``): the keys each one writes."""
+
+
+def owned_by(key: str, part: str) -> bool:
+    """Whether a rerun of ``part`` replaces ``key``: its own keys, or its prefix's keys that no
+    other part claims (a rerun of the nightly part keeps the nightly-at-scale figures)."""
+    if part in PART_KEYS:
+        return key in PART_KEYS[part]
+    claimed = any(key in keys for keys in PART_KEYS.values())
+    return key.startswith(part + ".") and not claimed
+
+
 def write_report(results: dict, details: dict, mach: dict, seconds: float) -> None:
     os.makedirs(OUT, exist_ok=True)
     previous = os.path.join(OUT, "latest.json")
     if ONLY and os.path.exists(previous):
         old = json.load(open(previous))
-        keep = {k: v for k, v in old.items() if "." in k and not k.startswith(ONLY + ".")}
+        keep = {k: v for k, v in old.items() if "." in k and not owned_by(k, ONLY)}
         results = {**keep, **results}
         full_date = old.get("details", {}).get("full_run_date") or old.get("date")
         details = {**old.get("details", {}), **details, "full_run_date": full_date,

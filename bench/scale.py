@@ -28,9 +28,8 @@ import time
 
 import common
 import numpy as np
-from common import QUICK, REPO, log
+from common import QUICK, REPO, WIKI, log
 
-WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wiki")
 WORK = os.path.join(common.WORK, "scale")
 DIM = 768
 N_REAL = 6_000 if QUICK else 51_000   # encoded real passages (1,000 held out as queries)
