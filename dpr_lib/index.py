@@ -815,14 +815,18 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     except gate.QualityGateError:
         raise  # a complete version, kept and marked rejected for inspection
     except BaseException:
-        # Nothing of a failed version may linger (LATEST never named it); best effort.
-        try:
-            fs, vpath = storage.get_fs(vurl, opts)
-            if fs.exists(vpath):
-                fs.rm(vpath, recursive=True)
-        except Exception:  # noqa: BLE001
-            log.warning("could not remove the incomplete version %s", vurl)
+        discard_unpublished(vurl, opts)
         raise
+
+
+def discard_unpublished(vurl: str, opts: dict) -> None:
+    """Remove a version that failed before LATEST named it (best effort: nothing of it may linger)."""
+    try:
+        fs, vpath = storage.get_fs(vurl, opts)
+        if fs.exists(vpath):
+            fs.rm(vpath, recursive=True)
+    except Exception:  # noqa: BLE001
+        log.warning("could not remove the incomplete version %s", vurl)
 
 
 def _train_budget(spark, cfg: Config) -> int:

@@ -532,16 +532,24 @@ def _publish_delta(spark, cfg: Config, run_dir: str, old, reuse: dict, diff: dic
     from dpr_lib.segments import build_delta
 
     passages = spark.read.parquet(storage.resolve_table(join_url(run_dir, "passages"))).select("pid", "content_hash")
-    removed_df = old.join(passages, ["pid", "content_hash"], "left_anti").select("pid", "title", "text")
-    # Collected: the changed and deleted pids, as many as the change (8 bytes each).
-    removed = np.array(sorted(r["pid"] for r in removed_df.select("pid").collect()), np.int64)
-    new_url = join_url(run_dir, "embeddings_new")
-    prev = reuse["manifest"]
-    delta_cfg = _with_paths(cfg, run_dir, passages=join_url(run_dir, "to_encode"), embeddings=new_url)
-    reason = (f"{diff['new'] + diff['changed']} new or changed and {diff['changed'] + diff['deleted']} removed "
-              f"passages within nightly.compact_ratio={cfg.nightly.compact_ratio:g}")
-    manifest = build_delta(spark, delta_cfg, prev, version_url(cfg.path("index_root"), prev.version),
-                           reuse["trained"], removed, removed_df, counts, extra, reason, validation, force)
+    from pyspark import StorageLevel
+
+    # Used twice (the pids here, their texts for the BM25 statistics): the join over the previous
+    # Passages runs once. As many rows as the change.
+    removed_df = old.join(passages, ["pid", "content_hash"], "left_anti").select("pid", "title", "text") \
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        # Collected: the changed and deleted pids, as many as the change (8 bytes each).
+        removed = np.array(sorted(r["pid"] for r in removed_df.select("pid").collect()), np.int64)
+        new_url = join_url(run_dir, "embeddings_new")
+        prev = reuse["manifest"]
+        delta_cfg = _with_paths(cfg, run_dir, passages=join_url(run_dir, "to_encode"), embeddings=new_url)
+        reason = (f"{diff['new'] + diff['changed']} new or changed and {diff['changed'] + diff['deleted']} removed "
+                  f"passages within nightly.compact_ratio={cfg.nightly.compact_ratio:g}")
+        manifest = build_delta(spark, delta_cfg, prev, version_url(cfg.path("index_root"), prev.version),
+                               reuse["trained"], removed, removed_df, counts, extra, reason, validation, force)
+    finally:
+        removed_df.unpersist()
     has_new = storage.exists(new_url) and bool(storage.list_files(new_url, ".parquet"))
     tables = _tables(baseline["embeddings"]) + ([new_url] if has_new else [])
     chain = passages_chain(baseline)

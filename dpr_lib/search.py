@@ -141,13 +141,14 @@ class ShardedIndex:
         self.shards, self.stores, self._selectors, self._segment_urls = [], [], [], []
         self.shard_seqs: list[int] = []  # the segment (seq) of each loaded shard
         self.reused_files = 0
+        shard_filter = None if shards is None else set(shards)
         for seg in segments:
             surl = self.segment_url(seg.version)
             self._segment_urls.append((surl, seg))
             dead = self.dead_in(seg.seq)
             selector = _not_in(dead) if len(dead) else None
             for e in seg.shards:
-                if shards is not None and e.index not in set(shards):
+                if shard_filter is not None and e.index not in shard_filter:
                     continue
                 if e.sha256 in shared:
                     idx, store = shared[e.sha256]
@@ -166,7 +167,6 @@ class ShardedIndex:
         # Live vectors: the manifest's count for a whole version (tombstoned rows excluded); a
         # shard subset counts its stored rows.
         self.ntotal = int(self.manifest.totals.get("vectors", stored)) if shards is None else stored
-        shard_filter = None if shards is None else set(shards)
         self.sparse = self._open_sparse(shard_filter) if sparse and self.manifest.sparse else None
         self._docstore = [(surl, sorted(seg.docstore, key=lambda d: d.min_pid))
                           for surl, seg in reversed(self._segment_urls)]  # newest first: a pid's live text

@@ -81,14 +81,13 @@ def removed_statistics(spark, removed_df) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from dpr_lib.sparse import analyze
+    from dpr_lib.sparse import analyze_passages
 
     schema = pa.schema([(name, pa.int64()) for name in ("term", "df", "docs", "length")])
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
-            titles, texts = b.column("title").to_pylist(), b.column("text").to_pylist()
-            analyzed = analyze([f"{t or ''} {x or ''}" for t, x in zip(titles, texts)])
+            analyzed = analyze_passages(b.column("title").to_pylist(), b.column("text").to_pylist())
             flat = np.concatenate([h for h, _, _ in analyzed]) if analyzed else np.zeros(0, np.int64)
             zeros = np.zeros(len(flat), np.int64)
             yield pa.RecordBatch.from_arrays([pa.array(flat), pa.array(zeros + 1), pa.array(zeros), pa.array(zeros)],
@@ -151,7 +150,14 @@ def build_delta(spark, cfg: Config, prev: Manifest, prev_vurl: str, trained: byt
     LATEST work as for a full build (``dpr_lib.index``)."""
     from dpr_lib import accounting
     from dpr_lib.encode import check_embeddings
-    from dpr_lib.index import _quality_gate, build_shards, file_layout, plan_pieces, sparse_assignment
+    from dpr_lib.index import (
+        _quality_gate,
+        build_shards,
+        discard_unpublished,
+        file_layout,
+        plan_pieces,
+        sparse_assignment,
+    )
     from dpr_lib.outputs import write_stats
     from dpr_lib.publish import publish_version, write_docstore
     from dpr_lib.spark import bind_storage, task_errors
@@ -278,14 +284,9 @@ def build_delta(spark, cfg: Config, prev: Manifest, prev_vurl: str, trained: byt
         _quality_gate(cfg, root, vurl, manifest, validation, force)
         removed_versions = publish_version(root, vurl, manifest, opts, retries, cfg.publish.keep_versions)
     except gate.QualityGateError:
-        raise
+        raise  # a complete version, kept and marked rejected for inspection
     except BaseException:
-        try:
-            fs, vpath = storage.get_fs(vurl, opts)
-            if fs.exists(vpath):
-                fs.rm(vpath, recursive=True)
-        except Exception:  # noqa: BLE001
-            log.warning("could not remove the incomplete version %s", vurl)
+        discard_unpublished(vurl, opts)
         raise
     manifest.timings["total"] = round(time.time() - t0, 3)
     write_stats(cfg, "build_index", {"stage": "build_index", "version": version, "kind": "delta",

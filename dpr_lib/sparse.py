@@ -77,6 +77,11 @@ def analyze(texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, int]]:
     return out
 
 
+def analyze_passages(titles: list, texts: list) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """:func:`analyze` of passages as the sparse side indexes them: title + " " + text."""
+    return analyze([f"{t or ''} {x or ''}" for t, x in zip(titles, texts)])
+
+
 def idf(df: np.ndarray, n_docs: int) -> np.ndarray:
     df = df.astype(np.float64)
     return np.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
@@ -331,10 +336,8 @@ def build_sparse(spark, cfg: Config, vurl: str, num_shards: int, assign=None, pi
     def tokenize(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             pids = batch.column("pid").to_numpy().astype(np.int64)
-            titles = batch.column("title").to_pylist()
-            texts = batch.column("text").to_pylist()
             shards = (batch.column("shard").to_numpy().astype(np.int64) if assign is None else assign(pids))
-            analyzed = analyze([f"{t or ''} {x or ''}" for t, x in zip(titles, texts)])
+            analyzed = analyze_passages(batch.column("title").to_pylist(), batch.column("text").to_pylist())
             rows = list(pack_docs(pids, shards, analyzed))
             if rows:
                 yield pa.RecordBatch.from_pylist(rows, schema=DOCS)
