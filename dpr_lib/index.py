@@ -690,6 +690,19 @@ def encode_recall_questions(cfg: Config) -> np.ndarray:
     return vectors
 
 
+def _question_fingerprint(cfg: Config, passage_fingerprint: dict) -> dict:
+    """The question encoder's fingerprint; where passages went through an exported backend, it
+    says why questions did not (encoder.backend applies to passages only)."""
+    from dpr_lib.backends import QUESTION_NOTE
+    from dpr_lib.encode import resolve_spec
+
+    fp = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="question", storage_options=cfg.storage_options()
+                      ).fingerprint()
+    if passage_fingerprint.get("backend", "torch") != "torch":
+        fp["note"] = QUESTION_NOTE
+    return fp
+
+
 def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | None = None,
                 reuse_from: dict | None = None, question_vectors: np.ndarray | None = None,
                 counts: dict | None = None, questions_source: str = "", force: bool = False,
@@ -720,7 +733,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
     """
     from pyspark.sql import functions as F
 
-    from dpr_lib.encode import check_embeddings, resolve_spec
+    from dpr_lib.encode import check_embeddings, passage_spec
     from dpr_lib.spark import bind_storage, task_errors
 
     bind_storage(spark, cfg)
@@ -738,7 +751,7 @@ def build_index(spark, cfg: Config, embeddings_df=None, extra_manifest: dict | N
         files = storage.list_files(emb_url, ".parquet")
         if not files:
             raise InputError(f"no Embeddings files under {emb_url}; run the encode stage first")
-        configured = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage", storage_options=opts).fingerprint()
+        configured = passage_spec(cfg).fingerprint()
         fingerprint, n = check_embeddings(files, configured)
         source = files  # read by pyarrow in one task per file (fast path)
     else:
@@ -886,7 +899,6 @@ def _stale_quantizer(reuse_from: dict, recall_by_nprobe: dict, nprobe: int, k: i
 def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version, trained_bytes,
                    quantizer, plan, queries, fingerprint, n, dim, num_shards, timings, t0, counts,
                    pieces=None, force=False, validation=None) -> Manifest:
-    from dpr_lib.encode import resolve_spec
     from dpr_lib.outputs import write_stats
     from dpr_lib.spark import task_errors
 
@@ -964,8 +976,7 @@ def _build_version(spark, cfg, source, extra_manifest, reuse_from, vurl, version
     manifest = Manifest(
         version=version,
         encoder=fingerprint,
-        question_encoder=resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="question",
-                                      storage_options=opts).fingerprint(),
+        question_encoder=_question_fingerprint(cfg, fingerprint),
         metric=ops.METRIC,
         dim=dim,
         factory=plan.factory,

@@ -35,7 +35,7 @@ import socket
 import time
 import uuid
 
-from dpr_lib import storage
+from dpr_lib import backends, storage
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import DprError, InputError
 
@@ -262,9 +262,11 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, 
         questions = encode_recall_questions(cfg) if cfg.index.recall_questions else None
         validation = read_validation_questions(cfg) if cfg.index.validation_questions else None
         spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=opts)
-        fingerprint = spec.fingerprint()
         changes = changes or ncfg.changes or None
-        key = resume_key(cfg, fingerprint["id"], changes)
+        # The key names the configured encoder: an export made by this run does not change it.
+        key = resume_key(cfg, spec.fingerprint_id(), changes)
+        spec = backends.attach(cfg, spec)
+        fingerprint = spec.fingerprint()
         state = _unfinished_run(cfg, key)
         if state:
             log.info("resuming run %s from stage(s) done: %s", state["run"], state["done"])
@@ -319,6 +321,12 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, 
             return out
 
         corpus = stage("shard", shard)
+        if spec.backend != "torch" and not spec.artifact_sha256:
+            # The first run with this encoder.backend: exported now (int8 calibrated on this
+            # snapshot's passages), then kept in <work_dir>/encoders for every later night.
+            spec = backends.attach(cfg, spec, build=True, passages_url=run_cfg.path("passages"))
+            fingerprint = spec.fingerprint()
+            same_encoder = bool(baseline) and baseline["fingerprint"]["id"] == fingerprint["id"]
         diff = stage("diff", lambda: diff_passages(spark, run_cfg.path("passages"), old_live()))
         # Passages after this run: the snapshot's, or with a change set the previous count plus the diff.
         total = baseline["passages_count"] + diff["new"] - diff["deleted"] if changes else corpus["passages"]
