@@ -90,9 +90,183 @@ def bench_encode(spark, results: dict, details: dict, mach: dict) -> None:
                          "job_seconds": round(job_s, 2), "st_seconds": round(st_s, 2), "lib_seconds": round(lib_s, 2),
                          "dtype": spec.dtype, "token_budget": spec.token_budget}
     log(f"encode: job {job_pps:.1f} p/s, sentence-transformers {n / st_s:.1f} p/s, one process {n / lib_s:.1f} p/s")
+    results["encode.torch_ratio_vs_sentence_transformers"] = results["encode.ratio_vs_sentence_transformers"]
+    backends_part(spark, cfg, joined, n / st_s, {"backend": "torch", "quantize": "none", "dtype": spec.dtype,
+                                                  "passages_per_s": job_pps, "min_cosine": float(cos.min()),
+                                                  "mean_cosine": float(cos.mean())}, results, details)
     if not QUICK and os.path.isdir(WIKI):
         spark_overhead(spark, results, details, mach)
     return cfg, emb
+
+
+# The candidates besides torch (encoder.backend, encoder.quantize), each run through the encode job.
+CANDIDATES = [("onnx", "int8"), ("openvino", "int8"), ("onnx", "none"), ("openvino", "none")]
+RETENTION_TARGET = 0.99
+ST_VENV = os.path.join(REPO, "work", "st-venv")
+
+
+def backends_part(spark, cfg, joined: list[str], st_pps: float, torch_row: dict, results: dict,
+                  details: dict) -> None:
+    """Every encoder configuration through the encode job on the same passages; retrieval quality
+    kept (SQuAD dev part a top-20, BEIR nDCG@10) for the fast ones; sentence-transformers' own
+    backends (torch, onnx, openvino, with their int8 exports) in a bench-only virtualenv. The best
+    shipped configuration is the fastest whose retention is >= 0.99 on both sets."""
+    import dataclasses
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from dpr_lib import backends, storage
+    from dpr_lib.encode import encode_passages, passage_spec
+
+    fp32_ref = fp32_reference(cfg)
+    rows = [torch_row]
+    for backend, quantize in CANDIDATES:
+        try:
+            backends.require(backend)
+        except Exception as exc:  # noqa: BLE001 - an extra that is not installed is reported
+            rows.append({"backend": backend, "quantize": quantize, "error": str(exc)})
+            continue
+        c = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, backend=backend, quantize=quantize),
+                                paths=dataclasses.replace(cfg.paths, embeddings=cfg.path("embeddings") + f"-{backend}-{quantize}"))
+        shutil.rmtree(c.path("embeddings"), ignore_errors=True)
+        t = time.perf_counter()
+        spec = passage_spec(c, build=True)  # once per model: not part of the job's speed
+        export_s = time.perf_counter() - t
+        t = time.perf_counter()
+        stats = encode_passages(spark, c)
+        s = time.perf_counter() - t
+        got = {}
+        for f in storage.list_files(c.path("embeddings"), ".parquet"):
+            tb = pq.read_table(f)
+            got.update(zip(tb.column("pid").to_pylist(), np.stack(tb.column("vector").to_numpy(zero_copy_only=False))))
+        pids = [p for p in fp32_ref if p in got]
+        x, y = np.stack([got[p] for p in pids]), np.stack([fp32_ref[p] for p in pids])
+        cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        rows.append({"backend": backend, "quantize": quantize, "dtype": spec.dtype,
+                     "passages_per_s": stats["passages_encoded"] / s, "export_s": round(export_s, 1),
+                     "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())})
+        log(f"encode: {backend} {quantize}: job {rows[-1]['passages_per_s']:.1f} p/s, cosine to fp32 min "
+            f"{cos.min():.4f} mean {cos.mean():.4f} (export {export_s:.0f}s)")
+    # Quality kept, fastest first, until one keeps >= 0.99 on both sets (the shipped pick).
+    base = None if QUICK else quality(spark, cfg, "torch", "none", "fp32")
+    best = torch_row
+    for row in sorted((r for r in rows if "error" not in r), key=lambda r: -r["passages_per_s"]):
+        if QUICK or base is None:
+            break
+        q = quality(spark, cfg, row["backend"], row["quantize"], row["dtype"])
+        row["retention_top20"] = round(q["top20"] / base["top20"], 4)
+        row["retention_ndcg10"] = round(q["ndcg10"] / base["ndcg10"], 4)
+        log(f"encode: {row['backend']} {row['quantize']} keeps top-20 {row['retention_top20']:.4f}, "
+            f"nDCG@10 {row['retention_ndcg10']:.4f}")
+        if min(row["retention_top20"], row["retention_ndcg10"]) >= RETENTION_TARGET:
+            best = row
+            break
+    st = st_setups(cfg, joined) if not QUICK else {}
+    st_rates = {k: v["passages_per_s"] for k, v in st.items() if "passages_per_s" in v}
+    st_rates["torch (this venv)"] = st_pps
+    fastest = max(st_rates, key=st_rates.get)
+    results.update({
+        "encode.config": f"{best['backend']} {best['quantize']} {best['dtype']}",
+        "encode.best_passages_per_s": round(best["passages_per_s"], 2),
+        "encode.ratio_vs_sentence_transformers": round(best["passages_per_s"] / st_pps, 3),
+        "encode.best_min_cosine_vs_fp32": round(best["min_cosine"], 5),
+        "encode.best_mean_cosine_vs_fp32": round(best["mean_cosine"], 5),
+    })
+    if len(st_rates) > 1:
+        results["encode.st_fastest_passages_per_s"] = round(st_rates[fastest], 2)
+        results["encode.ratio_vs_st_fastest"] = round(best["passages_per_s"] / st_rates[fastest], 3)
+    if "retention_top20" in best:
+        results["encode.quality_retention_top20"] = best["retention_top20"]
+        results["encode.quality_retention_ndcg10"] = best["retention_ndcg10"]
+    details["encode_configs"] = {"ours": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                          for r in rows],
+                                 "fp32_quality": base, "sentence_transformers": st,
+                                 "st_fastest": fastest, "st_default_passages_per_s": round(st_pps, 2)}
+
+
+def fp32_reference(cfg) -> dict:
+    """fp32 torch vectors of the first passages, one at a time: the reference every configuration's
+    cosine is measured against (no batch effects)."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from dpr_lib import storage
+    from dpr_lib.encode import Encoder, resolve_spec
+
+    enc = Encoder(resolve_spec(dataclasses.replace(cfg.encoder, dtype="fp32"), cfg.path("cache_dir")))
+    out = {}
+    for f in storage.list_files(cfg.path("passages"), ".parquet"):
+        t = pq.read_table(f).slice(0, 25)
+        for p, title, text in zip(t.column("pid").to_pylist(), t.column("title").to_pylist(),
+                                  t.column("text").to_pylist()):
+            out[p] = enc.encode([title], [text])[0]
+    return out
+
+
+def quality(spark, cfg, backend: str, quantize: str, dtype: str) -> dict:
+    """The evaluation job with this encoder configuration: exact dense top-20 accuracy on SQuAD dev
+    part a, nDCG@10 on the BEIR-format MS MARCO subset."""
+    import dataclasses
+
+    from common import SQUAD
+
+    from dpr_lib.evaluate import evaluate
+
+    ecfg = dataclasses.replace(cfg.encoder, backend=backend, quantize=quantize, dtype=dtype)
+    c = dataclasses.replace(cfg, encoder=ecfg)
+    out = {}
+    for name, dataset, fmt, metric in (("top20", os.path.join(SQUAD, "dev-v1.1-part-a.json"), "squad", "top20"),
+                                       ("ndcg10", os.path.join(os.path.dirname(SQUAD), "beir", "msmarco"), "beir", "ndcg@10")):
+        work = os.path.join(WORK, "encode-quality", f"{name}-{backend}-{quantize}-{dtype}")
+        shutil_rm(work)
+        report = evaluate(spark, c, dataset, fmt, work)
+        out[name] = report["retrievers"]["dense_exact"][metric]
+    return out
+
+
+def shutil_rm(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def st_setups(cfg, joined: list[str]) -> dict:
+    """sentence-transformers' torch / onnx / openvino backends with their int8 exports
+    (bench/st_backends.py), in a bench-only virtualenv (work/st-venv), as autofaiss is."""
+    import json
+    import subprocess
+
+    from dpr_lib.backends import calibration_sample
+    from dpr_lib.encode import resolve_spec
+
+    py = os.path.join(ST_VENV, "bin", "python")
+    if not os.path.exists(py):
+        log("encode: creating the sentence-transformers backends' virtualenv (work/st-venv)")
+        made = subprocess.run(f"python3 -m venv {ST_VENV} && {py} -m pip install -q torch==2.13.0 && {py} -m pip "
+                              "install -q 'sentence-transformers[onnx,openvino]' datasets 'huggingface-hub<1.0'",
+                              shell=True, capture_output=True, text=True)
+        if made.returncode:
+            log(f"encode: sentence-transformers backends cannot be installed here, skipped: {made.stderr[-300:]}")
+            shutil_rm(ST_VENV)
+            return {}
+    out = os.path.join(WORK, "st-backends")
+    titles, texts = calibration_sample(cfg.path("passages"), cfg.encoder.calibration_rows)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "texts.json"), "w") as fh:
+        json.dump({"texts": joined, "calibration": [f"{t} {x}" for t, x in zip(titles, texts)]}, fh)
+    model = resolve_spec(cfg.encoder, cfg.path("cache_dir")).model_dir
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    run = subprocess.run([py, os.path.join(REPO, "bench", "st_backends.py"), model,
+                          os.path.join(out, "texts.json"), out], capture_output=True, text=True, env=env)
+    if run.returncode:
+        log(f"encode: sentence-transformers backends failed: {run.stderr[-500:]}")
+        return {}
+    with open(os.path.join(out, "st_backends.json")) as fh:
+        report = json.load(fh)
+    log(f"encode: sentence-transformers setups: {report}")
+    return report
 
 
 def spark_overhead(spark, results: dict, details: dict, mach: dict) -> None:

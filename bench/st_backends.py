@@ -59,8 +59,9 @@ def main(model_dir: str, texts_path: str, out: str) -> None:
         if setup == "onnx_int8":
             m = SentenceTransformer(work, device="cpu", backend="onnx")
             export_dynamic_quantized_onnx_model(m, isa(), work)
-            return SentenceTransformer(work, device="cpu", backend="onnx",
-                                       model_kwargs={"file_name": f"onnx/model_qint8_{isa()}.onnx"})
+            # model_qint8_<isa>.onnx, or model_quint8_avx2.onnx (AVX2 quantises activations as uint8)
+            name = next(f for f in sorted(os.listdir(os.path.join(work, "onnx"))) if f.endswith(f"int8_{isa()}.onnx"))
+            return SentenceTransformer(work, device="cpu", backend="onnx", model_kwargs={"file_name": f"onnx/{name}"})
         if setup == "openvino":
             return SentenceTransformer(work, device="cpu", backend="openvino")
         if setup == "openvino_int8":
