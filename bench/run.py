@@ -1,6 +1,6 @@
 """`make bench`: every stage against its baseline, measured side by side in one run on this machine.
 
-Writes bench/results/latest.json (flat dotted keys, numbers), latest.md and ratios.png.
+Writes bench/results/latest.json (flat dotted keys, numbers; encode.config names a configuration), latest.md and ratios.png.
 BENCH_QUICK=1 shrinks every size for a smoke run (CI) that only proves the harness works;
 BENCH_ONLY=encode|index|nightly|nightly_scale|nightly_changefeed|serve|scale|cluster runs one part and merges it into the last
 results. The parts: encode_bench, index_bench, nightly_bench, serve_bench, scale, cluster_bench

@@ -183,7 +183,14 @@ def export_onnx(enc, out_dir: str, quantize: bool) -> None:
 
         tmp = os.path.join(out_dir, "model.fp32.onnx")
         os.replace(path, tmp)
-        quantize_dynamic(tmp, path, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantiser logs every node it skips to the root logger
+        try:
+            quantize_dynamic(tmp, path, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"])
+        finally:
+            root.setLevel(level)
         os.remove(tmp)
 
 
@@ -220,6 +227,7 @@ def local_dir(spec) -> str:
     if "://" not in url or url.startswith("file://"):
         local = url.removeprefix("file://")
         if os.path.isdir(local):
+            _check(local, url, spec.artifact_sha256)
             return local
     cache = os.path.join(tempfile.gettempdir(), "dpr_lib_cache", "encoders", spec.artifact_sha256[:24])
     if os.path.exists(os.path.join(cache, META)):
@@ -228,19 +236,32 @@ def local_dir(spec) -> str:
     meta = json.loads(storage.read_bytes(join_url(url, META), opts))
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="dpr-enc-", dir=os.path.dirname(cache))
-    for name, sha in meta["files"].items():
+    for name in meta["files"]:
         storage.download(join_url(url, name), os.path.join(tmp, name), opts)
-        if storage.sha256_file(os.path.join(tmp, name)) != sha:
-            raise EncoderError(f"{join_url(url, name)} does not match the sha256 in its meta.json")
-    if hashlib.sha256(json.dumps(meta["files"], sort_keys=True).encode()).hexdigest() != spec.artifact_sha256:
-        raise EncoderError(f"the exported encoder at {url} is not the one the driver fingerprinted")
     with open(os.path.join(tmp, META), "w") as fh:
         json.dump(meta, fh)
+    try:
+        _check(tmp, url, spec.artifact_sha256)
+    except EncoderError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, cache)
     except OSError:  # another worker got there first
         shutil.rmtree(tmp, ignore_errors=True)
     return cache
+
+
+def _check(path: str, url: str, sha: str) -> None:
+    """The exported files at ``path`` are those its meta.json names, and that meta is the one the
+    driver fingerprinted (``sha``)."""
+    with open(os.path.join(path, META), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if hashlib.sha256(json.dumps(meta["files"], sort_keys=True).encode()).hexdigest() != sha:
+        raise EncoderError(f"the exported encoder at {url} is not the one the driver fingerprinted")
+    for name, want in meta["files"].items():
+        if storage.sha256_file(os.path.join(path, name)) != want:
+            raise EncoderError(f"{join_url(url, name)} does not match the sha256 in its meta.json")
 
 
 class Runner:

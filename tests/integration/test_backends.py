@@ -169,3 +169,12 @@ def test_int8_without_passages_is_a_clear_error(corpus, tmp_path):
     os.makedirs(tmp_path / "none")
     with pytest.raises(EncoderError, match="calibrates on the corpus's passages"):
         passage_spec(cfg, build=True)
+
+
+def test_a_changed_local_export_is_refused(corpus, tmp_path):
+    spec = passage_spec(with_backend(corpus, tmp_path, "onnx"), build=True)
+    assert backends.local_dir(spec) == spec.artifact_url
+    with open(os.path.join(spec.artifact_url, "model.onnx"), "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(EncoderError, match="does not match the sha256 in its meta.json"):
+        Encoder(spec)
