@@ -115,7 +115,7 @@ def calibration_sample(passages_url: str, rows: int, opts: dict | None = None) -
     (at most 16 files, the first rows of each), never the corpus."""
     import pyarrow.parquet as pq
 
-    files = storage.list_files(passages_url, ".parquet")
+    files = storage.list_files(passages_url, ".parquet", opts)
     if not files:
         raise EncoderError(f"encoder.quantize=int8 calibrates on the corpus's passages, but {passages_url} has none; "
                            "run the corpus stage first")
