@@ -210,6 +210,7 @@ def quality(spark, cfg, backend: str, quantize: str, dtype: str) -> dict:
     """The evaluation job with this encoder configuration: exact dense top-20 accuracy on SQuAD dev
     part a, nDCG@10 on the BEIR-format MS MARCO subset."""
     import dataclasses
+    import shutil
 
     from common import SQUAD
 
@@ -221,22 +222,17 @@ def quality(spark, cfg, backend: str, quantize: str, dtype: str) -> dict:
     for name, dataset, fmt, metric in (("top20", os.path.join(SQUAD, "dev-v1.1-part-a.json"), "squad", "top20"),
                                        ("ndcg10", os.path.join(os.path.dirname(SQUAD), "beir", "msmarco"), "beir", "ndcg@10")):
         work = os.path.join(WORK, "encode-quality", f"{name}-{backend}-{quantize}-{dtype}")
-        shutil_rm(work)
+        shutil.rmtree(work, ignore_errors=True)
         report = evaluate(spark, c, dataset, fmt, work)
         out[name] = report["retrievers"]["dense_exact"][metric]
     return out
-
-
-def shutil_rm(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def st_setups(cfg, joined: list[str]) -> dict:
     """sentence-transformers' torch / onnx / openvino backends with their int8 exports
     (bench/st_backends.py), in a bench-only virtualenv (work/st-venv), as autofaiss is."""
     import json
+    import shutil
     import subprocess
 
     from dpr_lib.backends import calibration_sample
@@ -250,7 +246,7 @@ def st_setups(cfg, joined: list[str]) -> dict:
                               shell=True, capture_output=True, text=True)
         if made.returncode:
             log(f"encode: sentence-transformers backends cannot be installed here, skipped: {made.stderr[-300:]}")
-            shutil_rm(ST_VENV)
+            shutil.rmtree(ST_VENV, ignore_errors=True)
             return {}
     out = os.path.join(WORK, "st-backends")
     titles, texts = calibration_sample(cfg.path("passages"), cfg.encoder.calibration_rows)
