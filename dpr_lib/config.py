@@ -243,6 +243,27 @@ class ServeConfig:
     threads: int = 0
     """torch and FAISS threads of the service's one compute thread; 0 = the machine's cores less one
     (left to the HTTP event loop), at least 1."""
+    max_body_bytes: int = 1 << 20
+    """Largest /search body (bytes). A longer one gets a 413 as soon as its Content-Length (or, when
+    chunked, the bytes received) passes the limit: it is never read whole."""
+    max_json_depth: int = 8
+    """Deepest nesting of arrays and objects in a body (a valid request nests 2 deep); deeper: 400."""
+    max_number_chars: int = 32
+    """Longest number literal in a body (characters); longer: 400 (Python parses huge integers in
+    quadratic time)."""
+    max_header_bytes: int = 16384
+    """Request line plus headers (bytes); more: 431."""
+    header_timeout_s: float = 10.0
+    """A request's line and headers must arrive within this many seconds of its first byte (or of the
+    connection); else 408 and the connection is closed."""
+    body_timeout_s: float = 30.0
+    """A request's body must arrive within this many seconds of its headers; else 408 and the
+    connection is closed."""
+    max_connections: int = 512
+    """Open connections; one more is answered 503 (Retry-After: 1) and closed at once."""
+    docs: bool = False
+    """Serve FastAPI's /docs page. Its assets come from a CDN, which air-gapped deployments cannot
+    reach, so it is off by default; /openapi.json is always served."""
 
 
 @dataclass
@@ -422,7 +443,9 @@ _POSITIVE = {
     "index.min_nlist", "index.recall_k", "index.recall_queries", "index.add_batch",
     "publish.keep_versions", "publish.docstore_row_group", "publish.retries",
     "search.k", "search.max_k", "nightly.retrain_growth", "nightly.max_nprobe_growth", "serve.port", "serve.poll_s", "serve.max_batch",
-    "serve.max_k", "serve.max_question_chars", "nightly.stale_lock_s", "nightly.keep_runs",
+    "serve.max_k", "serve.max_question_chars", "serve.max_body_bytes", "serve.max_json_depth",
+    "serve.max_number_chars", "serve.max_header_bytes", "serve.header_timeout_s", "serve.body_timeout_s",
+    "serve.max_connections", "nightly.stale_lock_s", "nightly.keep_runs",
     "train.mine_k", "train.batch_size", "train.hard_negative_pool", "train.epochs", "train.lr",
     "train.max_question_length", "train.keep_checkpoints", "train.log_every", "train.num_processes",
     "train.scale", "train.max_grad_norm",

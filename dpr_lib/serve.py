@@ -3,12 +3,19 @@ new version without downtime.
 
 - ``POST /search`` ``{"questions": [...], "k": 10, "mode": "hybrid"}`` -> ``{"version", "mode",
   "took_ms", "results": [{"question", "hits": [{pid, score, doc_id, title, text}]}]}``; ``mode`` is
-  dense, bm25 or hybrid (default: ``search.mode``, auto = what the version's manifest recommends);
-  bad requests get a 400 with a readable message.
+  dense, bm25 or hybrid (default: ``search.mode``, auto = what the version's manifest recommends).
+  The body must be ``application/json`` (415 otherwise).
+- Every error, wherever it is raised (the request checks, routing, an unexpected exception, the
+  HTTP protocol's own bounds), is ``{"error": message, "code": reason}`` with a 4xx where the
+  request was at fault, and every response is counted in ``/metrics`` by status, errors also by
+  reason. The checks and bounds live in ``dpr_lib.serve_http``.
 - ``GET /``: a small page to look at results: a question box, dense, bm25 and hybrid hits side by
   side, the version that answered and the latency (static HTML shipped with the package, no CDN).
 - ``GET /health``: 200 once a version is loaded and warmed up (503 before), with the version, the
-  vectors served and the last version that failed to load, if any.
+  vectors served and the last version that failed to load, if any (its reason without paths or
+  URLs; the log has the full message).
+- ``GET /openapi.json``: the API, ``/search``'s request and response included; ``/docs`` only with
+  ``serve.docs`` (its assets come from a CDN).
 - ``GET /metrics``: Prometheus text (requests and latency per endpoint, the loaded version,
   vectors, swaps, failed versions, resident and anonymous memory, questions per forward pass).
 
@@ -16,7 +23,8 @@ new version without downtime.
 and wait. One worker thread takes everything queued (up to ``serve.batch_questions`` questions,
 waiting at most ``serve.batch_wait_ms`` for more) and answers it with one forward pass of the
 question encoder and one FAISS search, then hands each request its own hits. So 16 concurrent
-clients cost about one batched forward pass instead of 16 serialised ones, and the compute threads
+clients cost about one batched forward pass instead of 16 serialised ones (when a batch fails, each
+of its requests is answered alone, so a question that cannot be searched fails only its own request), and the compute threads
 are bounded for the whole service (``serve.threads`` for torch and FAISS) instead of per request.
 
 **Swaps.** A background thread reads ``LATEST`` every ``serve.poll_s``. A new version is
@@ -29,19 +37,30 @@ and the service keeps serving the current one; it is retried after ``max(60 s, 1
 """
 
 
-import json
 import logging
 import os
 import queue
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from dpr_lib import storage
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import DprError, InputError
+from dpr_lib.serve_http import (
+    Refusal,
+    WireLimits,
+    error_body,
+    guarded_protocol,
+    parse_search,
+    public_reason,
+    search_models,
+)
+
+__all__ = ["IndexHolder", "Loaded", "MicroBatcher", "create_app", "main", "parse_search"]
 
 log = logging.getLogger("dpr_lib.serve")
 
@@ -116,9 +135,15 @@ class MicroBatcher:
         try:
             k, mode = batch[0][2]
             results = loaded.searcher.ask(questions, k, mode)
-        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-            for *_, fut in batch:
-                fut.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - the error belongs to the request(s) that caused it
+            if len(batch) == 1:
+                batch[0][3].set_exception(exc)
+                return
+            # One request's question can fail a whole forward pass: answer each alone, so only the
+            # request at fault fails and the others get exactly their solo answers.
+            log.warning("a batch of %d requests failed (%s); answering each alone", len(batch), type(exc).__name__)
+            for item in batch:
+                self._answer([item])
             return
         self.batches += 1
         self.questions += len(questions)
@@ -203,6 +228,14 @@ class IndexHolder:
                  new.load_seconds)
         return True
 
+    def public_failure(self) -> dict | None:
+        """The last failed version as any client may see it: its id and reason, with no path or
+        URL of the index root or the cache (the log has the full message)."""
+        failed = self.failed
+        if failed is None:
+            return None
+        return {"version": failed["version"], "error": public_reason(failed["error"]), "at": failed["at"]}
+
     def _fail(self, version: str, error: str) -> None:
         self.failures += 1
         self.failed = {"version": version, "error": error, "at": time.time()}
@@ -243,39 +276,6 @@ class IndexHolder:
             self._thread.join(timeout=30)
 
 
-# ------------------------------------------------------------------ request checks
-
-def parse_search(body: bytes, cfg: Config) -> tuple[list[str], int, str | None]:
-    """(questions, k, mode or None) from a /search body; InputError with a readable message otherwise."""
-    try:
-        payload = json.loads(body or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise InputError('request body must be a JSON object like {"questions": ["..."], "k": 10}')
-    unknown = sorted(set(payload) - {"questions", "k", "mode"})
-    if unknown:
-        raise InputError(f"unknown field(s) {unknown}; expected 'questions' and optionally 'k' and 'mode'")
-    questions = payload.get("questions")
-    if not isinstance(questions, list) or not questions:
-        raise InputError("'questions' must be a non-empty list of strings")
-    if len(questions) > cfg.serve.max_batch:
-        raise InputError(f"at most {cfg.serve.max_batch} questions per request (serve.max_batch), got {len(questions)}")
-    for i, q in enumerate(questions):
-        if not isinstance(q, str) or not q.strip():
-            raise InputError(f"question {i} is empty or not a string")
-        if len(q) > cfg.serve.max_question_chars:
-            raise InputError(f"question {i} has {len(q)} characters; the limit is {cfg.serve.max_question_chars} "
-                             "(serve.max_question_chars)")
-    k = payload.get("k", cfg.search.k)
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg.serve.max_k:
-        raise InputError(f"'k' must be an integer from 1 to {cfg.serve.max_k} (serve.max_k), got {k!r}")
-    mode = payload.get("mode")
-    if mode is not None and mode not in ("dense", "bm25", "hybrid", "auto"):
-        raise InputError(f"'mode' must be one of dense, bm25, hybrid, auto; got {mode!r}")
-    return [q.strip() for q in questions], k, (None if mode == "auto" else mode)
-
-
 def process_memory() -> dict[str, int]:
     """Resident and anonymous (private, not file-backed) memory of this process, bytes (Linux)."""
     out = {}
@@ -312,17 +312,87 @@ def _page() -> str:
     return resources.files("dpr_lib").joinpath("static/search.html").read_text(encoding="utf-8")
 
 
+ENDPOINTS = {"/search": "search", "/": "page", "/health": "health", "/metrics": "metrics",
+             "/openapi.json": "openapi", "/docs": "docs"}
+
+
+def endpoint_of(path: str) -> str:
+    """The metrics label of a path: the service's endpoints by name, anything else "other" (a
+    client cannot grow the label set)."""
+    return ENDPOINTS.get(path, "other")
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None):
+    """The one error shape as a response; ``x-error-code`` lets the counting middleware count the
+    reason without reading the body."""
+    from starlette.responses import Response
+
+    return Response(error_body(code, message), status_code=status, media_type="application/json",
+                    headers={**(headers or {}), "x-error-code": code})
+
+
+class CountedASGI:
+    """Counts every response by endpoint and status (errors also by reason, from ``x-error-code``)
+    and times it; an exception that escapes the application before its response began becomes a
+    JSON 500 here, counted, with the details in the log under an id the client is given."""
+
+    def __init__(self, app, on_response):
+        self.app = app
+        self.on_response = on_response  # (endpoint, status, reason or None, seconds)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        endpoint = endpoint_of(scope.get("path", ""))
+        status: int | None = None
+        reason: str | None = None
+        gone = False  # the client left (or the protocol refused and answered the request itself)
+
+        async def receive_watched():
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
+
+        async def send_watched(message):
+            nonlocal status, reason
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                reason = dict(message.get("headers", [])).get(b"x-error-code", b"").decode("latin-1") or None
+            await send(message)
+
+        try:
+            await self.app(scope, receive_watched, send_watched)
+        except Exception:  # noqa: BLE001 - no failure reaches the client as anything but the JSON shape
+            if status is not None:
+                raise  # the response began: uvicorn closes the connection
+            ref = uuid.uuid4().hex[:12]
+            log.exception("unhandled error on %s (error %s)", endpoint, ref)
+            response = error_response(500, "internal", f"internal error; the server log has the details (error {ref})")
+            await response(scope, receive_watched, send_watched)
+        finally:
+            if status is not None and not gone:
+                self.on_response(endpoint, status, reason, time.perf_counter() - t0)
+
+
 def create_app(holder: IndexHolder, start_poller: bool = True):
     import asyncio
     import contextlib
 
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     cfg = holder.cfg
     registry = CollectorRegistry()
-    requests = Counter("dpr_requests", "HTTP requests", ["endpoint", "code"], registry=registry)
+    requests = Counter("dpr_requests", "HTTP responses by endpoint and status (every one, errors "
+                       "answered by the HTTP protocol included)", ["endpoint", "code"], registry=registry)
+    errors = Counter("dpr_errors", "Error responses by endpoint and reason", ["endpoint", "reason"],
+                     registry=registry)
     latency = Histogram("dpr_request_seconds", "Request latency", ["endpoint"], registry=registry,
                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
     g_info = Gauge("dpr_index_info", "The index version being served (value 1)", ["version"], registry=registry)
@@ -338,6 +408,13 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
     g_batched = Gauge("dpr_search_batched_questions", "Questions answered through them", registry=registry)
     batcher: MicroBatcher | None = None
 
+    def counted(endpoint: str, status: int, reason: str | None, seconds: float | None = None) -> None:
+        requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            errors.labels(endpoint, reason or str(status)).inc()
+        if seconds is not None:
+            latency.labels(endpoint).observe(seconds)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         nonlocal batcher
@@ -349,43 +426,72 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
         holder.stop()
         batcher.close()
 
-    app = FastAPI(title="dpr-serve", lifespan=lifespan)
+    docs = cfg.serve.docs
+    app = FastAPI(title="dpr-serve", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None)
+    app.add_middleware(CountedASGI, on_response=counted)
+    # The protocol's own refusals (408, 413, 431, 503, malformed HTTP) are counted here too.
+    app.state.wire_refused = lambda path, status, code: counted(endpoint_of(path), status, code)
 
-    def error(code: int, message: str, endpoint: str, t0: float) -> JSONResponse:
-        requests.labels(endpoint, str(code)).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return JSONResponse({"error": message}, status_code=code)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        message = {404: "no such endpoint (the service answers POST /search, GET /health, GET /metrics, GET /, "
+                        "GET /openapi.json)",
+                   405: "method not allowed on this endpoint"}.get(exc.status_code, "request refused")
+        return error_response(exc.status_code, code, message, exc.headers)
 
-    @app.post("/search")
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(400, "bad_request", "the request does not match the API (see /openapi.json)")
+
+    SearchRequest, SearchResponse, ErrorModel = search_models(cfg)
+    errors_doc = {status: {"model": ErrorModel, "description": what} for status, what in (
+        (400, "bad request: the body, a question, k or mode (code names which)"),
+        (408, "the headers or body did not arrive in time"), (413, "body too large"),
+        (415, "body not application/json"), (431, "headers too large"),
+        (500, "unexpected error (an id to find it in the log)"), (503, "no version loaded yet, or too many connections"))}
+
+    @app.post("/search", response_model=None, responses={200: {"model": SearchResponse}, **errors_doc},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": SearchRequest.model_json_schema()}}}})
     async def search(request: Request):
         t0 = time.perf_counter()
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            return error_response(415, "unsupported_media_type", "send the body as JSON with the header "
+                                  "Content-Type: application/json")
         try:
-            questions, k, mode = parse_search(await request.body(), cfg)
-        except InputError as exc:
-            return error(400, str(exc), "search", t0)
+            body = await request.body()
+        except ClientDisconnect:  # the client left, or the protocol refused the body and answered
+            return Response(status_code=400)
+        try:
+            questions, k, mode = parse_search(body, cfg)
+        except Refusal as exc:
+            return error_response(exc.status, exc.code, str(exc))
         loaded = holder.current  # this request finishes on this version, whatever swaps meanwhile
         if loaded is None:
-            return error(503, "no index version loaded yet", "search", t0)
+            return error_response(503, "not_ready", "no index version loaded yet", {"retry-after": "5"})
         try:
             results = await asyncio.wrap_future(batcher.submit(loaded, questions, k, mode))
-        except InputError as exc:
-            return error(400, str(exc), "search", t0)
-        except Exception as exc:  # noqa: BLE001 - a readable 500, the service stays up
-            log.exception("search failed")
-            return error(500, f"search failed: {type(exc).__name__}: {exc}", "search", t0)
+        except Refusal as exc:
+            return error_response(exc.status, exc.code, str(exc))
+        except (InputError, UnicodeError) as exc:  # this request's questions, not the service
+            return error_response(400, "bad_question", f"a question could not be searched: {type(exc).__name__}: "
+                                  f"{public_reason(ascii(str(exc))[1:-1], 200)}")
+        except Exception:  # noqa: BLE001 - only this request fails; the details go to the log
+            ref = uuid.uuid4().hex[:12]
+            log.exception("search failed (error %s)", ref)
+            return error_response(500, "internal", f"search failed; the server log has the details (error {ref})")
         body = {"version": loaded.version, "mode": mode or loaded.searcher.mode,
                 "took_ms": round((time.perf_counter() - t0) * 1000, 2), "results": [
             {"question": q, "hits": [{"pid": h.pid, "score": h.score, "doc_id": h.doc_id, "title": h.title,
                                       "text": h.text} for h in hits]} for q, hits in zip(questions, results)]}
-        requests.labels("search", "200").inc()
-        latency.labels("search").observe(time.perf_counter() - t0)
         return JSONResponse(body)
 
     page = _page()
 
     @app.get("/")
     async def index_page():
-        requests.labels("page", "200").inc()
         return HTMLResponse(page)
 
     @app.get("/health")
@@ -400,7 +506,7 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
                 "loaded": {"downloaded_bytes": loaded.downloaded_bytes, "reused_shards": loaded.reused_shards,
                            "seconds": loaded.load_seconds} if loaded else None,
                 "downloaded_bytes_total": holder.downloaded_bytes,
-                "failed_version": holder.failed}
+                "failed_version": holder.public_failure()}
         return JSONResponse(body, status_code=200 if loaded else 503)
 
     @app.get("/metrics")
@@ -447,7 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     holder = IndexHolder(cfg, args.index, shards)
     host, port = args.host or cfg.serve.host, args.port or cfg.serve.port
     log.info("dpr-serve on http://%s:%d, index %s (polling every %.0fs)", host, port, args.index, cfg.serve.poll_s)
-    uvicorn.run(create_app(holder), host=host, port=port, log_level="warning", access_log=False)
+    app = create_app(holder)
+    protocol = guarded_protocol(WireLimits.from_config(cfg), app.state.wire_refused)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, http=protocol,
+                server_header=False)
     return 0
 
 

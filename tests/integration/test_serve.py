@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 from conftest import make_config, synthetic_docs, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from s3server import free_port
 
 from dpr_lib import storage
@@ -35,7 +37,10 @@ def service(spark, tmp_path_factory, tiny_bert_dir, s3_endpoint):
     log_path = tmp / "serve.log"
     cmd = [os.path.join(os.path.dirname(sys.executable), "dpr-serve"), "--index", ROOT, "--port", str(port),
            "--set", f"paths.cache_dir={tmp}/serve-cache", "--set", "serve.poll_s=0.3", "--set", "serve.max_batch=8",
-           "--set", "serve.max_k=20", "--set", "serve.max_question_chars=200"] + \
+           "--set", "serve.max_k=20", "--set", "serve.max_question_chars=200",
+           # tight bounds, so the hostile-client tests below run in seconds
+           "--set", "serve.header_timeout_s=2", "--set", "serve.body_timeout_s=2",
+           "--set", "serve.max_body_bytes=65536", "--set", "serve.max_connections=64"] + \
           [a for o in overrides[:2] for a in ("--set", o)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -52,7 +57,8 @@ def service(spark, tmp_path_factory, tiny_bert_dir, s3_endpoint):
             proc.kill()
             pytest.fail("dpr-serve did not become ready:\n" + log_path.read_text()[-3000:])
         time.sleep(0.3)
-    yield {"cfg": cfg, "client": client, "url": url, "first": first, "log": log_path, "spark": spark}
+    yield {"cfg": cfg, "client": client, "url": url, "first": first, "log": log_path, "spark": spark, "proc": proc,
+           "port": port}
     client.close()
     proc.terminate()
     proc.wait(timeout=30)
@@ -191,6 +197,8 @@ def test_broken_new_version_is_refused_and_the_old_one_kept(service, missing, re
         assert health["status"] == "ready" and health["version"] == serving
         assert health["failed_version"]["version"] == bad_version
         assert reason in health["failed_version"]["error"]
+        assert_no_paths_or_urls(json.dumps(health))  # the cache path and the s3:// URL stay in the log
+        assert "s3://" in service["log"].read_text()
         assert "dpr_index_failed_version_pending 1.0" in client.get("/metrics").text
         r = client.post("/search", json={"questions": ["alpha"], "k": 2})
         assert r.status_code == 200 and r.json()["version"] == serving
@@ -203,7 +211,16 @@ def test_holder_reports_an_index_root_with_nothing_published(tmp_path):
 
     holder = IndexHolder(make_config(tmp_path), str(tmp_path / "empty-root"))
     assert holder.poll_once() is False and holder.current is None
-    assert "LATEST is missing" in holder.failed["error"]
+    assert "LATEST is missing" in holder.failed["error"] and str(tmp_path) in holder.failed["error"]
+    assert "LATEST is missing" in holder.public_failure()["error"]
+    assert_no_paths_or_urls(json.dumps(holder.public_failure()))
+
+
+def assert_no_paths_or_urls(text: str) -> None:
+    import re
+
+    assert "://" not in text, text
+    assert not re.search(r"(^|[\s'\"(])/[A-Za-z0-9_.-]+/", text), text
 
 
 def test_released_versions_leave_the_cache(service, tmp_path):
@@ -350,3 +367,309 @@ def test_results_page_in_a_headless_browser(service):
         assert bm25_top == "Title 3"  # the marker term's document, found by BM25
     finally:
         browser.quit()
+
+
+# ------------------------------------------------------------------ hostile and broken clients
+
+FUZZ_REQUESTS = int(os.environ.get("DPR_FUZZ_REQUESTS", "5000"))
+ANY_CHAR = st.characters(exclude_categories=())  # lone surrogates and control characters included
+BAD_CHARS = st.sampled_from(["\ud800", "\udfff", "\x00", "\ud83d"])
+
+
+def _status_counts(metrics: str, endpoint: str) -> dict[str, float]:
+    import re
+
+    pat = re.compile(r'^dpr_requests_total\{code="(\d+)",endpoint="' + endpoint + r'"\} (\S+)$')
+    return {m.group(1): float(m.group(2)) for m in map(pat.match, metrics.splitlines()) if m}
+
+
+def _request_schema(client) -> dict:
+    api = client.get("/openapi.json").json()
+    return api["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+
+def _encode(payload, ascii_only: bool) -> bytes:
+    # ensure_ascii=False with a lone surrogate gives its raw (CESU-8) bytes, as a broken client sends them
+    return json.dumps(payload, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+
+def _hostile_bodies(schema: dict) -> st.SearchStrategy:
+    """(kind, body bytes, content type): bodies valid per the published schema, and bodies broken
+    every way a client can break them: invalid Unicode (escaped and raw), NULs and control
+    characters in questions, any JSON value, raw bytes, deep nesting, huge numbers, wrong types."""
+    from schema_strategies import from_schema
+
+    valid = from_schema(schema)
+    json_any = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(ANY_CHAR),
+                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(ANY_CHAR, max_size=8), c,
+                                                                                  max_size=4), max_leaves=12)
+
+    @st.composite
+    def bad_question(draw):
+        payload = draw(valid)
+        i = draw(st.integers(0, len(payload["questions"]) - 1))
+        text = draw(st.text(ANY_CHAR, max_size=30))
+        at = draw(st.integers(0, len(text)))
+        payload["questions"][i] = text[:at] + draw(BAD_CHARS) + text[at:]
+        return "bad_question", _encode(payload, draw(st.booleans())), "application/json"
+
+    @st.composite
+    def bad_field(draw):
+        payload = draw(valid)
+        key = draw(st.sampled_from(["k", "mode", "questions", "extra"]))
+        payload[key] = draw(json_any | st.integers().filter(lambda n: not 1 <= n <= 20)
+                            | st.integers(10 ** 40, 10 ** 400))
+        return "maybe", _encode(payload, draw(st.booleans())), "application/json"
+
+    return st.one_of(
+        valid.flatmap(lambda p: st.tuples(st.just("valid"), st.booleans().map(lambda a: _encode(p, a)),
+                                          st.sampled_from(["application/json", "application/json; charset=utf-8"]))),
+        bad_question(), bad_field(),
+        st.tuples(st.just("maybe"), json_any.flatmap(lambda v: st.booleans().map(lambda a: _encode(v, a))),
+                  st.just("application/json")),
+        st.tuples(st.just("maybe"), st.binary(max_size=300), st.just("application/json")),
+        st.tuples(st.just("maybe"), st.integers(9, 20000).map(lambda d: b"[" * d + b"]" * d), st.just("application/json")),
+        st.tuples(st.just("wrong_type"), valid.map(lambda p: _encode(p, True)),
+                  st.sampled_from(["", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])),
+    )
+
+
+def test_fuzzed_requests_from_the_schema_never_get_a_5xx_and_are_all_counted(service):
+    """DPR_FUZZ_REQUESTS (5,000) requests generated from /openapi.json's /search schema and broken
+    every way a client can break them: no response is a 5xx, every error is the JSON shape with a
+    code, every body the schema allows is answered, and /metrics counted every response by status."""
+    from collections import Counter
+
+    client = service["client"]
+    before = _status_counts(client.get("/metrics").text, "search")
+    seen: Counter = Counter()
+    server_errors: list[str] = []
+
+    @settings(max_examples=FUZZ_REQUESTS, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=_hostile_bodies(_request_schema(client)))
+    def one(case):
+        kind, body, ctype = case
+        r = client.post("/search", content=body, headers={"content-type": ctype} if ctype else {})
+        seen[str(r.status_code)] += 1
+        if r.status_code >= 500:
+            server_errors.append(f"{r.status_code} {body[:200]!r}: {r.text[:200]}")
+            return
+        if kind == "valid":
+            assert r.status_code == 200, (body, r.text)
+            assert len(r.json()["results"]) == len(json.loads(body)["questions"])
+        elif r.status_code != 200:
+            err = r.json()
+            assert set(err) == {"error", "code"} and err["error"] and r.headers["content-type"] == "application/json"
+        if kind == "bad_question":
+            assert r.status_code == 400, (body, r.text)
+        if kind == "wrong_type":
+            assert r.status_code == 415, r.text
+
+    one()
+    assert server_errors == []
+    assert sum(seen.values()) == FUZZ_REQUESTS and seen["200"] > FUZZ_REQUESTS // 10 and len(seen) >= 3, seen
+    after = _status_counts(client.get("/metrics").text, "search")
+    assert {c: after.get(c, 0) - before.get(c, 0) for c in after if after.get(c, 0) != before.get(c, 0)} == seen
+
+
+MALFORMED = [
+    b'{"questions": ["\\ud800"]}', b'{"questions": ["ok", "bad \\udfff"]}', '{"questions": ["\ud800 raw"]}'.encode(
+        "utf-8", "surrogatepass"), b'{"questions": ["nul\\u0000"]}', b"[" * 5000 + b"]" * 5000,
+    b'{"questions": ["q"], "k": ' + b"7" * 4000 + b"}", b'{"questions": ["q"], "k": NaN}', b"\xff\xfe",
+]
+
+
+def test_malformed_requests_fail_no_other_client(service):
+    """8 clients x 50 normal requests (dense and hybrid) while two others send malformed ones:
+    every normal request is answered, with exactly its solo answer; every malformed one is a 400."""
+    client = service["client"]
+    normal = [{"questions": [f"fact{i} alpha bravo"], "k": 5, "mode": ("dense", "hybrid")[i % 2]} for i in range(10)]
+    solo = [[h["pid"] for h in client.post("/search", json=r).json()["results"][0]["hits"]] for r in normal]
+    failures: list[str] = []
+    bad_status: list[int] = []
+    done = threading.Event()
+
+    def clean(c):
+        with httpx.Client(base_url=service["url"], timeout=30) as http:
+            for n in range(50):
+                i = (c * 7 + n) % len(normal)
+                r = http.post("/search", json=normal[i])
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                elif [h["pid"] for h in r.json()["results"][0]["hits"]] != solo[i]:
+                    failures.append(f"request {i}: other hits than alone")
+
+    def hostile():
+        with httpx.Client(base_url=service["url"], timeout=30) as http:
+            n = 0
+            while not done.is_set() or n < len(MALFORMED):
+                bad_status.append(http.post("/search", content=MALFORMED[n % len(MALFORMED)],
+                                            headers={"content-type": "application/json"}).status_code)
+                n += 1
+
+    threads = [threading.Thread(target=clean, args=(c,)) for c in range(8)]
+    attackers = [threading.Thread(target=hostile) for _ in range(2)]
+    for t in threads + attackers:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    for t in attackers:
+        t.join()
+    assert failures == []
+    assert len(bad_status) >= 2 * len(MALFORMED) and set(bad_status) == {400}, sorted(set(bad_status))
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(case=st.lists(st.one_of(st.sampled_from([f"fact{i} alpha" for i in range(6)]).map(lambda q: ("ok", q)),
+                               st.text(ANY_CHAR, max_size=12).flatmap(
+                                   lambda t: BAD_CHARS.filter(lambda b: b != "\x00").map(lambda b: ("bad", t + b)))),
+                     min_size=2, max_size=10).filter(lambda xs: {k for k, _ in xs} == {"ok", "bad"}))
+def test_a_question_that_cannot_be_encoded_fails_only_its_own_request_in_a_batch(holder_and_batcher, case):
+    """Past the edge checks (a library user can submit anything): requests batched with questions
+    the tokenizer cannot encode (lone surrogates) get exactly their solo answers; only the
+    requests holding such a question fail."""
+    loaded, batcher, solo = holder_and_batcher
+    futures = [batcher.submit(loaded, [q], 4) for _, q in case]
+    for (kind, q), fut in zip(case, futures):
+        if kind == "bad":
+            assert fut.exception(timeout=60) is not None
+        else:
+            hits = fut.result(timeout=60)[0]
+            want = solo.setdefault(q, loaded.searcher.ask([q], 4)[0])
+            assert [h.pid for h in hits] == [h.pid for h in want]
+            assert [h.score for h in hits] == pytest.approx([h.score for h in want], abs=2e-3)
+
+
+@pytest.fixture(scope="module")
+def holder_and_batcher(service, tmp_path_factory):
+    import copy
+
+    from dpr_lib.serve import IndexHolder, MicroBatcher
+
+    cfg = copy.deepcopy(service["cfg"])
+    cfg.paths.cache_dir = str(tmp_path_factory.mktemp("batcher-cache"))
+    cfg.serve.warmup_queries = 0
+    holder = IndexHolder(cfg, ROOT)
+    assert holder.poll_once(), holder.failed
+    batcher = MicroBatcher(64, 0.05)  # waits for the whole list, so each case is one batch
+    yield holder.current, batcher, {}
+    batcher.close()
+
+
+def _raw(port: int, data: bytes, wait: float = 15.0) -> tuple[float, bytes]:
+    """Send ``data`` and read until the server closes: (seconds until closed, what it answered)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        t0 = time.monotonic()
+        if data:
+            sock.sendall(data)
+        sock.settimeout(wait)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+        return time.monotonic() - t0, out
+
+
+@pytest.mark.parametrize("data, what", [
+    (b"", "headers"),  # connects, sends nothing
+    (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Le", "headers"),  # stalls mid-headers
+    (b'POST /search HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nContent-Length: 90\r\n\r\n{"quest',
+     "body"),  # stalls mid-body
+])
+def test_a_stalled_request_is_closed_within_the_read_timeout(service, data, what):
+    elapsed, answer = _raw(service["port"], data)
+    assert 1.5 <= elapsed <= 4.0, elapsed  # serve.header_timeout_s / body_timeout_s = 2 in this service
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["code"] == "request_timeout" and f"{what} did not arrive within 2 s" in body["error"]
+
+
+def test_stalled_connections_cannot_pile_up(service):
+    """300 connections that never send a byte: beyond serve.max_connections (64) they are refused
+    at once with a JSON 503; the rest are closed by the header timeout; then the service answers."""
+    import socket
+
+    socks = [socket.create_connection(("127.0.0.1", service["port"])) for _ in range(300)]
+    t0 = time.monotonic()
+    answers = []
+    for s in socks:
+        s.settimeout(10)
+        try:
+            answers.append(s.recv(4096))
+        except (ConnectionResetError, TimeoutError) as exc:
+            answers.append(repr(exc).encode())
+    elapsed = time.monotonic() - t0
+    for s in socks:
+        s.close()
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503 ")]
+    timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408 ")]
+    assert len(refused) >= 300 - 64 and len(refused) + len(timed_out) == 300, answers[:3]
+    assert b'"code": "too_many_connections"' in refused[0] and b"retry-after: 1" in refused[0]
+    assert elapsed < 6, elapsed
+    assert service["client"].post("/search", json={"questions": ["alpha"], "k": 1}).status_code == 200
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(service):
+    """A declared 1 GB body gets a 413 right after its headers and the connection closes: the
+    client cannot push more than socket buffers' worth, and the service's memory does not grow.
+    A chunked body (no length declared) is cut off once it passes serve.max_body_bytes."""
+    import socket
+
+    import psutil
+
+    proc = psutil.Process(service["proc"].pid)
+    rss0 = proc.memory_info().rss
+    chunk = b"x" * (1 << 20)
+    for head in (b"Content-Length: 1073741824\r\n", b"Transfer-Encoding: chunked\r\n"):
+        sock = socket.create_connection(("127.0.0.1", service["port"]))
+        sock.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n" + head + b"\r\n")
+        sent = 0
+        try:
+            while sent < (1 << 30):
+                sock.sendall(b"100000\r\n" + chunk + b"\r\n" if b"chunked" in head else chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.close()
+        assert sent <= 64 << 20, f"the service kept reading: {sent >> 20} MB sent"
+    assert proc.memory_info().rss - rss0 <= 50 << 20
+    before = _status_counts(service["client"].get("/metrics").text, "search")
+    _, answer = _raw(service["port"], b"POST /search HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                                      b"Content-Length: 1073741824\r\n\r\n" + b"[" * 1000)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"code": "body_too_large"' in answer, answer
+    assert b"the limit is 65536 (serve.max_body_bytes)" in answer
+    after = _status_counts(service["client"].get("/metrics").text, "search")
+    assert after["413"] == before.get("413", 0) + 1
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, code", [
+    ("GET", "/nowhere", None, {}, 404, "not_found"),
+    ("DELETE", "/health", None, {}, 405, "method_not_allowed"),
+    ("GET", "/docs", None, {}, 404, "not_found"),  # off by default: its assets come from a CDN
+    ("POST", "/search", b'{"questions": ["q"]}', {"content-type": "text/plain"}, 415, "unsupported_media_type"),
+    ("POST", "/search", b'{"questions": ["q"]}', {}, 415, "unsupported_media_type"),
+])
+def test_every_error_has_one_shape(service, method, path, body, headers, status, code):
+    r = service["client"].request(method, path, content=body, headers=headers)
+    assert r.status_code == status and r.headers["content-type"] == "application/json"
+    assert r.json()["code"] == code and r.json()["error"]
+    assert_no_paths_or_urls(r.text)
+    _, answer = _raw(service["port"], b"NOT HTTP AT ALL\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"code": "bad_http"' in answer
+
+
+def test_openapi_describes_search(service):
+    schema = _request_schema(service["client"])
+    assert schema["additionalProperties"] is False and schema["required"] == ["questions"]
+    assert schema["properties"]["questions"]["maxItems"] == 8  # this service's serve.max_batch
+    assert schema["properties"]["k"]["maximum"] == 20
+    api = service["client"].get("/openapi.json").json()
+    responses = api["paths"]["/search"]["post"]["responses"]
+    assert {"200", "400", "408", "413", "415"} <= set(responses)
+    assert "results" in json.dumps(api["components"]["schemas"]["SearchResponse"])
