@@ -95,9 +95,14 @@ class EncoderConfig:
     device: str = "auto"
     """auto | cpu | cuda."""
     backend: str = "torch"
-    """torch | onnx | openvino: what runs the passage encoder (onnx/openvino: pip install
+    """torch | onnx | openvino | auto: what runs the passage encoder (onnx/openvino: pip install
     'dpr_lib[onnx]' / 'dpr_lib[openvino]'; the exported model is made once and kept under
-    <work_dir>/encoders). The question encoder always runs in torch (one question at a time)."""
+    <work_dir>/encoders). auto: the fastest configuration (backend, int8 or not, bf16 or not) that
+    keeps auto_min_cosine, measured once on the corpus's passages and kept for every later run
+    (dpr_lib.encoder_choice). The question encoder always runs in torch (one question at a time)."""
+    auto_min_cosine: float = 0.99
+    """encoder.backend=auto: the mean cosine to torch fp32's vectors a configuration must keep on the
+    measured sample (its worst passage at most 0.03 lower) to be chosen."""
     quantize: str = "none"
     """none | int8. int8: openvino -> static int8 (NNCF) calibrated on calibration_rows passages of
     the corpus itself; onnx -> int8 weights, activations quantised per batch (dynamic)."""
@@ -423,7 +428,7 @@ _CHOICES = {
     "encoder.normalize": {"auto", "true", "false"},
     "encoder.dtype": {"auto", "fp32", "bf16"},
     "encoder.device": {"auto", "cpu", "cuda"},
-    "encoder.backend": {"torch", "onnx", "openvino"},
+    "encoder.backend": {"torch", "onnx", "openvino", "auto"},
     "encoder.quantize": {"none", "int8"},
     "index.rerank": {"auto", "none", "float16"},
     "index.coarse": {"flat", "hnsw"},
@@ -562,7 +567,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("paths.work_dir must not be empty")
     if cfg.encoder.quantize != "none" and cfg.encoder.backend == "torch":
         raise ConfigError("encoder.quantize=int8 needs encoder.backend onnx or openvino (torch runs fp32/bf16)")
-    if cfg.encoder.backend != "torch" and cfg.encoder.device == "cuda":
+    if cfg.encoder.quantize != "none" and cfg.encoder.backend == "auto":
+        raise ConfigError("encoder.backend=auto chooses the quantisation itself (int8 only where it keeps "
+                          "encoder.auto_min_cosine): leave encoder.quantize=none, or name the backend")
+    if not 0.0 < cfg.encoder.auto_min_cosine <= 1.0:
+        raise ConfigError(f"encoder.auto_min_cosine must be within (0, 1], got {cfg.encoder.auto_min_cosine}")
+    if cfg.encoder.backend not in ("torch", "auto") and cfg.encoder.device == "cuda":
         raise ConfigError(f"encoder.backend={cfg.encoder.backend} runs on CPUs; encoder.device=cuda needs "
                           "encoder.backend=torch")
     if cfg.encoder.backend == "onnx" and cfg.encoder.dtype == "bf16":

@@ -179,6 +179,9 @@ class EncoderSpec:
     artifact_sha256: str = ""
     calibration: str = ""
     """sha256 of the int8 calibration passages."""
+    chosen_by: str = ""
+    """How encoder.backend: auto chose this configuration (dpr_lib.encoder_choice); recorded in the
+    fingerprint outside its id, since the vectors are those of the configuration itself."""
 
     def fingerprint(self) -> dict:
         fp = {k: getattr(self, k) for k in ("model_id", "family", "pooling", "normalize", "max_length",
@@ -189,6 +192,8 @@ class EncoderSpec:
             fp.update(backend=self.backend, quantize=self.quantize, artifact_sha256=self.artifact_sha256,
                       calibration=self.calibration)
         fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+        if self.chosen_by:
+            fp["chosen_by"] = self.chosen_by
         return fp
 
     def fingerprint_id(self) -> str:
@@ -251,9 +256,12 @@ def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage",
 def passage_spec(cfg: Config, build: bool = False, passages_url: str | None = None) -> EncoderSpec:
     """The configured passage encoder, with its exported model attached when encoder.backend is
     onnx/openvino (made first when ``build``; see :func:`dpr_lib.backends.attach`)."""
-    from dpr_lib import backends
+    from dpr_lib import backends, encoder_choice
 
+    cfg, chosen_by = encoder_choice.choose(cfg, build, passages_url)  # encoder.backend: auto
     spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage", storage_options=cfg.storage_options())
+    if chosen_by:
+        spec = dataclasses.replace(spec, chosen_by=chosen_by)
     return backends.attach(cfg, spec, build=build, passages_url=passages_url)
 
 

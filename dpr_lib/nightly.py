@@ -35,7 +35,7 @@ import socket
 import time
 import uuid
 
-from dpr_lib import backends, storage
+from dpr_lib import backends, encoder_choice, storage
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import DprError, InputError
 
@@ -242,7 +242,7 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, 
     ``changes`` (or ``nightly.changes``): a change set (documents upserted, ids deleted) applied to
     the previous run instead of reading a full snapshot: only those documents are split and diffed."""
     from dpr_lib.corpus import shard_corpus
-    from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
+    from dpr_lib.encode import check_embeddings, encode_passages, passage_spec, resolve_spec
     from dpr_lib.gate import read_validation_questions
     from dpr_lib.index import build_index, encode_recall_questions
     from dpr_lib.manifest import MANIFEST, read_latest, read_manifest, version_url
@@ -261,6 +261,9 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, 
         # Read (and encode) once, before any stage: a bad file fails now, not after the encode stage.
         questions = encode_recall_questions(cfg) if cfg.index.recall_questions else None
         validation = read_validation_questions(cfg) if cfg.index.validation_questions else None
+        # encoder.backend=auto: the choice recorded by an earlier run (kept night after night); on
+        # the first run it is made after the shard stage, on this snapshot's passages.
+        cfg = encoder_choice.resolve(cfg, missing_ok=True)
         spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=opts)
         changes = changes or ncfg.changes or None
         # The key names the configured encoder: an export made by this run does not change it.
@@ -322,9 +325,11 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, 
 
         corpus = stage("shard", shard)
         if spec.backend != "torch" and not spec.artifact_sha256:
-            # The first run with this encoder.backend: exported now (int8 calibrated on this
-            # snapshot's passages), then kept in <work_dir>/encoders for every later night.
-            spec = backends.attach(cfg, spec, build=True, passages_url=run_cfg.path("passages"))
+            # The first run with this encoder.backend: chosen (auto) and exported now (int8
+            # calibrated on this snapshot's passages), then kept in <work_dir>/encoders for every
+            # later night.
+            cfg = encoder_choice.resolve(cfg, build=True, passages_url=run_cfg.path("passages"))
+            spec = passage_spec(cfg, build=True, passages_url=run_cfg.path("passages"))
             fingerprint = spec.fingerprint()
             same_encoder = bool(baseline) and baseline["fingerprint"]["id"] == fingerprint["id"]
         diff = stage("diff", lambda: diff_passages(spark, run_cfg.path("passages"), old_live()))

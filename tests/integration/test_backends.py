@@ -201,3 +201,69 @@ def test_nightly_exports_once_and_then_reuses_every_vector(spark, tmp_path, tiny
     assert os.path.getmtime(meta_url) == mtime
     manifest = read_manifest(os.path.join(version_url(cfg.path("index_root"), second["version"]), MANIFEST))
     assert manifest.encoder["id"] == spec.fingerprint_id() and manifest.encoder["backend"] == "openvino"
+
+
+def test_openvino_threads_are_not_pinned_to_cores(corpus, tmp_path):
+    """Each concurrent Spark task is its own Python worker: pinned threads would all land on the
+    same cores (two 1-thread tasks measured 40 + 40 passages/s where one alone did 80)."""
+    enc = Encoder(passage_spec(with_backend(corpus, tmp_path, "openvino"), build=True))
+    assert enc.runner.compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
+def test_auto_measures_once_picks_the_fastest_that_keeps_quality_and_keeps_it(spark, corpus, tmp_path):
+    from dpr_lib import encoder_choice
+    from dpr_lib.index import build_index
+
+    cfg = with_backend(corpus, tmp_path, "auto")
+    with pytest.raises(EncoderError, match="no recorded choice"):
+        passage_spec(cfg)  # the merge job before any encode: nothing chosen yet
+    spec = passage_spec(cfg, build=True)
+    url = encoder_choice.record_url(cfg, resolve_spec(with_backend(corpus, tmp_path, "torch").encoder,
+                                                      cfg.path("cache_dir")))
+    record = json.loads(storage.read_bytes(url))
+    measured = [r for r in record["measured"] if "passages_per_s" in r]
+    assert [(r["backend"], r["quantize"]) for r in measured] == [
+        ("torch", "none"), ("onnx", "int8"), ("openvino", "none"), ("openvino", "int8")]  # fp32: no bf16 rows
+    qualifying = [r for r in measured if r is measured[0] or (r["mean_cosine"] >= 0.99 and r["min_cosine"] >= 0.96)]
+    best = max(qualifying, key=lambda r: r["passages_per_s"])
+    assert (spec.backend, spec.quantize, spec.dtype) == (best["backend"], best["quantize"], best["dtype"])
+    assert record["cpu"]["kind"] in ("amx", "avx512_bf16", "avx512", "avx2", "other") and record["threads"] == 1
+    fp = spec.fingerprint()
+    assert fp["chosen_by"].startswith(f"auto on {record['cpu']['kind']}")
+    explicit = passage_spec(with_backend(corpus, tmp_path, best["backend"], best["quantize"]))
+    assert explicit.fingerprint_id() == fp["id"], "the same vectors as naming that configuration"
+    mtime = os.path.getmtime(url)
+    assert passage_spec(cfg).fingerprint_id() == fp["id"] and os.path.getmtime(url) == mtime, "kept, not re-measured"
+    encode_passages(spark, cfg)
+    manifest = build_index(spark, cfg)
+    assert manifest.encoder["id"] == fp["id"] and manifest.encoder["chosen_by"] == fp["chosen_by"]
+    # A floor no lossy configuration reaches: only lossless ones qualify.
+    strict = passage_spec(with_backend(corpus, tmp_path / "strict", "auto", **{"encoder.auto_min_cosine": 1.0}),
+                          build=True)
+    assert strict.quantize == "none"
+
+
+def test_auto_settings_fail_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="encoder.backend=auto chooses the quantisation itself"):
+        make_config(tmp_path, "encoder.backend=auto", "encoder.quantize=int8")
+    with pytest.raises(ConfigError, match="encoder.auto_min_cosine must be within"):
+        make_config(tmp_path, "encoder.backend=auto", "encoder.auto_min_cosine=0")
+
+
+def test_nightly_with_auto_chooses_on_the_first_night_and_keeps_the_choice(spark, tmp_path, tiny_bert_dir):
+    from dpr_lib import encoder_choice
+    from dpr_lib.nightly import run_nightly
+
+    snapshot = write_jsonl(tmp_path / "snapshot.jsonl", synthetic_docs(30, 150, seed=5))
+    cfg = make_config(tmp_path, f"corpus.input={snapshot}", f"encoder.model={tiny_bert_dir}", "encoder.pooling=mean",
+                      "encoder.backend=auto", "encoder.calibration_rows=40", "encoder.dtype=fp32",
+                      "index.exact_below=100000")
+    first = run_nightly(spark, cfg)
+    assert first["encoded"] == 60
+    chosen = passage_spec(cfg)
+    url = encoder_choice.record_url(cfg, resolve_spec(load_config(None, [
+        f"encoder.model={tiny_bert_dir}", "encoder.pooling=mean", "encoder.dtype=fp32"]).encoder, cfg.path("cache_dir")))
+    mtime = os.path.getmtime(url)
+    second = run_nightly(spark, cfg)
+    assert second["encoded"] == 0 and second["reused"] == 60, "the same choice, so every vector is reused"
+    assert os.path.getmtime(url) == mtime and passage_spec(cfg).fingerprint_id() == chosen.fingerprint_id()
