@@ -71,9 +71,10 @@ def machine() -> dict:
         pass
     cores = os.cpu_count() or 1
     from dpr_lib.encode import cpu_has_native_bf16
+    from dpr_lib.encoder_choice import cpu_kind
 
     return {"cpu": cpu, "cores": cores, "python": platform.python_version(), "torch": torch.__version__,
-            "native_bf16": cpu_has_native_bf16(),
+            "native_bf16": cpu_has_native_bf16(), "cpu_kind": cpu_kind(),
             "fp32_gflops": round(matmul_gflops(torch.float32, cores), 1),
             "bf16_gflops": round(matmul_gflops(torch.bfloat16, cores), 1)}
 

@@ -41,9 +41,35 @@ def owned_by(key: str, part: str) -> bool:
     return key.startswith(part + ".") and not claimed
 
 
+PER_CPU_PREFIXES = ("encode.",)
+"""Figures that depend on the CPU's kind (its vector and matrix extensions): kept per kind in
+``by_cpu``, so a rerun on one kind does not erase another's; each entry is one run on one machine,
+so its ratios compare sides measured together."""
+
+
+def by_cpu_kind(previous: str, results: dict, details: dict, mach: dict, date: str) -> dict:
+    """``by_cpu`` of latest.json: the previous entries, this run's per-CPU figures under this
+    machine's kind. The first time, the flat figures of the previous file seed the kind of the
+    machine that measured them (its recorded features, else: no native bf16 = avx2)."""
+    old = json.load(open(previous)) if os.path.exists(previous) else {}
+    kinds = dict(old.get("by_cpu") or {})
+    if not kinds and any(k.startswith(PER_CPU_PREFIXES) for k in old):
+        m = old.get("machine", {})
+        kind = m.get("cpu_kind", {}).get("kind") or ("avx2" if not m.get("native_bf16") else "unknown")
+        kinds[kind] = {"machine": m, "date": old.get("date"),
+                       "figures": {k: v for k, v in old.items() if k.startswith(PER_CPU_PREFIXES)},
+                       "configs": old.get("details", {}).get("encode_configs")}
+    mine = {k: v for k, v in results.items() if k.startswith(PER_CPU_PREFIXES)}
+    if mine and not QUICK:
+        kinds[mach["cpu_kind"]["kind"]] = {"machine": mach, "date": date, "figures": mine,
+                                           "configs": details.get("encode_configs")}
+    return kinds
+
+
 def write_report(results: dict, details: dict, mach: dict, seconds: float) -> None:
     os.makedirs(OUT, exist_ok=True)
     previous = os.path.join(OUT, "latest.json")
+    measured = dict(results)  # this run's own figures (a partial run merges older ones in below)
     if ONLY and os.path.exists(previous):
         old = json.load(open(previous))
         keep = {k: v for k, v in old.items() if "." in k and not owned_by(k, ONLY)}
@@ -54,6 +80,7 @@ def write_report(results: dict, details: dict, mach: dict, seconds: float) -> No
                                   f"other figures from the full run of {full_date}"}
     doc = {**results, "machine": mach, "details": details, "quick": QUICK, "seconds": round(seconds, 1),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    doc["by_cpu"] = by_cpu_kind(previous, measured, details, mach, doc["date"])
     with open(os.path.join(OUT, "latest.json"), "w") as fh:
         json.dump(doc, fh, indent=2, sort_keys=True)
     lines = [f"# Benchmark results ({'quick' if QUICK else 'full'} run, {doc['date']})", "",
@@ -61,6 +88,15 @@ def write_report(results: dict, details: dict, mach: dict, seconds: float) -> No
              f"bf16 matmul {mach['bf16_gflops']} GFLOP/s (native bf16: {mach['native_bf16']}).", "",
              "| figure | value |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in sorted(results.items())]
+    kinds = doc["by_cpu"]
+    keys = sorted({k for e in kinds.values() for k in e["figures"]})
+    if kinds:
+        lines += ["", "## Per CPU kind (each column one run on one machine)", "",
+                  "| figure | " + " | ".join(f"{kind} ({e['machine'].get('cpu', '?')}, {e['date']})"
+                                             for kind, e in sorted(kinds.items())) + " |",
+                  "|---|" + "---|" * len(kinds)]
+        lines += [f"| `{k}` | " + " | ".join(str(e["figures"].get(k, "")) for _, e in sorted(kinds.items())) + " |"
+                  for k in keys]
     with open(os.path.join(OUT, "latest.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     import matplotlib
