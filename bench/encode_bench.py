@@ -23,8 +23,8 @@ def bench_encode(spark, results: dict, details: dict, mach: dict) -> None:
 
     corpus = os.path.join(WORK, "squad.jsonl")
     n_docs = squad_jsonl(corpus, N_PASSAGES)
-    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
-        f"paths.work_dir={WORK}/encode", f"corpus.input={corpus}", "corpus.num_files=8"])
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [  # torch: the row every other is compared with
+        f"paths.work_dir={WORK}/encode", f"corpus.input={corpus}", "corpus.num_files=8", "encoder.backend=torch"])
     shard_corpus(spark, cfg)
     passages = pa.concat_tables(pq.read_table(f) for f in storage.list_files(cfg.path("passages"), ".parquet"))
     passages = passages.slice(0, N_PASSAGES)

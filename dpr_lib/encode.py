@@ -225,6 +225,10 @@ def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage",
     else:
         normalize_b = normalize == "true"
     backend, quantize = (ecfg.backend, ecfg.quantize) if role == "passage" else ("torch", "none")
+    if backend == "auto":
+        # No choice applied (passage_spec and the nightly job apply the recorded one first): the
+        # torch model, as training and direct users of the weights need.
+        backend = "torch"
     dtype = ecfg.dtype
     if dtype == "auto" and backend == "onnx":
         dtype = "fp32"  # ONNX Runtime's CPU kernels: fp32 (and int8), no bf16

@@ -324,7 +324,7 @@ def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, 
             return out
 
         corpus = stage("shard", shard)
-        if spec.backend != "torch" and not spec.artifact_sha256:
+        if cfg.encoder.backend == "auto" or (spec.backend != "torch" and not spec.artifact_sha256):
             # The first run with this encoder.backend: chosen (auto) and exported now (int8
             # calibrated on this snapshot's passages), then kept in <work_dir>/encoders for every
             # later night.

@@ -102,7 +102,7 @@ def make_config(tmp_path, *overrides: str) -> Config:
 
 def encoder_sets(cfg: Config) -> list[str]:
     """``--set`` overrides naming ``cfg``'s encoder: another stage's config reads the same vectors."""
-    return [f"encoder.{k}={getattr(cfg.encoder, k)}" for k in ("model", "pooling", "normalize")]
+    return [f"encoder.{k}={getattr(cfg.encoder, k)}" for k in ("model", "pooling", "normalize", "backend")]
 
 
 def synthetic_docs(n: int, words_per_doc: int = 120, seed: int = 0) -> list[dict]:
