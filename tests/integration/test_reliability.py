@@ -62,7 +62,9 @@ def s3_cfg(base, tmp_path, endpoint: str, prefix: str, *extra: str):
 def job(script: str, sets: list[str], log_path, env: dict | None = None) -> subprocess.Popen:
     """Start a real job (its own driver, JVM and Python workers) in its own process group."""
     args = [sys.executable, os.path.join(REPO, "jobs", script), "--conf", CONF]
-    for s in ["spark.master=local[2]", *sets]:
+    # The library's default encoder, as make_config's clean runs use (conf/local.yaml's
+    # encoder.backend=auto is tested in test_backends.py); a test's own sets come after and win.
+    for s in ["spark.master=local[2]", "encoder.backend=torch", *sets]:
         args += ["--set", s]
     return subprocess.Popen(args, cwd=REPO, env={**os.environ, **(env or {})}, stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
