@@ -14,6 +14,7 @@ from common import (
     QUICK,
     REPO,
     RSS_SAMPLE,
+    TORCH,
     WORK,
     log,
     squad_questions,
@@ -39,7 +40,7 @@ def bench_index(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     overrides = [f"paths.work_dir={WORK}/index", f"paths.embeddings={emb_dir}",
                  f"paths.passages={enc_cfg.path('passages')}", "index.num_shards=4",
                  "publish.docstore=false"]  # synthetic pids: vectors only, as the FAISS baseline
-    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), overrides)
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [TORCH, *overrides])
     log(f"index: merge job on {N_VECTORS} synthetic vectors (real SQuAD embeddings + noise)")
     t = time.perf_counter()
     manifest = build_index(spark, cfg)
@@ -146,7 +147,7 @@ reset_peak_rss()  # this process's own peak, not the bench's it inherited at for
 from dpr_lib.config import load_config
 from dpr_lib.index import build_index
 from dpr_lib.spark import get_session
-cfg = load_config({os.path.join(REPO, 'conf', 'local.yaml')!r}, ['paths.work_dir={d}', 'paths.embeddings={emb_dir}',
+cfg = load_config({os.path.join(REPO, 'conf', 'local.yaml')!r}, ['{TORCH}', 'paths.work_dir={d}', 'paths.embeddings={emb_dir}',
     'paths.passages={os.path.join(WORK, 'encode', 'passages')}', 'index.max_train_sample={RSS_SAMPLE}',
     'index.factory=IVF{64 if QUICK else 256},Flat', 'index.recall_queries=64', 'publish.docstore=false'])
 build_index(get_session(cfg), cfg)

@@ -7,7 +7,7 @@ import os
 import time
 
 import numpy as np
-from common import QUICK, REPO, WORK, equal_sets, log, squad_jsonl, squad_questions, squad_remix_jsonl
+from common import QUICK, REPO, TORCH, WORK, equal_sets, log, squad_jsonl, squad_questions, squad_remix_jsonl
 
 
 def bench_nightly(spark, results: dict, details: dict) -> None:
@@ -38,7 +38,7 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
     target = float(os.environ.get("BENCH_NIGHTLY_TARGET", "0.999"))
 
     def cfg_for(name):
-        return load_config(os.path.join(REPO, "conf", "local.yaml"), [
+        return load_config(os.path.join(REPO, "conf", "local.yaml"), [TORCH,
             f"paths.work_dir={WORK}/nightly/{name}", f"corpus.input={snap}", "index.num_shards=2",
             f"paths.cache_dir={WORK}/cache", f"index.recall_questions={calibration}",
             f"index.recall_target={target}"])

@@ -25,7 +25,7 @@ import shutil
 import time
 
 import numpy as np
-from common import QUICK, REPO, WIKI, WORK, equal_sets, log, squad_questions
+from common import QUICK, REPO, TORCH, WIKI, WORK, equal_sets, log, squad_questions
 
 OUT = os.path.join(WORK, "nightly-scale")
 WORDS = 100 if QUICK else 60
@@ -87,7 +87,7 @@ def changefeed_run(spark, name: str, change_set: str) -> dict:
 
     work = os.path.join(OUT, name)
     base = json.load(open(os.path.join(work, "state", "base_success.json")))
-    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [TORCH,
         f"paths.work_dir={work}", f"paths.cache_dir={OUT}/cache", f"corpus.input={OUT}/{name}-v2.jsonl",
         f"corpus.words={WORDS}", f"index.recall_questions={OUT}/recall_questions.txt", "serve.warmup_queries=0",
         "publish.keep_versions=5", "nightly.keep_runs=5", "nightly.compact_ratio=1"])
@@ -217,7 +217,7 @@ def one_size(spark, name: str, snapshots: tuple[str, str], real: np.ndarray, que
     work = os.path.join(OUT, name)
     shutil.rmtree(work, ignore_errors=True)
     before, after = snapshots
-    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [TORCH,
         f"paths.work_dir={work}", f"paths.cache_dir={OUT}/cache", f"corpus.input={before}",
         f"corpus.words={WORDS}", f"index.recall_questions={questions_file}", "serve.warmup_queries=0",
         "publish.keep_versions=5", "nightly.keep_runs=5", "nightly.compact_ratio=1"])  # the delta is what is measured
@@ -231,7 +231,7 @@ def one_size(spark, name: str, snapshots: tuple[str, str], real: np.ndarray, que
         from dpr_lib.serve import IndexHolder
 
         node_cache = os.path.join(work, "node-cache")
-        holder = IndexHolder(load_config(os.path.join(REPO, "conf", "local.yaml"), [
+        holder = IndexHolder(load_config(os.path.join(REPO, "conf", "local.yaml"), [TORCH,
             f"paths.cache_dir={node_cache}", "serve.warmup_queries=0"]), root)
         assert holder.poll_once()
         base_download = holder.current.downloaded_bytes
@@ -321,7 +321,7 @@ def bench_nightly_scale(spark, results: dict, details: dict) -> None:
         fh.writelines(q.replace("\n", " ") + "\n" for q in squad_questions("dev-v1.1-part-a.json", 1024))
     from dpr_lib.config import load_config
 
-    real = real_vectors(load_config(os.path.join(REPO, "conf", "local.yaml"), [f"paths.cache_dir={OUT}/cache"]))
+    real = real_vectors(load_config(os.path.join(REPO, "conf", "local.yaml"), [TORCH, f"paths.cache_dir={OUT}/cache"]))
     log(f"nightly-scale: {len(docs)} articles, {len(change['changed'])} rewritten ({change['changed_words']} of "
         f"{change['total_words']} words), 10 deleted, 10 added; {len(real)} real vectors")
     big = one_size(spark, "big", write_snapshots(docs, list(range(len(docs))), change, os.path.join(OUT, "big")),

@@ -28,7 +28,7 @@ import time
 
 import common
 import numpy as np
-from common import QUICK, REPO, WIKI, log
+from common import QUICK, REPO, TORCH, WIKI, log
 
 WORK = os.path.join(common.WORK, "scale")
 DIM = 768
@@ -55,7 +55,7 @@ def corpus_stage(spark) -> tuple[dict, str]:
 
     files = sorted(glob.glob(os.path.join(WIKI, "*.jsonl.gz")))
     src = files[0] if QUICK else WIKI
-    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [TORCH,
         f"paths.work_dir={WORK}/corpus", f"corpus.input={src}", "corpus.num_files=8"])
     t = time.perf_counter()
     stats = shard_corpus(spark, cfg)
@@ -275,7 +275,7 @@ def _run(code: str, timeout: int = 3600) -> dict:
 
 def merge_job(emb_dir: str, n: int, queries_npy: str) -> dict:
     work = os.path.join(WORK, f"run-{n}")
-    overrides = [f"paths.work_dir={work}", f"paths.embeddings={emb_dir}", "publish.docstore=false",
+    overrides = [TORCH, f"paths.work_dir={work}", f"paths.embeddings={emb_dir}", "publish.docstore=false",
                  f"spark.conf={{spark.ui.enabled: 'false', spark.driver.memory: {DRIVER_MEMORY}}}",
                  "index.num_shards=2", "publish.keep_versions=1"]
     got = _run(MERGE.format(repo=REPO, conf=os.path.join(REPO, "conf", "local.yaml"), overrides=overrides,

@@ -9,7 +9,18 @@ import sys
 import time
 
 import numpy as np
-from common import N_VECTORS, QUICK, REPO, SQUAD, WORK, log, squad_questions, synthetic_embeddings, write_embeddings
+from common import (
+    N_VECTORS,
+    QUICK,
+    REPO,
+    SQUAD,
+    TORCH,
+    WORK,
+    log,
+    squad_questions,
+    synthetic_embeddings,
+    write_embeddings,
+)
 
 SERVE_BUDGET = 96  # bytes per passage resident: 1/16 of float32 at d = 384
 
@@ -73,7 +84,7 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     # as a service returning 20 passages should: on SQuAD each point of recall lost costs about a
     # point of top-20 accuracy (recall@20 0.9915 lost 1.07 points; the merge job's default,
     # recall@10 >= 0.95, about 3).
-    compact = [f"index.bytes_per_vector={SERVE_BUDGET}", "index.num_shards=2", "index.recall_target=0.995",
+    compact = [TORCH, f"index.bytes_per_vector={SERVE_BUDGET}", "index.num_shards=2", "index.recall_target=0.995",
                "index.recall_k=20"]
     qtexts = squad_questions("dev-v1.1-part-a.json", 200 if QUICK else 1000)
     qvecs = get_encoder(resolve_spec(enc_cfg.encoder, enc_cfg.path("cache_dir"), role="question")).encode(None, qtexts)
