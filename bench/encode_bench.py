@@ -114,13 +114,9 @@ def backends_part(spark, cfg, joined: list[str], st_pps: float, torch_row: dict,
     kept (SQuAD dev part a top-20, BEIR nDCG@10) for the fast ones; sentence-transformers' own
     backends (torch, onnx, openvino, with their int8 exports) in a bench-only virtualenv. The best
     shipped configuration is the fastest whose retention is >= 0.99 on both sets."""
-    import dataclasses
-    import shutil
 
-    import pyarrow.parquet as pq
 
-    from dpr_lib import backends, storage
-    from dpr_lib.encode import encode_passages, passage_spec
+    from dpr_lib import backends
 
     fp32_ref = fp32_reference(cfg)
     rows = [torch_row]
@@ -130,27 +126,10 @@ def backends_part(spark, cfg, joined: list[str], st_pps: float, torch_row: dict,
         except Exception as exc:  # noqa: BLE001 - an extra that is not installed is reported
             rows.append({"backend": backend, "quantize": quantize, "error": str(exc)})
             continue
-        c = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, backend=backend, quantize=quantize),
-                                paths=dataclasses.replace(cfg.paths, embeddings=cfg.path("embeddings") + f"-{backend}-{quantize}"))
-        shutil.rmtree(c.path("embeddings"), ignore_errors=True)
-        t = time.perf_counter()
-        spec = passage_spec(c, build=True)  # once per model: not part of the job's speed
-        export_s = time.perf_counter() - t
-        t = time.perf_counter()
-        stats = encode_passages(spark, c)
-        s = time.perf_counter() - t
-        got = {}
-        for f in storage.list_files(c.path("embeddings"), ".parquet"):
-            tb = pq.read_table(f)
-            got.update(zip(tb.column("pid").to_pylist(), np.stack(tb.column("vector").to_numpy(zero_copy_only=False))))
-        pids = [p for p in fp32_ref if p in got]
-        x, y = np.stack([got[p] for p in pids]), np.stack([fp32_ref[p] for p in pids])
-        cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
-        rows.append({"backend": backend, "quantize": quantize, "dtype": spec.dtype,
-                     "passages_per_s": stats["passages_encoded"] / s, "export_s": round(export_s, 1),
-                     "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())})
-        log(f"encode: {backend} {quantize}: job {rows[-1]['passages_per_s']:.1f} p/s, cosine to fp32 min "
-            f"{cos.min():.4f} mean {cos.mean():.4f} (export {export_s:.0f}s)")
+        spec, row = through_the_job(spark, cfg, backend, quantize, fp32_ref)
+        rows.append({"backend": backend, "quantize": quantize, "dtype": spec.dtype, **row})
+        log(f"encode: {backend} {quantize}: job {row['passages_per_s']:.1f} p/s, cosine to fp32 min "
+            f"{row['min_cosine']:.4f} mean {row['mean_cosine']:.4f} (export {row['export_s']:.0f}s)")
     # The shipped configuration: encoder.backend=auto (its choice, measured once and kept, is made
     # before the timing, as the exports above are), through the same encode job.
     auto = auto_row(spark, cfg, fp32_ref)
@@ -201,9 +180,10 @@ def backends_part(spark, cfg, joined: list[str], st_pps: float, torch_row: dict,
                                  "st_fastest": fastest, "st_default_passages_per_s": round(st_pps, 2)}
 
 
-def auto_row(spark, cfg, fp32_ref: dict) -> dict:
-    """encoder.backend=auto through the encode job: its choice (measured on this machine, recorded
-    in the bench's work dir), then the job's speed and its vectors' cosine to fp32."""
+def through_the_job(spark, cfg, backend: str, quantize: str, fp32_ref: dict):
+    """(spec, figures) of one configuration through the encode job on the bench's passages: the
+    export (or, for auto, the choice) made first and timed apart (``export_s``), the job's
+    passages/s, and the cosine of its vectors to the fp32 reference."""
     import dataclasses
     import shutil
 
@@ -212,13 +192,14 @@ def auto_row(spark, cfg, fp32_ref: dict) -> dict:
     from dpr_lib import storage
     from dpr_lib.encode import encode_passages, passage_spec
 
-    c = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, backend="auto", quantize="none"),
-                            paths=dataclasses.replace(cfg.paths, embeddings=cfg.path("embeddings") + "-auto"))
+    c = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, backend=backend, quantize=quantize),
+                            paths=dataclasses.replace(cfg.paths, embeddings=cfg.path("embeddings") + f"-{backend}-{quantize}"))
     shutil.rmtree(c.path("embeddings"), ignore_errors=True)
-    forget_auto_choice(c)
+    if backend == "auto":
+        forget_auto_choice(c)
     t = time.perf_counter()
-    spec = passage_spec(c, build=True)
-    choose_s = time.perf_counter() - t
+    spec = passage_spec(c, build=True)  # once per model: not part of the job's speed
+    export_s = time.perf_counter() - t
     t = time.perf_counter()
     stats = encode_passages(spark, c)
     s = time.perf_counter() - t
@@ -229,10 +210,17 @@ def auto_row(spark, cfg, fp32_ref: dict) -> dict:
     pids = [p for p in fp32_ref if p in got]
     x, y = np.stack([got[p] for p in pids]), np.stack([fp32_ref[p] for p in pids])
     cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    return spec, {"passages_per_s": stats["passages_encoded"] / s, "export_s": round(export_s, 1),
+                  "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+
+
+def auto_row(spark, cfg, fp32_ref: dict) -> dict:
+    """encoder.backend=auto through the encode job: its choice (measured on this machine, recorded
+    in the bench's work dir; ``choose_s``), then the job's speed and its vectors' cosine to fp32."""
+    spec, fig = through_the_job(spark, cfg, "auto", "none", fp32_ref)
+    choose_s = fig.pop("export_s")
     row = {"backend": spec.backend, "quantize": spec.quantize, "dtype": spec.dtype, "auto": True,
-           "chosen_by": spec.chosen_by, "choose_s": round(choose_s, 1),
-           "passages_per_s": stats["passages_encoded"] / s, "min_cosine": float(cos.min()),
-           "mean_cosine": float(cos.mean())}
+           "chosen_by": spec.chosen_by, "choose_s": choose_s, **fig}
     log(f"encode: auto chose {spec.backend} {spec.quantize} {spec.dtype} in {choose_s:.0f}s ({spec.chosen_by}); "
         f"job {row['passages_per_s']:.1f} p/s")
     return row

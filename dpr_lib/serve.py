@@ -331,6 +331,14 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
                     headers={**(headers or {}), "x-error-code": code})
 
 
+def internal_error(what: str):
+    """A 500 for an unexpected failure: the traceback goes to the log under an id the client is
+    given, nothing of it to the client. Call from an ``except`` block."""
+    ref = uuid.uuid4().hex[:12]
+    log.exception("%s (error %s)", what, ref)
+    return error_response(500, "internal", f"{what}; the server log has the details (error {ref})")
+
+
 class CountedASGI:
     """Counts every response by endpoint and status (errors also by reason, from ``x-error-code``)
     and times it; an exception that escapes the application before its response began becomes a
@@ -367,10 +375,7 @@ class CountedASGI:
         except Exception:  # noqa: BLE001 - no failure reaches the client as anything but the JSON shape
             if status is not None:
                 raise  # the response began: uvicorn closes the connection
-            ref = uuid.uuid4().hex[:12]
-            log.exception("unhandled error on %s (error %s)", endpoint, ref)
-            response = error_response(500, "internal", f"internal error; the server log has the details (error {ref})")
-            await response(scope, receive_watched, send_watched)
+            await internal_error(f"internal error on {endpoint}")(scope, receive_watched, send_watched)
         finally:
             if status is not None and not gone:
                 self.on_response(endpoint, status, reason, time.perf_counter() - t0)
@@ -479,9 +484,7 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
             return error_response(400, "bad_question", f"a question could not be searched: {type(exc).__name__}: "
                                   f"{public_reason(ascii(str(exc))[1:-1], 200)}")
         except Exception:  # noqa: BLE001 - only this request fails; the details go to the log
-            ref = uuid.uuid4().hex[:12]
-            log.exception("search failed (error %s)", ref)
-            return error_response(500, "internal", f"search failed; the server log has the details (error {ref})")
+            return internal_error("search failed")
         body = {"version": loaded.version, "mode": mode or loaded.searcher.mode,
                 "took_ms": round((time.perf_counter() - t0) * 1000, 2), "results": [
             {"question": q, "hits": [{"pid": h.pid, "score": h.score, "doc_id": h.doc_id, "title": h.title,
