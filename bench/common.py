@@ -73,7 +73,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     cores = os.cpu_count() or 1
-    from dpr_lib.encode import cpu_has_native_bf16
+    from dpr_lib.encoder import cpu_has_native_bf16
     from dpr_lib.encoder_choice import cpu_kind
 
     return {"cpu": cpu, "cores": cores, "python": platform.python_version(), "torch": torch.__version__,

@@ -19,7 +19,8 @@ def bench_encode(spark, results: dict, details: dict, mach: dict) -> None:
     from dpr_lib import storage
     from dpr_lib.config import load_config
     from dpr_lib.corpus import shard_corpus
-    from dpr_lib.encode import Encoder, encode_passages, resolve_spec
+    from dpr_lib.encode import encode_passages
+    from dpr_lib.encoder import Encoder, resolve_spec
 
     corpus = os.path.join(WORK, "squad.jsonl")
     n_docs = squad_jsonl(corpus, N_PASSAGES)
@@ -190,7 +191,8 @@ def through_the_job(spark, cfg, backend: str, quantize: str, fp32_ref: dict):
     import pyarrow.parquet as pq
 
     from dpr_lib import storage
-    from dpr_lib.encode import encode_passages, passage_spec
+    from dpr_lib.encode import encode_passages
+    from dpr_lib.encoder_choice import passage_spec
 
     c = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, backend=backend, quantize=quantize),
                             paths=dataclasses.replace(cfg.paths, embeddings=cfg.path("embeddings") + f"-{backend}-{quantize}"))
@@ -243,7 +245,7 @@ def fp32_reference(cfg) -> dict:
     import pyarrow.parquet as pq
 
     from dpr_lib import storage
-    from dpr_lib.encode import Encoder, resolve_spec
+    from dpr_lib.encoder import Encoder, resolve_spec
 
     enc = Encoder(resolve_spec(dataclasses.replace(cfg.encoder, dtype="fp32"), cfg.path("cache_dir")))
     out = {}
@@ -285,7 +287,7 @@ def st_setups(cfg, joined: list[str]) -> dict:
     import subprocess
 
     from dpr_lib.backends import calibration_sample
-    from dpr_lib.encode import resolve_spec
+    from dpr_lib.encoder import resolve_spec
 
     py = os.path.join(ST_VENV, "bin", "python")
     if not os.path.exists(py):
@@ -330,7 +332,9 @@ def spark_overhead(spark, results: dict, details: dict, mach: dict) -> None:
     from dpr_lib import storage
     from dpr_lib.config import load_config
     from dpr_lib.corpus import shard_corpus
-    from dpr_lib.encode import Encoder, encode_passages, passage_spec
+    from dpr_lib.encode import encode_passages
+    from dpr_lib.encoder import Encoder
+    from dpr_lib.encoder_choice import passage_spec
 
     work = os.path.join(WORK, "encode-20k")
     src = os.path.join(work, "wiki.jsonl")

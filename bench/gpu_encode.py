@@ -37,7 +37,7 @@ def main() -> int:
     from sentence_transformers import SentenceTransformer
 
     from dpr_lib.config import EncoderConfig
-    from dpr_lib.encode import Encoder, resolve_spec
+    from dpr_lib.encoder import Encoder, resolve_spec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)

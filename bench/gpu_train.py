@@ -34,12 +34,12 @@ def main() -> int:
 
     import torch
 
-    from dpr_lib import encode
+    from dpr_lib import encoder
     from dpr_lib.bm25 import Passages
     from dpr_lib.cli import setup_logging
     from dpr_lib.config import load_config
     from dpr_lib.datasets import load_squad
-    from dpr_lib.encode import get_encoder, resolve_spec
+    from dpr_lib.encoder import get_encoder, resolve_spec
     from dpr_lib.metrics import qa_metrics
     from dpr_lib.train import train_encoder
 
@@ -78,7 +78,7 @@ def main() -> int:
         np.savez_compressed(os.path.join(args.out, f"{name}.npz"), scores=top_s.cpu().numpy(), pids=pids)
         shutil.rmtree(os.path.join(scratch, f"model-{name}"), ignore_errors=True)
 
-        encode._ENCODERS.clear()
+        encoder.clear_cache()
         torch.cuda.empty_cache()
     return 0
 

@@ -14,7 +14,7 @@ def bench_nightly(spark, results: dict, details: dict) -> None:
     """5% of documents changed: incremental run vs a full rebuild of the same snapshot, both through
     jobs' library entry point (run_nightly), and top-10 agreement of the two indexes."""
     from dpr_lib.config import load_config
-    from dpr_lib.encode import Encoder, resolve_spec
+    from dpr_lib.encoder import Encoder, resolve_spec
     from dpr_lib.nightly import run_nightly
     from dpr_lib.search import ShardedIndex
 

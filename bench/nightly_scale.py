@@ -83,7 +83,7 @@ def changefeed_run(spark, name: str, change_set: str) -> dict:
     version), the change given as a change set: the whole run's seconds."""
     from dpr_lib.config import load_config
     from dpr_lib.manifest import set_latest
-    from dpr_lib.nightly import _write_json, run_nightly
+    from dpr_lib.nightly import baseline_url, run_nightly, write_json
 
     work = os.path.join(OUT, name)
     base = json.load(open(os.path.join(work, "state", "base_success.json")))
@@ -91,7 +91,7 @@ def changefeed_run(spark, name: str, change_set: str) -> dict:
         f"paths.work_dir={work}", f"paths.cache_dir={OUT}/cache", f"corpus.input={OUT}/{name}-v2.jsonl",
         f"corpus.words={WORDS}", f"index.recall_questions={OUT}/recall_questions.txt", "serve.warmup_queries=0",
         "publish.keep_versions=5", "nightly.keep_runs=5", "nightly.compact_ratio=1"])
-    _write_json(os.path.join(work, "state", "last_success.json"), base)
+    write_json(baseline_url(cfg), base)
     set_latest(cfg.path("index_root"), base["version"])
     t = time.time()
     report = run_nightly(spark, cfg, changes=change_set)
@@ -138,7 +138,7 @@ def real_vectors(cfg) -> np.ndarray:
         return np.concatenate([np.stack(pq.read_table(os.path.join(emb, f), columns=["vector"]).column("vector")
                                         .to_numpy(zero_copy_only=False)) for f in sorted(os.listdir(emb))
                                if f.endswith(".parquet")]).astype(np.float32)
-    from dpr_lib.encode import Encoder, resolve_spec
+    from dpr_lib.encoder import Encoder, resolve_spec
 
     docs = articles()[:300]
     texts = [" ".join(d["text"].split()[i:i + 100]) for d in docs for i in range(0, 1000, 100)][:3000]
@@ -149,18 +149,19 @@ def baseline(spark, cfg, real: np.ndarray) -> dict:
     """The first run, with synthetic vectors for the passages: the nightly's shard stage, an
     Embeddings table as the encode job writes it, the merge job, and the state a run leaves."""
     from dpr_lib import storage
+    from dpr_lib.changes import merge_embeddings
     from dpr_lib.config import join_url
     from dpr_lib.corpus import shard_corpus
-    from dpr_lib.encode import resolve_spec
+    from dpr_lib.encoder import resolve_spec
     from dpr_lib.index import build_index
-    from dpr_lib.nightly import _merged_embeddings, _slim, _with_paths, _write_json, resume_key
+    from dpr_lib.nightly import corpus_counts, record_baseline, resume_key, run_paths, write_json
 
     fp = resolve_spec(cfg.encoder, cfg.path("cache_dir")).fingerprint()
     run = "00000000T000000Z-base00"
     run_dir = join_url(cfg.path("work_dir"), "runs", run)
-    run_cfg = _with_paths(cfg, run_dir)
+    run_cfg = run_paths(cfg, run_dir)
     t = time.time()
-    corpus = _slim(shard_corpus(spark, run_cfg))
+    corpus = corpus_counts(shard_corpus(spark, run_cfg))
     shard_s = time.time() - t
     bc = spark.sparkContext.broadcast(real)
     dim = real.shape[1]
@@ -185,7 +186,7 @@ def baseline(spark, cfg, real: np.ndarray) -> dict:
     passages = spark.read.parquet(storage.resolve_table(run_cfg.path("passages"))).select("pid", "content_hash")
     schema = "pid long, content_hash string, vector array<float>"
     t = time.time()
-    emb_url = _merged_embeddings(spark, run_dir, lambda: passages.mapInArrow(vectors, schema), fp)
+    emb_url = merge_embeddings(spark, run_dir, lambda: passages.mapInArrow(vectors, schema), fp)
     emb_s = time.time() - t
     t = time.time()
     counts = {"input_records": corpus["input_records"], "docs": corpus["docs"], "rejects": corpus["rejects"],
@@ -193,12 +194,10 @@ def baseline(spark, cfg, real: np.ndarray) -> dict:
     manifest = build_index(spark, run_cfg, None, {"encoder": fp, "compaction": {"kind": "full", "reason": "first run"}},
                            counts=counts)
     index_s = time.time() - t
-    _write_json(join_url(run_dir, "state.json"), {"run": run, "key": resume_key(cfg, fp["id"]),
+    write_json(join_url(run_dir, "state.json"), {"run": run, "key": resume_key(cfg, fp["id"]),
                                                   "done": ["shard", "diff", "encode", "publish"],
                                                   "seconds": {}, "published": True})
-    state = {"run": run, "passages": run_cfg.path("passages"), "passages_count": corpus["passages"],
-             "embeddings": [emb_url], "fingerprint": fp, "version": manifest.version}
-    _write_json(join_url(cfg.path("work_dir"), "state", "last_success.json"), state)
+    record_baseline(cfg, run, run_cfg.path("passages"), corpus["passages"], [emb_url], fp, manifest.version)
     return {"passages": corpus["passages"], "version": manifest.version, "factory": manifest.factory,
             "nprobe": manifest.nprobe, "k_factor": manifest.k_factor,
             "seconds": {"shard": round(shard_s, 1), "embeddings": round(emb_s, 1), "index": round(index_s, 1)}}
@@ -212,7 +211,7 @@ def one_size(spark, name: str, snapshots: tuple[str, str], real: np.ndarray, que
              serve_check: bool) -> dict:
     from dpr_lib.config import join_url, load_config
     from dpr_lib.manifest import MANIFEST, read_manifest, set_latest, version_url
-    from dpr_lib.nightly import _write_json, run_nightly
+    from dpr_lib.nightly import baseline_url, run_nightly, write_json
 
     work = os.path.join(OUT, name)
     shutil.rmtree(work, ignore_errors=True)
@@ -256,14 +255,14 @@ def one_size(spark, name: str, snapshots: tuple[str, str], real: np.ndarray, que
     out["delta_written_bytes"] = dir_bytes(version_url(root, delta["version"]))
     # The same snapshot compacted: the delta run's first three stages are shared (restored as an
     # unfinished run that the next run resumes), its publish stage is today's full rebuild.
-    _write_json(os.path.join(work, "state", "last_success.json"), json.loads(saved))
+    write_json(baseline_url(cfg), json.loads(saved))
     set_latest(root, base["version"])
     run_dir = os.path.join(work, "runs", delta["run"])
     state = json.load(open(os.path.join(run_dir, "state.json")))
     state.update(published=False, done=["shard", "diff", "encode"])
     state.pop("publish", None)
     state["seconds"].pop("publish", None)
-    _write_json(os.path.join(run_dir, "state.json"), state)
+    write_json(os.path.join(run_dir, "state.json"), state)
     # The rebuild keeps the quantizer whatever its recall sweep says (the drift check would retrain
     # when the synthetic base and the real changed passages differ): the comparison is with the
     # same quantizer, as the delta has.

@@ -74,7 +74,7 @@ def real_vectors(passages_url: str) -> tuple[np.ndarray, dict]:
 
     from dpr_lib import storage
     from dpr_lib.config import EncoderConfig
-    from dpr_lib.encode import Encoder, resolve_spec
+    from dpr_lib.encoder import Encoder, resolve_spec
 
     cache = os.path.join(WORK, f"real-{N_REAL}.npy")
     if os.path.exists(cache):
@@ -368,7 +368,7 @@ def bench_scale(spark, results: dict, details: dict) -> None:
     q_lift = lift(real.shape[1])
     # The configured (bundled) encoder's fingerprint, so the merge job accepts the table; dim 768.
     from dpr_lib.config import EncoderConfig
-    from dpr_lib.encode import resolve_spec
+    from dpr_lib.encoder import resolve_spec
 
     fingerprint = {**resolve_spec(EncoderConfig(), os.path.join(WORK, "cache")).fingerprint(), "dim": DIM}
     metadata = {"dpr.fingerprint": json.dumps(fingerprint)}
@@ -430,7 +430,7 @@ def encoder_shape(passages_url: str) -> tuple[float, dict]:
 
     from dpr_lib import storage
     from dpr_lib.config import EncoderConfig
-    from dpr_lib.encode import Encoder, resolve_spec
+    from dpr_lib.encoder import Encoder, resolve_spec
 
     spec = resolve_spec(EncoderConfig(), os.path.join(WORK, "cache"))
     first = pq.read_table(storage.list_files(passages_url, ".parquet")[0], columns=["title", "text"]).slice(0, 2000)

@@ -73,7 +73,7 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
     import httpx
 
     from dpr_lib.config import load_config
-    from dpr_lib.encode import get_encoder, resolve_spec
+    from dpr_lib.encoder import get_encoder, resolve_spec
     from dpr_lib.index import build_index
     from dpr_lib.manifest import set_latest
     from dpr_lib.search import ShardedIndex

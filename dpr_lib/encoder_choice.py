@@ -38,11 +38,12 @@ import time
 
 import numpy as np
 
-from dpr_lib import storage
-from dpr_lib.backends import calibration_sample, require
+from dpr_lib import backends, storage
+from dpr_lib.backends import calibration_sample
 from dpr_lib.config import Config, join_url
-from dpr_lib.encode import Encoder, cpu_has_native_bf16, cuda_available, passage_spec, resolve_spec
+from dpr_lib.encoder import Encoder, EncoderSpec, cpu_has_native_bf16, cuda_available, resolve_spec
 from dpr_lib.errors import EncoderError
+from dpr_lib.runtimes import require
 
 log = logging.getLogger("dpr_lib.encoder_choice")
 
@@ -181,3 +182,13 @@ def measure(cfg: Config, passages_url: str) -> dict:
     return {"backend": best["backend"], "quantize": best["quantize"], "dtype": best["dtype"], "cpu": cpu,
             "host": socket.gethostname(), "pid": os.getpid(), "date": when, "threads": threads,
             "sample_rows": len(texts), "min_cosine_floor": floor, "measured": rows, "summary": summary}
+
+
+def passage_spec(cfg: Config, build: bool = False, passages_url: str | None = None) -> EncoderSpec:
+    """The configured passage encoder, with its exported model attached when encoder.backend is
+    onnx/openvino (made first when ``build``; see :func:`dpr_lib.backends.attach`)."""
+    cfg, chosen_by = choose(cfg, build, passages_url)  # encoder.backend: auto
+    spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), role="passage", storage_options=cfg.storage_options())
+    if chosen_by:
+        spec = dataclasses.replace(spec, chosen_by=chosen_by)
+    return backends.attach(cfg, spec, build=build, passages_url=passages_url)

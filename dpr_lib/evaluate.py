@@ -41,16 +41,8 @@ from dpr_lib.bm25 import Passages, bm25_topk
 from dpr_lib.config import Config
 from dpr_lib.datasets import load_dataset
 from dpr_lib.errors import InputError
-from dpr_lib.metrics import (
-    FUSIONS,
-    choose_fusion,
-    fuse,
-    fusion_candidates,
-    qa_metrics,
-    qrels_metrics,
-    split_questions,
-    tuning_metrics,
-)
+from dpr_lib.fusion import FUSIONS, choose_fusion, fuse, fusion_candidates, tuning_metrics
+from dpr_lib.metrics import qa_metrics, qrels_metrics, split_questions
 
 log = logging.getLogger("dpr_lib.evaluate")
 
@@ -147,11 +139,12 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
 
     ``spark`` is a SparkSession or a function returning one (called once the dataset has been
     read and checked, so bad input fails before a JVM starts)."""
-    from dpr_lib import index as ix
     from dpr_lib import storage
     from dpr_lib.corpus import shard_corpus
-    from dpr_lib.encode import encode_passages, get_encoder, resolve_spec
-    from dpr_lib.index import build_index
+    from dpr_lib.encode import encode_passages
+    from dpr_lib.encoder import get_encoder, resolve_spec
+    from dpr_lib.index import build_index, exact_topk
+    from dpr_lib.index_ops import recall_at_k
     from dpr_lib.search import Searcher
     from dpr_lib.spark import task_errors
 
@@ -207,7 +200,7 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     timings["bm25"] = round(time.time() - t, 1)
     t = time.time()
     with task_errors():
-        runs["dense_exact"] = ix.exact_topk(spark, storage.list_files(cfg.path("embeddings"), ".parquet"), qvecs, k,
+        runs["dense_exact"] = exact_topk(spark, storage.list_files(cfg.path("embeddings"), ".parquet"), qvecs, k,
                                             manifest.dim)
     timings["dense_exact"] = round(time.time() - t, 1)
     t = time.time()
@@ -217,7 +210,7 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     runs["hybrid"] = fuse([runs["bm25"], runs["dense_ivf"]], k, fusion, rrf_k, weights)
 
     t = time.time()
-    ivf_recall = ix.recall_at_k(runs["dense_ivf"][1][:, :10], runs["dense_exact"][1][:, :10])
+    ivf_recall = recall_at_k(runs["dense_ivf"][1][:, :10], runs["dense_exact"][1][:, :10])
     tuning = None
     if tune_fraction:
         runs, ds, tuning = _tune(runs, ds, table, k, tune_fraction, cfg.index.seed)

@@ -135,11 +135,11 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
     """The version at ``manifest_url`` searched on ``data`` as a service would (question encoder,
     shards, sparse side, docstore): top-k accuracy (QA pairs) or nDCG@10 over the hits' doc ids
     (judged queries) of dense, and, when the version has a sparse side, of bm25 and of every fusion
-    candidate (:func:`dpr_lib.metrics.fusion_candidates`). Returns (figures, fusion): ``figures``
+    candidate (:func:`dpr_lib.fusion.fusion_candidates`). Returns (figures, fusion): ``figures``
     for the manifest's ``validation`` (``value`` is dense's, ``by_mode`` each mode's), ``fusion``
     the best candidate, what ``mode: auto``/``hybrid`` will serve ({} without a sparse side)."""
-    from dpr_lib.metrics import choose_fusion, fusion_candidates
-    from dpr_lib.search import DEFAULT_FUSION, Searcher
+    from dpr_lib.fusion import DEFAULT_FUSION, choose_fusion, fusion_candidates
+    from dpr_lib.search import Searcher
 
     t = time.time()
     qa = data.answers is not None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from dpr_lib import storage
 from dpr_lib.errors import ConfigError, EncoderError, IncompatibleIndexError, InputError
 
 log = logging.getLogger("dpr_lib.index_ops")
@@ -393,12 +393,6 @@ def _rerank_block(queries, cand_ids, store_pids, store_vecs, k):
     return merge_topk([np.where(valid, scores, -np.inf).astype(np.float32)], [np.where(valid, cand_ids, -1)], k)
 
 
-def local_tmp_dir() -> str | None:
-    """Spark's local scratch directory on an executor (SPARK_LOCAL_DIRS), else the system's."""
-    local_dirs = [d for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(",") if d and os.path.isdir(d)]
-    return local_dirs[0] if local_dirs else None
-
-
 def reset_peak_rss() -> None:
     """Start this process's peak-RSS count afresh (Linux: VmHWM), so a reused Python worker
     reports the peak of the current task only. Best effort. (``getrusage``'s ru_maxrss cannot be
@@ -429,7 +423,7 @@ class RerankStoreWriter:
 
     def __init__(self, dim: int):
         self.dim = dim
-        self.dir = tempfile.mkdtemp(prefix="dpr-rerank-", dir=local_tmp_dir())
+        self.dir = tempfile.mkdtemp(prefix="dpr-rerank-", dir=storage.local_tmp_dir())
         self._pids = open(f"{self.dir}/pids.raw", "wb")
         self._vecs = open(f"{self.dir}/vecs.raw", "wb")
         self.n = 0

@@ -21,8 +21,10 @@ A run:
    The manifest's ``compaction`` says which and why;
 6. records the run as the new baseline (``<work_dir>/state/last_success.json``) and releases the lock.
 
-Stages are idempotent and recorded in ``<work_dir>/runs/<run>/state.json``: a failed run is
-resumed by the next one from the stages it finished.
+Stages (:class:`NightlyRun`: ``shard``, ``diff``, ``encode``, ``publish``) are idempotent and
+recorded in ``<work_dir>/runs/<run>/state.json`` by :class:`Stages`: a failed run is resumed by the
+next one from the stages it finished. The Spark tables it reads and writes are
+:mod:`dpr_lib.changes`; a version is published through :mod:`dpr_lib.index`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ import time
 import uuid
 
 from dpr_lib import backends, encoder_choice, storage
+from dpr_lib.changes import (
+    diff_passages,
+    full_passages,
+    live_passages,
+    merge_embeddings,
+    passages_chain,
+    read_changes,
+    run_passages,
+)
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import DprError, InputError
 
@@ -106,12 +117,38 @@ class RunLock:
 
 # ---------------------------------------------------------------- state
 
-def _read_json(url: str) -> dict | None:
+def read_json(url: str) -> dict | None:
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
 
 
-def _write_json(url: str, doc: dict) -> None:
+def write_json(url: str, doc: dict) -> None:
+    """Atomically (a reader sees the old document or the new one, never a part)."""
     storage.write_bytes_atomic(url, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
+
+
+class Stages:
+    """A small resumable stage runner: ``run(name, fn)`` returns the recorded result of a stage an
+    earlier attempt finished, else runs ``fn`` and records its result, then writes the whole state
+    atomically. A stage that raises is not recorded, so the next attempt runs it again."""
+
+    def __init__(self, url: str, state: dict):
+        self.url, self.state = url, state
+        state.setdefault("done", [])
+        state.setdefault("seconds", {})
+
+    def run(self, name: str, fn):
+        if name in self.state["done"]:
+            return self.state.get(name)
+        t = time.time()
+        result = fn()
+        self.state[name] = result
+        self.state["done"].append(name)
+        self.state["seconds"][name] = round(time.time() - t, 2)
+        self.save()
+        return result
+
+    def save(self) -> None:
+        write_json(self.url, self.state)
 
 
 def resume_key(cfg: Config, fingerprint_id: str, changes: str | None = None) -> str:
@@ -130,14 +167,14 @@ def resume_key(cfg: Config, fingerprint_id: str, changes: str | None = None) -> 
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _unfinished_run(cfg: Config, key: str) -> dict | None:
+def unfinished_run(cfg: Config, key: str) -> dict | None:
     """The state of the newest run that did not publish, if it was for the same snapshot (to resume it)."""
     runs = join_url(cfg.path("work_dir"), "runs")
     fs, path = storage.get_fs(runs)
     if not fs.exists(path):
         return None
     for name in sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True):
-        state = _read_json(join_url(runs, name, "state.json"))
+        state = read_json(join_url(runs, name, "state.json"))
         if state and not state.get("published"):
             return state if state.get("key") == key else None
         if state and state.get("published"):
@@ -145,377 +182,45 @@ def _unfinished_run(cfg: Config, key: str) -> dict | None:
     return None
 
 
-def diff_passages(spark, new_url: str, old=None) -> dict:
-    """Counts of new / changed / unchanged / deleted passages (by pid and content_hash); ``old``:
-    the previous live Passages (a DataFrame with pid, content_hash), None on a first run."""
-    from pyspark.sql import functions as F
-
-    new = spark.read.parquet(storage.resolve_table(new_url)).select("pid", F.col("content_hash").alias("h_new"))
-    if old is None:
-        return {"new": new.count(), "changed": 0, "unchanged": 0, "deleted": 0}
-    old = old.select("pid", F.col("content_hash").alias("h_old"))
-    row = (new.join(old, "pid", "full_outer").agg(
-        F.sum(F.when(F.col("h_old").isNull(), 1).otherwise(0)).alias("new"),
-        F.sum(F.when(F.col("h_new").isNull(), 1).otherwise(0)).alias("deleted"),
-        F.sum(F.when(F.col("h_new") == F.col("h_old"), 1).otherwise(0)).alias("unchanged"),
-        F.sum(F.when(F.col("h_new") != F.col("h_old"), 1).otherwise(0)).alias("changed")).first())
-    return {k: int(row[k] or 0) for k in ("new", "changed", "unchanged", "deleted")}
+def baseline_url(cfg: Config) -> str:
+    """The last successful run's record: what the next run diffs against and reuses."""
+    return join_url(cfg.path("work_dir"), "state", "last_success.json")
 
 
-def passages_chain(baseline: dict) -> list[dict]:
-    """The previous run's Passages as tables [{url, seq}]: one full table, or (after change-set runs)
-    a full table and the delta tables that followed it, aligned with the index's segments."""
-    p = baseline["passages"]
-    return [{"url": p, "seq": 0}] if isinstance(p, str) else list(p)
+def record_baseline(cfg: Config, run: str, passages, passages_count: int, embeddings: list[str], fingerprint: dict,
+                    version: str) -> dict:
+    """Make a run the baseline of the next: its Passages (one table URL, or a chain [{url, seq}]),
+    their count, its Embeddings tables, the encoder fingerprint and the version it published.
+    Also how a baseline built outside the nightly job (a backfill) is adopted."""
+    doc = {"run": run, "passages": passages, "passages_count": passages_count, "embeddings": list(embeddings),
+           "fingerprint": fingerprint, "version": version}
+    write_json(baseline_url(cfg), doc)
+    return doc
 
 
-def live_passages(spark, chain: list[dict], tombstones):
-    """The live rows of a Passages chain: a row of the table with seq s is dead when its pid is
-    tombstoned with a later seq (the index's rule, ``dpr_lib.segments``). ``tombstones``: [n, 2]
-    int64 (pid, seq) rows, joined by broadcast (as many as the changes since the last compaction)."""
-    from pyspark.sql import functions as F
-
-    frames = [spark.read.parquet(storage.resolve_table(e["url"])).withColumn("_seq", F.lit(int(e["seq"])))
-              for e in chain]
-    df = frames[0]
-    for f in frames[1:]:
-        df = df.unionByName(f)
-    if len(chain) > 1 and len(tombstones):
-        import pyarrow as pa
-
-        t = spark.createDataFrame(pa.table({"pid": tombstones[:, 0], "_tseq": tombstones[:, 1]}).to_pandas())
-        df = df.join(F.broadcast(t), "pid", "left").where(F.col("_tseq").isNull() | (F.col("_tseq") <= F.col("_seq"))) \
-            .drop("_tseq")
-    return df.drop("_seq")
+def corpus_counts(stats: dict) -> dict:
+    """The corpus stage's counts a run keeps (its stats hold more)."""
+    return {k: stats[k] for k in ("passages", "rejects", "docs", "input_records")}
 
 
-def read_changes(spark, url: str):
-    """A change set: rows with ``op`` (upsert | delete), ``id``, and for upserts ``title``, ``text``;
-    JSON Lines, Parquet, or ``table:<name>`` (e.g. a Delta/Iceberg change feed read as a table).
-    Returns (upserts DataFrame [id, title, text], deleted ids DataFrame [doc_id], counts)."""
-    from pyspark.sql import functions as F
+def run_paths(cfg: Config, run_dir: str, **paths) -> Config:
+    """``cfg`` with a run's stage paths (passages, rejects, embeddings, stats) under ``run_dir``."""
+    import copy
 
-    if url.startswith("table:"):
-        name = url[len("table:"):]
-        if not spark.catalog.tableExists(name):
-            raise InputError(f"nightly.changes names table {name!r}, which is not in the session's catalog")
-        df = spark.table(name)
-    else:
-        files = storage.list_files(url) if storage.exists(url) else []
-        if not files:
-            raise InputError(f"nightly.changes: no change set at {url}")
-        df = spark.read.parquet(*files) if all(f.endswith(".parquet") for f in files) else spark.read.json(files)
-    missing = [c for c in ("op", "id") if c not in df.columns]
-    if missing:
-        raise InputError(f"nightly.changes {url}: the change set lacks column(s) {missing}; expected op "
-                         f"(upsert | delete), id, title, text; got {df.columns}")
-    op = F.lower(F.trim(F.col("op").cast("string")))
-    df = df.withColumn("op", op).withColumn("id", F.col("id").cast("string"))
-    bad = df.where(F.col("op").isNull() | ~F.col("op").isin("upsert", "delete") | F.col("id").isNull())
-    n_bad = bad.count()
-    if n_bad:
-        sample = [r.asDict() for r in bad.select("op", "id").limit(3).collect()]
-        raise InputError(f"nightly.changes {url}: {n_bad} row(s) with an op other than upsert / delete or no id "
-                         f"(e.g. {sample}); nothing was published")
-    both = df.groupBy("id").agg(F.countDistinct("op").alias("ops")).where(F.col("ops") > 1)
-    conflicts = [r["id"] for r in both.limit(5).collect()]
-    if conflicts:
-        raise InputError(f"nightly.changes {url}: document(s) {conflicts} are both upserted and deleted in one change "
-                         "set; send one op per document")
-    cols = [F.col("id"), F.col("title") if "title" in df.columns else F.lit(None).cast("string").alias("title"),
-            F.col("text") if "text" in df.columns else F.lit(None).cast("string").alias("text")]
-    upserts = df.where(F.col("op") == "upsert").select(*cols)
-    deletes = df.where(F.col("op") == "delete").select(F.col("id").alias("doc_id")).distinct()
-    return upserts, deletes
+    out = copy.deepcopy(cfg)
+    out.paths.passages = paths.get("passages", join_url(run_dir, "passages"))
+    out.paths.rejects = join_url(run_dir, "rejects")
+    out.paths.embeddings = paths.get("embeddings", join_url(run_dir, "embeddings"))
+    out.paths.stats = join_url(run_dir, "stats")
+    return out
 
 
-# ---------------------------------------------------------------- the run
-
-def _tables(urls) -> list[str]:
+def tables(urls) -> list[str]:
     """A baseline's Embeddings: one table URL (older runs, full builds) or the list of a delta chain."""
     return [urls] if isinstance(urls, str) else list(urls)
 
 
-def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, changes: str | None = None) -> dict:
-    """One scheduled run. Returns the run report (also written to <run>/report.json).
-    ``compact``: publish a fresh full version (no delta segment) whatever the garbage ratio.
-    ``changes`` (or ``nightly.changes``): a change set (documents upserted, ids deleted) applied to
-    the previous run instead of reading a full snapshot: only those documents are split and diffed."""
-    from dpr_lib.corpus import shard_corpus
-    from dpr_lib.encode import check_embeddings, encode_passages, passage_spec, resolve_spec
-    from dpr_lib.gate import read_validation_questions
-    from dpr_lib.index import build_index, encode_recall_questions
-    from dpr_lib.manifest import MANIFEST, read_latest, read_manifest, version_url
-    from dpr_lib.spark import bind_storage
-
-    bind_storage(spark, cfg)
-    t0 = time.time()
-    ncfg = cfg.nightly
-    root, opts = cfg.path("index_root"), cfg.storage_options()
-    lock = RunLock(root, ncfg.stale_lock_s, opts) if ncfg.lock else None
-    if lock:
-        lock.acquire()
-    else:
-        log.warning("nightly.lock=false: nothing stops a second run on %s from starting now", root)
-    try:
-        # Read (and encode) once, before any stage: a bad file fails now, not after the encode stage.
-        questions = encode_recall_questions(cfg) if cfg.index.recall_questions else None
-        validation = read_validation_questions(cfg) if cfg.index.validation_questions else None
-        # encoder.backend=auto: the choice recorded by an earlier run (kept night after night); on
-        # the first run it is made after the shard stage, on this snapshot's passages.
-        cfg = encoder_choice.resolve(cfg, missing_ok=True)
-        spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=opts)
-        changes = changes or ncfg.changes or None
-        # The key names the configured encoder: an export made by this run does not change it.
-        key = resume_key(cfg, spec.fingerprint_id(), changes)
-        spec = backends.attach(cfg, spec)
-        fingerprint = spec.fingerprint()
-        state = _unfinished_run(cfg, key)
-        if state:
-            log.info("resuming run %s from stage(s) done: %s", state["run"], state["done"])
-        else:
-            run = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-            state = {"run": run, "key": key, "done": [], "seconds": {}, "published": False}
-        run_dir = join_url(cfg.path("work_dir"), "runs", state["run"])
-        state_url = join_url(run_dir, "state.json")
-        baseline = _read_json(join_url(cfg.path("work_dir"), "state", "last_success.json"))
-        run_cfg = _with_paths(cfg, run_dir)
-
-        def stage(name, fn):
-            if name in state["done"]:
-                return state.get(name)
-            t = time.time()
-            state[name] = fn()
-            state["done"].append(name)
-            state["seconds"][name] = round(time.time() - t, 2)
-            _write_json(state_url, state)
-            return state[name]
-
-        same_encoder = bool(baseline) and baseline["fingerprint"]["id"] == fingerprint["id"]
-        if changes and not baseline:
-            raise InputError("nightly.changes: a change set applies to a previous run; run once on a full snapshot "
-                             "(corpus.input) first")
-        if changes and not same_encoder:
-            raise InputError("nightly.changes: the encoder changed since the previous run, so every passage must be "
-                             "encoded again; run on a full snapshot (corpus.input) instead of a change set")
-        chain = passages_chain(baseline) if baseline else []
-        tombstones = _baseline_tombstones(cfg, baseline) if len(chain) > 1 else None
-
-        def old_live():
-            """The previous live Passages; with a change set, only the rows of the documents it names."""
-            if not baseline:
-                return None
-            old = live_passages(spark, chain, tombstones)
-            if changes:
-                from pyspark.sql import functions as F
-
-                ids = spark.read.parquet(join_url(run_dir, "changes", "affected")).select("doc_id")
-                old = old.join(F.broadcast(ids), "doc_id", "left_semi")
-            return old
-
-        def shard() -> dict:
-            if not changes:
-                return _slim(shard_corpus(spark, run_cfg))
-            upserts, deletes = read_changes(spark, changes)
-            affected = upserts.select(upserts["id"].alias("doc_id")).unionByName(deletes).distinct()
-            affected.write.mode("overwrite").parquet(join_url(run_dir, "changes", "affected"))
-            out = _slim(shard_corpus(spark, run_cfg, df=upserts))
-            out["deleted_docs"] = deletes.count()
-            return out
-
-        corpus = stage("shard", shard)
-        if cfg.encoder.backend == "auto" or (spec.backend != "torch" and not spec.artifact_sha256):
-            # The first run with this encoder.backend: chosen (auto) and exported now (int8
-            # calibrated on this snapshot's passages), then kept in <work_dir>/encoders for every
-            # later night.
-            cfg = encoder_choice.resolve(cfg, build=True, passages_url=run_cfg.path("passages"))
-            spec = passage_spec(cfg, build=True, passages_url=run_cfg.path("passages"))
-            fingerprint = spec.fingerprint()
-            same_encoder = bool(baseline) and baseline["fingerprint"]["id"] == fingerprint["id"]
-        diff = stage("diff", lambda: diff_passages(spark, run_cfg.path("passages"), old_live()))
-        # Passages after this run: the snapshot's, or with a change set the previous count plus the diff.
-        total = baseline["passages_count"] + diff["new"] - diff["deleted"] if changes else corpus["passages"]
-        if baseline and not force and not changes:
-            before, after = baseline["passages_count"], corpus["passages"]
-            if after < (1 - ncfg.max_shrink) * before:
-                raise InputError(
-                    f"the snapshot shrank from {before} to {after} passages (more than nightly.max_shrink="
-                    f"{ncfg.max_shrink:.0%}): likely a broken export; nothing was published. Rerun with --force "
-                    "to publish it anyway")
-
-        def encode_changed() -> dict:
-            passages = spark.read.parquet(storage.resolve_table(run_cfg.path("passages")))
-            todo = passages
-            if same_encoder:
-                # The new and changed passages (by the diff's key): every passage of the previous
-                # snapshot has a vector in the baseline's Embeddings tables. They are also the
-                # delta segment's passages.
-                todo = passages.join(old_live().select("pid", "content_hash"), ["pid", "content_hash"], "left_anti")
-            todo_url = join_url(run_dir, "to_encode")
-            n_todo = todo.count()
-            # One encode task per file: enough files to keep every core busy, none tiny; files of
-            # disjoint pid ranges, pid-sorted (the delta's docstore and shards read them in order).
-            parts = max(1, min(max(spark.sparkContext.defaultParallelism, -(-n_todo // 2000)), -(-n_todo // 64)))
-            todo.repartitionByRange(parts, "pid").sortWithinPartitions("pid").write.mode("overwrite").parquet(todo_url)
-            enc_cfg = _with_paths(cfg, run_dir, passages=todo_url, embeddings=join_url(run_dir, "embeddings_new"))
-            stats = encode_passages(spark, enc_cfg) if n_todo else {"passages_encoded": 0}
-            # Files a crashed attempt of this run already encoded are kept: they count as encoded.
-            return {"encoded": stats["passages_encoded"] + stats.get("passages_reused", 0), "to_encode": n_todo}
-
-        encoded = stage("encode", encode_changed)
-
-        def embeddings_df():
-            passages = spark.read.parquet(storage.resolve_table(_run_passages(run_dir, changes))) \
-                .select("pid", "content_hash")
-            frames = []
-            new_files = storage.list_files(join_url(run_dir, "embeddings_new"), ".parquet") \
-                if storage.exists(join_url(run_dir, "embeddings_new")) else []
-            if new_files:
-                check_embeddings(new_files, fingerprint)
-                frames.append(spark.read.parquet(*new_files).select("pid", "content_hash", "vector"))
-            if same_encoder:
-                old = spark.read.parquet(*_tables(baseline["embeddings"])).select("pid", "content_hash", "vector")
-                frames.append(old.join(passages, ["pid", "content_hash"], "left_semi"))
-            df = frames[0]
-            for f in frames[1:]:
-                df = df.unionByName(f)
-            # A passage deleted and later re-added with its old text has a vector in two tables.
-            return df.dropDuplicates(["pid"]) if len(frames) > 1 else df
-
-        def publish() -> dict:
-            reuse, reason = None, "first run"
-            if baseline:
-                prev_root_version = read_latest(root, opts)
-                prev_manifest = read_manifest(join_url(version_url(root, prev_root_version), MANIFEST), opts) \
-                    if prev_root_version else None
-                if not same_encoder:
-                    reason = "encoder fingerprint changed"
-                elif prev_manifest is None:
-                    reason = "no previous version published"
-                elif total > ncfg.retrain_growth * prev_manifest.totals["vectors"]:
-                    reason = (f"vector count grew from {prev_manifest.totals['vectors']} to {total}"
-                              f" (> nightly.retrain_growth={ncfg.retrain_growth})")
-                else:
-                    trained = storage.read_bytes(join_url(version_url(root, prev_root_version), "trained.faiss"), opts)
-                    reuse = {"trained": trained, "manifest": prev_manifest,
-                             "reason": "same encoder, growth within nightly.retrain_growth",
-                             "max_nprobe": ncfg.max_nprobe_growth * prev_manifest.nprobe,
-                             "max_nprobe_key": "nightly.max_nprobe_growth"}
-            extra = {"encoder": fingerprint, "retrain_reason": reason,
-                     "nightly": {"run": state["run"], "diff": diff, "encoded": encoded["encoded"],
-                                 "reused_embeddings": total - encoded["encoded"], "changes": changes}}
-            # The ledger: reused = the diff's unchanged passages (a join apart from the one that
-            # selects the reused vectors), embedded = rows the encode tasks wrote.
-            counts = {"input_records": corpus["input_records"], "docs": corpus["docs"],
-                      "rejects": corpus["rejects"], "corpus_passages": total,
-                      "embedded": encoded["encoded"],
-                      "reused": (total - encoded["encoded"] if changes else diff["unchanged"]) if same_encoder else 0}
-            full_why = _compaction_reason(cfg, reuse, diff, total, compact) if reuse else reason
-            if reuse and full_why is None:
-                return _publish_delta(spark, cfg, run_dir, old_live(), reuse, diff, counts, extra, validation, force,
-                                      baseline)
-            if changes:
-                # A full build needs every passage: the previous live rows of the documents the
-                # change set does not name, plus this run's (written once, as the next baseline).
-                _full_passages(spark, run_dir, live_passages(spark, chain, tombstones))
-            # The join and union are computed once, into this run's Embeddings table (the next
-            # run's baseline); the merge job reads that table, not the lineage again per action.
-            df = spark.read.parquet(_merged_embeddings(spark, run_dir, embeddings_df, fingerprint))
-            extra["compaction"] = {"kind": "full", "reason": full_why}
-            manifest = build_index(spark, _with_paths(cfg, run_dir, passages=_run_passages(run_dir, changes)), df,
-                                   extra, reuse_from=reuse, counts=counts,
-                                   force=force, validation=validation,
-                                   question_vectors=questions, questions_source=cfg.index.recall_questions)
-            return {"version": manifest.version, "quantizer": manifest.quantizer,
-                    "vectors": manifest.totals["vectors"], "recall": manifest.recall["at_nprobe"],
-                    "nprobe": manifest.nprobe, "kind": "full", "reason": full_why,
-                    "embeddings": [join_url(run_dir, "embeddings")],
-                    "passages": [{"url": _run_passages(run_dir, changes), "seq": 0}]}
-
-        published = stage("publish", publish)
-        new_baseline = {"run": state["run"], "passages": published["passages"], "passages_count": total,
-                        "embeddings": published["embeddings"], "fingerprint": fingerprint,
-                        "version": published["version"]}
-        _write_json(join_url(cfg.path("work_dir"), "state", "last_success.json"), new_baseline)
-        state["published"] = True
-        _write_json(state_url, state)
-        _prune_runs(cfg, keep=ncfg.keep_runs, current=state["run"],
-                    needed=_tables(new_baseline["embeddings"]) + [e["url"] for e in published["passages"]])
-    finally:
-        if lock:
-            lock.release()
-    report = {
-        "run": state["run"], "version": published["version"], "diff": diff,
-        "encoded": encoded["encoded"], "reused": total - encoded["encoded"],
-        "passages": total, "rejects": corpus["rejects"], "quantizer": published["quantizer"],
-        "input": f"change set {changes}" if changes else "snapshot",
-        "recall_at_nprobe": published["recall"], "nprobe": published["nprobe"],
-        "kind": published.get("kind", "full"), "compaction_reason": published.get("reason"),
-        "seconds": {**state["seconds"], "total": round(time.time() - t0, 2)},
-    }
-    _write_json(join_url(run_dir, "report.json"), report)
-    q = "reused" if published["quantizer"]["reused"] else "retrained"
-    report["summary"] = (
-        f"nightly {state['run']}: published {published['version']} ({total} passages: "
-        f"{diff['new']} new, {diff['changed']} changed, {diff['unchanged']} unchanged, {diff['deleted']} deleted; "
-        f"encoded {encoded['encoded']}, reused {report['reused']}; "
-        f"{'delta segment' if report['kind'] == 'delta' else 'full build: ' + str(report['compaction_reason'])}; "
-        f"quantizer {q}: {published['quantizer']['reason']}; "
-        f"recall@{cfg.index.recall_k} {published['recall']}) in {report['seconds']['total']:.0f}s")
-    log.info(report["summary"])
-    return report
-
-
-def _merged_embeddings(spark, run_dir: str, df_fn, fingerprint: dict) -> str:
-    """Materialise this run's full Embeddings table (new + reused) as the next run's baseline, as the
-    DESIGN contract's table, like the encode job writes it: files of disjoint pid ranges, sorted by
-    pid, fixed-size float32 vectors, the encoder fingerprint in each file's metadata (so
-    :func:`~dpr_lib.encode.check_embeddings` accepts them; Spark's own writer drops both)."""
-    import tempfile
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from pyspark import TaskContext
-
-    from dpr_lib import schemas
-    from dpr_lib.encode import embeddings_batch, embeddings_metadata
-    from dpr_lib.index_ops import local_tmp_dir, vectors_of
-
-    url = join_url(run_dir, "embeddings")
-    fs, path = storage.get_fs(url)
-    if fs.exists(path):  # a crashed attempt's files: rewritten whole
-        fs.rm(path, recursive=True)
-    dim = int(fingerprint["dim"])
-    metadata = embeddings_metadata(fingerprint, "nightly-merge")
-
-    def write(batches):
-        # Built in the task: a pickled pyarrow schema loses the list element's non-nullability.
-        schema = schemas.embeddings_schema(dim).with_metadata(metadata)
-        out_url = join_url(url, f"part-{TaskContext.get().partitionId():05d}.parquet")
-        fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="dpr-emb-", dir=local_tmp_dir())
-        os.close(fd)
-        rows = 0
-        try:
-            with pq.ParquetWriter(tmp, schema) as writer:
-                for b in batches:
-                    if not b.num_rows:
-                        continue
-                    writer.write_batch(embeddings_batch(b.column("pid").cast(pa.int64()), b.column("content_hash"),
-                                                        vectors_of(b, dim), schema))
-                    rows += b.num_rows
-            if rows:
-                storage.upload_file_atomic(tmp, out_url)
-        finally:
-            os.remove(tmp)
-        yield pa.RecordBatch.from_pylist([{"rows": rows}])
-
-    parts = max(1, spark.sparkContext.defaultParallelism)
-    (df_fn().select("pid", "content_hash", "vector").repartitionByRange(parts, "pid").sortWithinPartitions("pid")
-     .mapInArrow(write, "rows long").collect())
-    return url
-
-
-def _compaction_reason(cfg: Config, reuse: dict, diff: dict, passages: int, compact: bool) -> str | None:
+def compaction_reason(cfg: Config, reuse: dict, diff: dict, passages: int, compact: bool) -> str | None:
     """Why this run must publish a full version although the quantizer could be reused; None: a delta."""
     from dpr_lib.segments import garbage
 
@@ -534,66 +239,6 @@ def _compaction_reason(cfg: Config, reuse: dict, diff: dict, passages: int, comp
     return None
 
 
-def _publish_delta(spark, cfg: Config, run_dir: str, old, reuse: dict, diff: dict, counts: dict,
-                   extra: dict, validation, force: bool, baseline: dict) -> dict:
-    """The delta path of the publish stage: the new and changed passages (``to_encode``, their
-    vectors in ``embeddings_new``) as one segment, the changed and deleted pids (``old``: the
-    previous live Passages, or those of the documents a change set names) as tombstones."""
-    import numpy as np
-
-    from dpr_lib.manifest import version_url
-    from dpr_lib.segments import build_delta
-
-    passages = spark.read.parquet(storage.resolve_table(join_url(run_dir, "passages"))).select("pid", "content_hash")
-    from pyspark import StorageLevel
-
-    # Used twice (the pids here, their texts for the BM25 statistics): the join over the previous
-    # Passages runs once. As many rows as the change.
-    removed_df = old.join(passages, ["pid", "content_hash"], "left_anti").select("pid", "title", "text") \
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        # Collected: the changed and deleted pids, as many as the change (8 bytes each).
-        removed = np.array(sorted(r["pid"] for r in removed_df.select("pid").collect()), np.int64)
-        new_url = join_url(run_dir, "embeddings_new")
-        prev = reuse["manifest"]
-        delta_cfg = _with_paths(cfg, run_dir, passages=join_url(run_dir, "to_encode"), embeddings=new_url)
-        reason = (f"{diff['new'] + diff['changed']} new or changed and {diff['changed'] + diff['deleted']} removed "
-                  f"passages within nightly.compact_ratio={cfg.nightly.compact_ratio:g}")
-        manifest = build_delta(spark, delta_cfg, prev, version_url(cfg.path("index_root"), prev.version),
-                               reuse["trained"], removed, removed_df, counts, extra, reason, validation, force)
-    finally:
-        removed_df.unpersist()
-    has_new = storage.exists(new_url) and bool(storage.list_files(new_url, ".parquet"))
-    tables = _tables(baseline["embeddings"]) + ([new_url] if has_new else [])
-    chain = passages_chain(baseline)
-    if not extra["nightly"].get("changes"):  # a snapshot run's Passages are the whole live state
-        chain = [{"url": join_url(run_dir, "passages"), "seq": manifest.segment_seq}]
-    else:
-        chain = chain + [{"url": join_url(run_dir, "to_encode"), "seq": manifest.segment_seq}]
-    return {"version": manifest.version, "quantizer": manifest.quantizer, "vectors": manifest.totals["vectors"],
-            "recall": manifest.recall.get("at_nprobe"), "nprobe": manifest.nprobe, "kind": "delta",
-            "reason": reason, "embeddings": tables, "passages": chain}
-
-
-def _run_passages(run_dir: str, changes: str | None) -> str:
-    """The run's full Passages table: the snapshot's, or with a change set the one a full build wrote."""
-    return join_url(run_dir, "passages_full" if changes else "passages")
-
-
-def _full_passages(spark, run_dir: str, live) -> str:
-    """Every live passage after a change set: the previous live rows of documents it does not name,
-    plus the run's; pid-sorted files of disjoint ranges (the docstore copies them in order)."""
-    url = _run_passages(run_dir, "changes")
-    ids = spark.read.parquet(join_url(run_dir, "changes", "affected")).select("doc_id")
-    new = spark.read.parquet(storage.resolve_table(join_url(run_dir, "passages")))
-    from pyspark.sql import functions as F
-
-    full = live.join(F.broadcast(ids), "doc_id", "left_anti").select(*new.columns).unionByName(new)
-    parts = max(1, spark.sparkContext.defaultParallelism)
-    full.repartitionByRange(parts, "pid").sortWithinPartitions("pid").write.mode("overwrite").parquet(url)
-    return url
-
-
 def _baseline_tombstones(cfg: Config, baseline: dict):
     """The tombstones of the version the baseline published ([n, 2] int64 (pid, seq))."""
     from dpr_lib.manifest import MANIFEST, read_manifest, version_url
@@ -604,22 +249,7 @@ def _baseline_tombstones(cfg: Config, baseline: dict):
     return read_tombstones(read_manifest(join_url(vurl, MANIFEST), opts), vurl, opts)
 
 
-def _slim(stats: dict) -> dict:
-    return {k: stats[k] for k in ("passages", "rejects", "docs", "input_records")}
-
-
-def _with_paths(cfg: Config, run_dir: str, **paths) -> Config:
-    import copy
-
-    out = copy.deepcopy(cfg)
-    out.paths.passages = paths.get("passages", join_url(run_dir, "passages"))
-    out.paths.rejects = join_url(run_dir, "rejects")
-    out.paths.embeddings = paths.get("embeddings", join_url(run_dir, "embeddings"))
-    out.paths.stats = join_url(run_dir, "stats")
-    return out
-
-
-def _prune_runs(cfg: Config, keep: int, current: str, needed: list[str] = ()) -> None:
+def prune_runs(cfg: Config, keep: int, current: str, needed: list[str] = ()) -> None:
     """Remove run directories beyond the newest ``keep``, except those holding an Embeddings table
     of the current baseline (a delta chain references earlier runs' tables)."""
     runs = join_url(cfg.path("work_dir"), "runs")
@@ -629,3 +259,315 @@ def _prune_runs(cfg: Config, keep: int, current: str, needed: list[str] = ()) ->
     for name in names[:-keep]:
         if name != current and name not in referenced:
             fs.rm(f"{path}/{name}", recursive=True)
+
+
+# ---------------------------------------------------------------- the run
+
+def run_nightly(spark, cfg: Config, force: bool = False, compact: bool = False, changes: str | None = None) -> dict:
+    """One scheduled run. Returns the run report (also written to <run>/report.json).
+    ``compact``: publish a fresh full version (no delta segment) whatever the garbage ratio.
+    ``changes`` (or ``nightly.changes``): a change set (documents upserted, ids deleted) applied to
+    the previous run instead of reading a full snapshot: only those documents are split and diffed."""
+    from dpr_lib.spark import bind_storage
+
+    bind_storage(spark, cfg)
+    t0 = time.time()
+    root, opts = cfg.path("index_root"), cfg.storage_options()
+    lock = RunLock(root, cfg.nightly.stale_lock_s, opts) if cfg.nightly.lock else None
+    if lock:
+        lock.acquire()
+    else:
+        log.warning("nightly.lock=false: nothing stops a second run on %s from starting now", root)
+    try:
+        run = NightlyRun(spark, cfg, force, compact, changes or cfg.nightly.changes or None)
+        run.run()
+    finally:
+        if lock:
+            lock.release()
+    return run.report(t0)
+
+
+class NightlyRun:
+    """One run's stages, in order: :meth:`shard`, :meth:`diff`, :meth:`encode`, :meth:`publish`
+    (each recorded by :class:`Stages`, so a failed run resumes after its last finished stage), then
+    :meth:`finish` (the new baseline, old runs pruned)."""
+
+    def __init__(self, spark, cfg: Config, force: bool, compact: bool, changes: str | None):
+        from dpr_lib.encoder import resolve_spec
+        from dpr_lib.gate import read_validation_questions
+        from dpr_lib.index import encode_recall_questions
+
+        self.spark, self.force, self.compact, self.changes = spark, force, compact, changes
+        # Read (and encode) once, before any stage: a bad file fails now, not after the encode stage.
+        self.questions = encode_recall_questions(cfg) if cfg.index.recall_questions else None
+        self.validation = read_validation_questions(cfg) if cfg.index.validation_questions else None
+        # encoder.backend=auto: the choice recorded by an earlier run (kept night after night); on
+        # the first run it is made after the shard stage, on this snapshot's passages.
+        self.cfg = cfg = encoder_choice.resolve(cfg, missing_ok=True)
+        spec = resolve_spec(cfg.encoder, cfg.path("cache_dir"), storage_options=cfg.storage_options())
+        # The key names the configured encoder: an export made by this run does not change it.
+        key = resume_key(cfg, spec.fingerprint_id(), changes)
+        self.spec = backends.attach(cfg, spec)
+        state = unfinished_run(cfg, key)
+        if state:
+            log.info("resuming run %s from stage(s) done: %s", state["run"], state["done"])
+        else:
+            run = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+            state = {"run": run, "key": key, "done": [], "seconds": {}, "published": False}
+        self.run_dir = join_url(cfg.path("work_dir"), "runs", state["run"])
+        self.stages = Stages(join_url(self.run_dir, "state.json"), state)
+        self.baseline = read_json(baseline_url(cfg))
+        self.run_cfg = run_paths(cfg, self.run_dir)
+        self._fingerprint(self.spec.fingerprint())
+        if changes and not self.baseline:
+            raise InputError("nightly.changes: a change set applies to a previous run; run once on a full snapshot "
+                             "(corpus.input) first")
+        if changes and not self.same_encoder:
+            raise InputError("nightly.changes: the encoder changed since the previous run, so every passage must be "
+                             "encoded again; run on a full snapshot (corpus.input) instead of a change set")
+        self.chain = passages_chain(self.baseline) if self.baseline else []
+        self.tombstones = _baseline_tombstones(cfg, self.baseline) if len(self.chain) > 1 else None
+
+    @property
+    def state(self) -> dict:
+        return self.stages.state
+
+    def _fingerprint(self, fingerprint: dict) -> None:
+        self.fingerprint = fingerprint
+        self.same_encoder = bool(self.baseline) and self.baseline["fingerprint"]["id"] == fingerprint["id"]
+
+    def run(self) -> None:
+        self.corpus = self.stages.run("shard", self.shard)
+        self.choose_encoder()
+        self.diff = self.stages.run("diff", lambda: diff_passages(self.spark, self.run_cfg.path("passages"),
+                                                                  self.old_live()))
+        # Passages after this run: the snapshot's, or with a change set the previous count plus the diff.
+        self.total = self.baseline["passages_count"] + self.diff["new"] - self.diff["deleted"] if self.changes \
+            else self.corpus["passages"]
+        self.check_shrink()
+        self.encoded = self.stages.run("encode", self.encode)
+        self.published = self.stages.run("publish", self.publish)
+        self.finish()
+
+    def old_live(self):
+        """The previous live Passages; with a change set, only the rows of the documents it names."""
+        if not self.baseline:
+            return None
+        old = live_passages(self.spark, self.chain, self.tombstones)
+        if self.changes:
+            from pyspark.sql import functions as F
+
+            ids = self.spark.read.parquet(join_url(self.run_dir, "changes", "affected")).select("doc_id")
+            old = old.join(F.broadcast(ids), "doc_id", "left_semi")
+        return old
+
+    # ------------------------------------------------------------ stages
+
+    def shard(self) -> dict:
+        from dpr_lib.corpus import shard_corpus
+
+        if not self.changes:
+            return corpus_counts(shard_corpus(self.spark, self.run_cfg))
+        upserts, deletes = read_changes(self.spark, self.changes)
+        affected = upserts.select(upserts["id"].alias("doc_id")).unionByName(deletes).distinct()
+        affected.write.mode("overwrite").parquet(join_url(self.run_dir, "changes", "affected"))
+        out = corpus_counts(shard_corpus(self.spark, self.run_cfg, df=upserts))
+        out["deleted_docs"] = deletes.count()
+        return out
+
+    def choose_encoder(self) -> None:
+        """The first run with this encoder.backend: chosen (auto) and exported now (int8 calibrated
+        on this snapshot's passages), then kept in <work_dir>/encoders for every later night."""
+        from dpr_lib.encoder_choice import passage_spec
+
+        if self.cfg.encoder.backend == "auto" or (self.spec.backend != "torch" and not self.spec.artifact_sha256):
+            passages = self.run_cfg.path("passages")
+            self.cfg = encoder_choice.resolve(self.cfg, build=True, passages_url=passages)
+            self.spec = passage_spec(self.cfg, build=True, passages_url=passages)
+            self._fingerprint(self.spec.fingerprint())
+
+    def check_shrink(self) -> None:
+        if not self.baseline or self.force or self.changes:
+            return
+        before, after = self.baseline["passages_count"], self.corpus["passages"]
+        if after < (1 - self.cfg.nightly.max_shrink) * before:
+            raise InputError(
+                f"the snapshot shrank from {before} to {after} passages (more than nightly.max_shrink="
+                f"{self.cfg.nightly.max_shrink:.0%}): likely a broken export; nothing was published. Rerun with "
+                "--force to publish it anyway")
+
+    def encode(self) -> dict:
+        from dpr_lib.encode import encode_passages
+
+        spark, run_dir = self.spark, self.run_dir
+        passages = spark.read.parquet(storage.resolve_table(self.run_cfg.path("passages")))
+        todo = passages
+        if self.same_encoder:
+            # The new and changed passages (by the diff's key): every passage of the previous
+            # snapshot has a vector in the baseline's Embeddings tables. They are also the delta
+            # segment's passages.
+            todo = passages.join(self.old_live().select("pid", "content_hash"), ["pid", "content_hash"], "left_anti")
+        todo_url = join_url(run_dir, "to_encode")
+        n_todo = todo.count()
+        # One encode task per file: enough files to keep every core busy, none tiny; files of
+        # disjoint pid ranges, pid-sorted (the delta's docstore and shards read them in order).
+        parts = max(1, min(max(spark.sparkContext.defaultParallelism, -(-n_todo // 2000)), -(-n_todo // 64)))
+        todo.repartitionByRange(parts, "pid").sortWithinPartitions("pid").write.mode("overwrite").parquet(todo_url)
+        enc_cfg = run_paths(self.cfg, run_dir, passages=todo_url, embeddings=join_url(run_dir, "embeddings_new"))
+        stats = encode_passages(spark, enc_cfg) if n_todo else {"passages_encoded": 0}
+        # Files a crashed attempt of this run already encoded are kept: they count as encoded.
+        return {"encoded": stats["passages_encoded"] + stats.get("passages_reused", 0), "to_encode": n_todo}
+
+    def embeddings_df(self):
+        """Every live passage's vector: this run's new ones plus the baseline's still current."""
+        from dpr_lib.encode import check_embeddings
+
+        spark, run_dir = self.spark, self.run_dir
+        passages = spark.read.parquet(storage.resolve_table(run_passages(run_dir, self.changes))) \
+            .select("pid", "content_hash")
+        frames = []
+        new_url = join_url(run_dir, "embeddings_new")
+        new_files = storage.list_files(new_url, ".parquet") if storage.exists(new_url) else []
+        if new_files:
+            check_embeddings(new_files, self.fingerprint)
+            frames.append(spark.read.parquet(*new_files).select("pid", "content_hash", "vector"))
+        if self.same_encoder:
+            old = spark.read.parquet(*tables(self.baseline["embeddings"])).select("pid", "content_hash", "vector")
+            frames.append(old.join(passages, ["pid", "content_hash"], "left_semi"))
+        df = frames[0]
+        for f in frames[1:]:
+            df = df.unionByName(f)
+        # A passage deleted and later re-added with its old text has a vector in two tables.
+        return df.dropDuplicates(["pid"]) if len(frames) > 1 else df
+
+    def reuse(self):
+        """(the previous version's quantizer offered for reuse or None, why a retrain)."""
+        from dpr_lib.index import Reuse
+        from dpr_lib.manifest import MANIFEST, read_latest, read_manifest, version_url
+
+        if not self.baseline:
+            return None, "first run"
+        root, opts, ncfg = self.cfg.path("index_root"), self.cfg.storage_options(), self.cfg.nightly
+        prev_version = read_latest(root, opts)
+        prev = read_manifest(join_url(version_url(root, prev_version), MANIFEST), opts) if prev_version else None
+        if not self.same_encoder:
+            return None, "encoder fingerprint changed"
+        if prev is None:
+            return None, "no previous version published"
+        if self.total > ncfg.retrain_growth * prev.totals["vectors"]:
+            return None, (f"vector count grew from {prev.totals['vectors']} to {self.total}"
+                          f" (> nightly.retrain_growth={ncfg.retrain_growth})")
+        trained = storage.read_bytes(join_url(version_url(root, prev_version), "trained.faiss"), opts)
+        return Reuse(trained, prev, "same encoder, growth within nightly.retrain_growth",
+                     ncfg.max_nprobe_growth * prev.nprobe, "nightly.max_nprobe_growth"), None
+
+    def publish(self) -> dict:
+        reuse, reason = self.reuse()
+        diff, encoded, total = self.diff, self.encoded, self.total
+        extra = {"encoder": self.fingerprint, "retrain_reason": reason,
+                 "nightly": {"run": self.state["run"], "diff": diff, "encoded": encoded["encoded"],
+                             "reused_embeddings": total - encoded["encoded"], "changes": self.changes}}
+        # The ledger: reused = the diff's unchanged passages (a join apart from the one that
+        # selects the reused vectors), embedded = rows the encode tasks wrote.
+        counts = {"input_records": self.corpus["input_records"], "docs": self.corpus["docs"],
+                  "rejects": self.corpus["rejects"], "corpus_passages": total, "embedded": encoded["encoded"],
+                  "reused": (total - encoded["encoded"] if self.changes else diff["unchanged"])
+                  if self.same_encoder else 0}
+        full_why = compaction_reason(self.cfg, reuse, diff, total, self.compact) if reuse else reason
+        if reuse and full_why is None:
+            return self.publish_delta(reuse, counts, extra)
+        return self.publish_full(reuse, full_why, counts, extra)
+
+    def publish_full(self, reuse, why: str, counts: dict, extra: dict) -> dict:
+        from dpr_lib.index import build_index
+
+        spark, run_dir = self.spark, self.run_dir
+        if self.changes:
+            # A full build needs every passage: the previous live rows of the documents the change
+            # set does not name, plus this run's (written once, as the next baseline).
+            full_passages(spark, run_dir, live_passages(spark, self.chain, self.tombstones))
+        # The join and union are computed once, into this run's Embeddings table (the next run's
+        # baseline); the merge job reads that table, not the lineage again per action.
+        df = spark.read.parquet(merge_embeddings(spark, run_dir, self.embeddings_df, self.fingerprint))
+        extra["compaction"] = {"kind": "full", "reason": why}
+        passages = run_passages(run_dir, self.changes)
+        manifest = build_index(spark, run_paths(self.cfg, run_dir, passages=passages), df, extra, reuse_from=reuse,
+                               counts=counts, force=self.force, validation=self.validation,
+                               question_vectors=self.questions, questions_source=self.cfg.index.recall_questions)
+        return {"version": manifest.version, "quantizer": manifest.quantizer,
+                "vectors": manifest.totals["vectors"], "recall": manifest.recall["at_nprobe"],
+                "nprobe": manifest.nprobe, "kind": "full", "reason": why,
+                "embeddings": [join_url(run_dir, "embeddings")], "passages": [{"url": passages, "seq": 0}]}
+
+    def publish_delta(self, reuse, counts: dict, extra: dict) -> dict:
+        """The new and changed passages (``to_encode``, their vectors in ``embeddings_new``) as one
+        segment, the changed and deleted pids (from the previous live Passages, or those of the
+        documents a change set names) as tombstones."""
+        import numpy as np
+        from pyspark import StorageLevel
+
+        from dpr_lib.index import build_delta
+        from dpr_lib.manifest import version_url
+
+        spark, cfg, run_dir, diff = self.spark, self.cfg, self.run_dir, self.diff
+        passages = spark.read.parquet(storage.resolve_table(join_url(run_dir, "passages"))).select("pid", "content_hash")
+        # Used twice (the pids here, their texts for the BM25 statistics): the join over the
+        # previous Passages runs once. As many rows as the change.
+        removed_df = self.old_live().join(passages, ["pid", "content_hash"], "left_anti") \
+            .select("pid", "title", "text").persist(StorageLevel.MEMORY_AND_DISK)
+        new_url = join_url(run_dir, "embeddings_new")
+        reason = (f"{diff['new'] + diff['changed']} new or changed and {diff['changed'] + diff['deleted']} removed "
+                  f"passages within nightly.compact_ratio={cfg.nightly.compact_ratio:g}")
+        try:
+            # Collected: the changed and deleted pids, as many as the change (8 bytes each).
+            removed = np.array(sorted(r["pid"] for r in removed_df.select("pid").collect()), np.int64)
+            delta_cfg = run_paths(cfg, run_dir, passages=join_url(run_dir, "to_encode"), embeddings=new_url)
+            prev = reuse.manifest
+            manifest = build_delta(spark, delta_cfg, prev, version_url(cfg.path("index_root"), prev.version),
+                                   reuse.trained, removed, removed_df, counts, extra, reason, self.validation,
+                                   self.force)
+        finally:
+            removed_df.unpersist()
+        has_new = storage.exists(new_url) and bool(storage.list_files(new_url, ".parquet"))
+        if not self.changes:  # a snapshot run's Passages are the whole live state
+            chain = [{"url": join_url(run_dir, "passages"), "seq": manifest.segment_seq}]
+        else:
+            chain = self.chain + [{"url": join_url(run_dir, "to_encode"), "seq": manifest.segment_seq}]
+        return {"version": manifest.version, "quantizer": manifest.quantizer, "vectors": manifest.totals["vectors"],
+                "recall": manifest.recall.get("at_nprobe"), "nprobe": manifest.nprobe, "kind": "delta",
+                "reason": reason, "embeddings": tables(self.baseline["embeddings"]) + ([new_url] if has_new else []),
+                "passages": chain}
+
+    # ------------------------------------------------------------ after the publish
+
+    def finish(self) -> None:
+        published = self.published
+        new = record_baseline(self.cfg, self.state["run"], published["passages"], self.total, published["embeddings"],
+                              self.fingerprint, published["version"])
+        self.state["published"] = True
+        self.stages.save()
+        prune_runs(self.cfg, keep=self.cfg.nightly.keep_runs, current=self.state["run"],
+                   needed=tables(new["embeddings"]) + [e["url"] for e in published["passages"]])
+
+    def report(self, t0: float) -> dict:
+        published, diff, encoded, total, changes = self.published, self.diff, self.encoded, self.total, self.changes
+        report = {
+            "run": self.state["run"], "version": published["version"], "diff": diff,
+            "encoded": encoded["encoded"], "reused": total - encoded["encoded"],
+            "passages": total, "rejects": self.corpus["rejects"], "quantizer": published["quantizer"],
+            "input": f"change set {changes}" if changes else "snapshot",
+            "recall_at_nprobe": published["recall"], "nprobe": published["nprobe"],
+            "kind": published.get("kind", "full"), "compaction_reason": published.get("reason"),
+            "seconds": {**self.state["seconds"], "total": round(time.time() - t0, 2)},
+        }
+        write_json(join_url(self.run_dir, "report.json"), report)
+        q = "reused" if published["quantizer"]["reused"] else "retrained"
+        report["summary"] = (
+            f"nightly {self.state['run']}: published {published['version']} ({total} passages: "
+            f"{diff['new']} new, {diff['changed']} changed, {diff['unchanged']} unchanged, {diff['deleted']} deleted; "
+            f"encoded {encoded['encoded']}, reused {report['reused']}; "
+            f"{'delta segment' if report['kind'] == 'delta' else 'full build: ' + str(report['compaction_reason'])}; "
+            f"quantizer {q}: {published['quantizer']['reason']}; "
+            f"recall@{self.cfg.index.recall_k} {published['recall']}) in {report['seconds']['total']:.0f}s")
+        log.info(report["summary"])
+        return report

@@ -10,8 +10,6 @@ and the manifest are defined in :mod:`dpr_lib.manifest`.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -22,7 +20,6 @@ import pyarrow.parquet as pq
 from dpr_lib import schemas, storage
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import InputError
-from dpr_lib.index_ops import local_tmp_dir
 from dpr_lib.manifest import DocstoreEntry, Manifest, prune_versions, relative_to, set_latest, write_manifest
 
 log = logging.getLogger("dpr_lib.publish")
@@ -69,9 +66,9 @@ def write_docstore_file(in_url: str, out_url: str, row_group: int, storage_optio
     Streamed (memory: one row group, whatever the file's size): the corpus stage writes every
     Passages file sorted by pid. A file that is not sorted is read whole and sorted, with a warning."""
     fs, path = storage.get_fs(in_url)
-    fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="dpr-docstore-", dir=local_tmp_dir())
-    os.close(fd)
-    try:
+    with storage.StagedFile(out_url, storage_options=storage_options, attempts=retries,
+                            prefix="dpr-docstore-") as staged:
+        tmp = staged.path
         try:
             with fs.open(path, "rb") as fh:
                 copied = _copy_sorted(fh, tmp, row_group)
@@ -85,12 +82,9 @@ def write_docstore_file(in_url: str, out_url: str, row_group: int, storage_optio
             pq.write_table(table, tmp, row_group_size=row_group, compression="zstd", write_statistics=["pid"])
             pids = table.column("pid")
             copied = (table.num_rows, pc.min(pids).as_py(), pc.max(pids).as_py()) if table.num_rows else (0, -1, -1)
-        size, digest = os.path.getsize(tmp), storage.sha256_file(tmp)
-        storage.upload_file_atomic(tmp, out_url, storage_options, attempts=retries)
-    finally:
-        os.remove(tmp)
     rows, lo, hi = copied
-    return {"path": out_url, "min_pid": lo, "max_pid": hi, "rows": rows, "bytes": size, "sha256": digest}
+    return {"path": out_url, "min_pid": lo, "max_pid": hi, "rows": rows, "bytes": staged.bytes,
+            "sha256": staged.sha256}
 
 
 def write_docstore(spark, cfg: Config, vurl: str) -> list[DocstoreEntry]:

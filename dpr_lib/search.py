@@ -30,6 +30,7 @@ import numpy as np
 from dpr_lib import storage
 from dpr_lib.config import EncoderConfig, join_url
 from dpr_lib.errors import DprError, IncompatibleIndexError, IndexIntegrityError, InputError, StorageError
+from dpr_lib.fusion import fuse_runs, fusion_of
 from dpr_lib.index_ops import ID_BYTES, code_size, merge_topk, rerank, set_nprobe
 from dpr_lib.manifest import ShardEntry, open_manifest
 
@@ -404,26 +405,6 @@ def _search_params(index, nprobe: int, selector):
 
 
 MODES = ("dense", "bm25", "hybrid")
-DEFAULT_FUSION = {"mode": "hybrid", "method": "rrf", "rrf_k": 60, "fetch_k_factor": 2, "source": "default"}
-"""The label-free fusion (no validation data): reciprocal rank fusion with Cormack et al.'s k = 60
-over each side's top 2k. See docs for how it compares with tuned fusions."""
-
-
-def fusion_of(manifest) -> dict:
-    """The fusion a version serves: its manifest's (tuned or default), else the label-free default."""
-    return {**DEFAULT_FUSION, **(manifest.fusion or {})} if manifest.sparse else {"mode": "dense"}
-
-
-def fuse_runs(fusion: dict, sparse: tuple, dense: tuple, k: int) -> tuple[np.ndarray, np.ndarray]:
-    from dpr_lib.metrics import fuse
-
-    if fusion.get("method") == "linear":
-        a = float(fusion.get("alpha_dense", 0.5))
-        return fuse([sparse, dense], k, "linear", weights=[1.0 - a, a])
-    return fuse([sparse, dense], k, "rrf", int(fusion.get("rrf_k", 60)),
-                weights=[1.0, float(fusion.get("dense_weight", 1.0))])
-
-
 class Searcher:
     """Questions in, passages out: the question encoder of the manifest + a ShardedIndex."""
 
@@ -433,7 +414,7 @@ class Searcher:
                  verify_cache: bool = False, docstore_cache_mb: float = 64, mode: str = "auto",
                  reuse: ShardedIndex | None = None):
         """``reuse``: the ShardedIndex of the version being replaced (see :class:`ShardedIndex`)."""
-        from dpr_lib.encode import get_encoder, resolve_spec
+        from dpr_lib.encoder import get_encoder, resolve_spec
 
         if mode not in MODES + ("auto",):
             raise InputError(f"mode must be one of {', '.join(MODES + ('auto',))}, got {mode!r}")

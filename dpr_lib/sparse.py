@@ -23,69 +23,26 @@ Files of a version (each a :class:`ArrayFile`, memory-mapped by the loader):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
-from collections import Counter
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from dpr_lib import storage
+from dpr_lib.bm25 import ANALYZER, K1, B, analyze, analyze_passages, idf
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import InputError
 from dpr_lib.manifest import relative_to
-from dpr_lib.train_data import K1, B
 
 log = logging.getLogger("dpr_lib.sparse")
 
-ANALYZER = "bm25s-en-snowball/title+text"
 MAGIC = b"DPRARR1\x00"
 ALIGN = 64
 VOCAB = "sparse-vocab.bm25"
-
-_HASH_CACHE: dict[str, int] = {}
-_HASH_CACHE_MAX = 2_000_000
-
-
-# ---------------------------------------------------------------- analyzer and terms
-
-def term_hash(token: str) -> int:
-    """A stable signed 64-bit hash of a token (cached per process)."""
-    h = _HASH_CACHE.get(token)
-    if h is None:
-        h = int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
-        if len(_HASH_CACHE) >= _HASH_CACHE_MAX:
-            _HASH_CACHE.clear()
-        _HASH_CACHE[token] = h
-    return h
-
-
-def analyze(texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """Per text: (term hashes int64, term frequencies int32, length in tokens)."""
-    from dpr_lib.train_data import bm25_tokens
-
-    out = []
-    for toks in bm25_tokens(texts):
-        counts = Counter(t for t in toks if t)
-        out.append((np.fromiter((term_hash(t) for t in counts), np.int64, len(counts)),
-                    np.fromiter(counts.values(), np.int32, len(counts)), sum(counts.values())))
-    return out
-
-
-def analyze_passages(titles: list, texts: list) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """:func:`analyze` of passages as the sparse side indexes them: title + " " + text."""
-    return analyze([f"{t or ''} {x or ''}" for t, x in zip(titles, texts)])
-
-
-def idf(df: np.ndarray, n_docs: int) -> np.ndarray:
-    df = df.astype(np.float64)
-    return np.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
-
 
 # ---------------------------------------------------------------- one file of named arrays
 
@@ -281,18 +238,10 @@ SHARD_OUT = pa.schema([("shard", pa.int32()), ("result", pa.string()), ("terms",
 VOCAB_OUT = pa.schema([("result", pa.string())])
 
 
-def _write_file(arrays: dict, meta: dict, url: str, opts: dict, retries: int) -> dict:
-    from dpr_lib.index_ops import local_tmp_dir
-
-    fd, tmp = tempfile.mkstemp(suffix=".bm25", prefix="dpr-sparse-", dir=local_tmp_dir())
-    os.close(fd)
-    try:
-        ArrayFile.write(tmp, arrays, meta)
-        size, digest = os.path.getsize(tmp), storage.sha256_file(tmp)
-        storage.upload_file_atomic(tmp, url, opts, attempts=retries)
-    finally:
-        os.remove(tmp)
-    return {"path": url, "bytes": size, "sha256": digest}
+def write_array_file(arrays: dict, meta: dict, url: str, opts: dict, retries: int) -> dict:
+    with storage.StagedFile(url, ".bm25", opts, retries, prefix="dpr-sparse-") as staged:
+        ArrayFile.write(staged.path, arrays, meta)
+    return staged.entry()
 
 
 def assign_by_ranges(ranges: list[tuple[int, int, int]]):
@@ -350,7 +299,7 @@ def build_sparse(spark, cfg: Config, vurl: str, num_shards: int, assign=None, pi
             parts.setdefault(int(shard), []).append(row)
         for s, rows in parts.items():
             inv = inverted(*unpack_docs(rows))
-            meta = _write_file(inv, {"kind": "bm25-shard", "shard": s, "analyzer": ANALYZER}, urls[s], opts, retries)
+            meta = write_array_file(inv, {"kind": "bm25-shard", "shard": s, "analyzer": ANALYZER}, urls[s], opts, retries)
             df = np.diff(inv["offsets"]).astype(np.int64)
             result = {**meta, "shard": s, "docs": len(inv["pids"]), "terms": len(inv["terms"]),
                       "postings": len(inv["rows"]), "doc_len_sum": int(inv["doc_len"].astype(np.int64).sum())}
@@ -379,7 +328,7 @@ def build_sparse(spark, cfg: Config, vurl: str, num_shards: int, assign=None, pi
             t = np.concatenate(terms) if terms else np.zeros(0, np.int64)
             d = np.concatenate(dfs) if dfs else np.zeros(0, np.int64)
             order = np.argsort(t)
-            meta = _write_file({"terms": t[order].astype(np.int64), "df": d[order].astype(np.int32)},
+            meta = write_array_file({"terms": t[order].astype(np.int64), "df": d[order].astype(np.int32)},
                                {"kind": "bm25-vocab", "analyzer": ANALYZER, "docs": n_docs}, vocab_url, opts, retries)
             yield pa.RecordBatch.from_pylist([{"result": json.dumps({**meta, "terms": int(len(t))})}], schema=VOCAB_OUT)
 

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from typing import Callable, TypeVar
@@ -159,6 +160,44 @@ def upload_file_atomic(local: str, url: str, storage_options: dict | None = None
         _via_temp(path, ".tmp", lambda staged: shutil.copyfile(local, staged), f"write {url}", attempts)
     else:
         retry(lambda: fs.put_file(local, path), f"upload {url}", attempts)
+
+
+def local_tmp_dir() -> str | None:
+    """Spark's local scratch directory on an executor (SPARK_LOCAL_DIRS), else None (the system's)."""
+    local_dirs = [d for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(",") if d and os.path.isdir(d)]
+    return local_dirs[0] if local_dirs else None
+
+
+class StagedFile:
+    """A local temporary file that becomes ``url`` when its ``with`` block ends without error.
+
+    ``path``: where to write it (a Parquet writer, FAISS, numpy). On a clean exit it is uploaded
+    atomically (:func:`upload_file_atomic`: readers see the old object or the whole new one) unless
+    ``skip`` was set (nothing worth publishing); its ``bytes`` and ``sha256`` are then filled. The
+    local file is removed in every case. The one way this package writes a file it built locally."""
+
+    def __init__(self, url: str, suffix: str = ".parquet", storage_options: dict | None = None, attempts: int = 5,
+                 prefix: str = "dpr-"):
+        self.url, self.suffix, self.opts, self.attempts, self.prefix = url, suffix, storage_options, attempts, prefix
+        self.skip, self.bytes, self.sha256, self.path = False, 0, "", ""
+
+    def __enter__(self) -> StagedFile:
+        fd, self.path = tempfile.mkstemp(suffix=self.suffix, prefix=self.prefix, dir=local_tmp_dir())
+        os.close(fd)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None and not self.skip:
+                self.bytes, self.sha256 = os.path.getsize(self.path), sha256_file(self.path)
+                upload_file_atomic(self.path, self.url, self.opts, self.attempts)
+        finally:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+        return False
+
+    def entry(self) -> dict:
+        return {"path": self.url, "bytes": self.bytes, "sha256": self.sha256}
 
 
 def read_bytes(url: str, storage_options: dict | None = None, attempts: int = 5) -> bytes:

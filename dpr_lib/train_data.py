@@ -25,25 +25,15 @@ import time
 
 import numpy as np
 
-from dpr_lib import storage
+from dpr_lib import bm25, storage
+from dpr_lib.bm25 import K1, B
+from dpr_lib.bm25 import tokens as bm25_tokens
 from dpr_lib.config import Config, join_url
 from dpr_lib.errors import InputError
 
 log = logging.getLogger("dpr_lib.train_data")
 
-K1, B = 1.5, 0.75              # bm25s / Lucene defaults
 SCORE_CELLS = 16_000_000       # questions x passages scored at once in a task (64 MB of float32)
-_STEMMER: list = []
-
-
-def bm25_tokens(texts: list[str]) -> list[list[str]]:
-    """Lower-cased word tokens without English stop words, Snowball-stemmed (as bm25s tokenizes)."""
-    import bm25s
-    import Stemmer
-
-    if not _STEMMER:
-        _STEMMER.append(Stemmer.Stemmer("english"))
-    return bm25s.tokenize(texts, stopwords="en", stemmer=_STEMMER[0], return_ids=False, show_progress=False)
 
 
 @dataclasses.dataclass
@@ -262,9 +252,8 @@ def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, pa
     n, avgdl, df = corpus_stats(pdf, terms)
     if n == 0:
         raise InputError(f"{table_url}: no passages to mine")
-    from dpr_lib.sparse import idf as bm25_idf
 
-    idf = bm25_idf(df, n).astype(np.float32)
+    idf = bm25.idf(df, n).astype(np.float32)
     timings["bm25_stats"] = round(time.time() - t, 1)
     log.info("BM25 over %d passages (average %.1f tokens), %d question terms", n, avgdl, len(terms.vocab))
 

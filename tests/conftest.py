@@ -56,7 +56,7 @@ def _save_tokenizer(path: str) -> None:
     """The bundled model's real WordPiece tokenizer (30522 tokens), saved beside a tiny model."""
     from transformers import AutoTokenizer
 
-    from dpr_lib.encode import default_model_dir
+    from dpr_lib.encoder import default_model_dir
 
     AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(path)
 

@@ -65,7 +65,7 @@ def train_encoder(spark, cfg: Config, data: str, out: str, resume: str | None = 
     else:
         from pyspark.ml.torch.distributor import TorchDistributor
 
-        from dpr_lib.encode import cuda_available
+        from dpr_lib.encoder import cuda_available
 
         use_gpu = t.device == "cuda" or (t.device == "auto" and cuda_available())
         result = TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode,

@@ -11,7 +11,7 @@ from dpr_lib.config import Config
 
 
 def encoder_specs(cfg: Config) -> tuple:
-    from dpr_lib.encode import resolve_spec
+    from dpr_lib.encoder import resolve_spec
 
     base = cfg.train.model or cfg.encoder.model
     qbase = cfg.train.model or cfg.encoder.question_model or base
@@ -28,7 +28,7 @@ class Side:
     def __init__(self, spec, dropout: float, model=None, device="cpu"):
         from transformers import AutoTokenizer
 
-        from dpr_lib.encode import load_model
+        from dpr_lib.encoder import load_model
 
         self.spec = spec
         self.device = device
@@ -43,7 +43,7 @@ class Side:
         forward 8.6 s vs 2.9 s sorted)."""
         import torch
 
-        from dpr_lib.encode import length_batches, model_inputs, pool, tokenize
+        from dpr_lib.encoder import length_batches, model_inputs, pool, tokenize
 
         ids, types, _ = tokenize(self.tokenizer, titles, texts, max_length)
         lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))

@@ -9,10 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_config, synthetic_docs, write_jsonl
 
-from dpr_lib import backends, storage
+from dpr_lib import backends, runtimes, storage
 from dpr_lib.config import load_config
 from dpr_lib.corpus import shard_corpus
-from dpr_lib.encode import Encoder, check_embeddings, default_model_dir, encode_passages, passage_spec, resolve_spec
+from dpr_lib.encode import check_embeddings, encode_passages
+from dpr_lib.encoder import Encoder, default_model_dir, resolve_spec
+from dpr_lib.encoder_choice import passage_spec
 from dpr_lib.errors import ConfigError, EncoderError, IncompatibleIndexError
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'dpr_lib[onnx]'")
@@ -73,9 +75,9 @@ def test_exported_fp32_backend_gives_the_torch_vectors(spark, corpus, tmp_path, 
     fp = stats["fingerprint"]
     assert fp["backend"] == backend and fp["quantize"] == "none" and len(fp["artifact_sha256"]) == 64
     assert fp["calibration"] == ""
-    meta_url = os.path.join(backends.artifact_url(cfg, passage_spec(cfg)), backends.META)
+    meta_url = os.path.join(backends.artifact_url(cfg, passage_spec(cfg)), runtimes.META)
     meta = json.loads(open(meta_url).read())
-    assert sorted(meta["files"]) == sorted(backends.FILES[backend])
+    assert sorted(meta["files"]) == sorted(runtimes.FILES[backend])
     want, got = torch_vectors(corpus), vectors(cfg)
     np.testing.assert_allclose(np.stack([got[p] for p in sorted(want)]), np.stack([want[p] for p in sorted(want)]),
                                rtol=1e-4, atol=1e-5)
@@ -143,14 +145,14 @@ def test_executors_copy_the_export_from_object_storage_and_check_it(corpus, tmp_
                                                      "publish.endpoint_url": s3_endpoint})
     spec = passage_spec(cfg, build=True)
     assert spec.artifact_url.startswith("s3://dpr-test/backends/work/encoders/")
-    local = backends.local_dir(spec)
+    local = runtimes.local_dir(spec)
     assert os.path.exists(os.path.join(local, "model.onnx")) and not local.startswith("s3")
-    assert backends.local_dir(spec) == local, "downloaded once per sha256"
+    assert runtimes.local_dir(spec) == local, "downloaded once per sha256"
     import dataclasses
 
     wrong = dataclasses.replace(spec, artifact_sha256="0" * 64)
     with pytest.raises(EncoderError, match="not the one the driver fingerprinted"):
-        backends.local_dir(wrong)
+        runtimes.local_dir(wrong)
 
 
 def test_bad_backend_settings_fail_naming_the_key(tmp_path):
@@ -173,7 +175,7 @@ def test_int8_without_passages_is_a_clear_error(corpus, tmp_path):
 
 def test_a_changed_local_export_is_refused(corpus, tmp_path):
     spec = passage_spec(with_backend(corpus, tmp_path, "onnx"), build=True)
-    assert backends.local_dir(spec) == spec.artifact_url
+    assert runtimes.local_dir(spec) == spec.artifact_url
     with open(os.path.join(spec.artifact_url, "model.onnx"), "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(EncoderError, match="does not match the sha256 in its meta.json"):
@@ -194,7 +196,7 @@ def test_nightly_exports_once_and_then_reuses_every_vector(spark, tmp_path, tiny
     assert first["encoded"] == 60
     spec = passage_spec(cfg)
     assert spec.artifact_sha256 and spec.calibration
-    meta_url = os.path.join(spec.artifact_url, backends.META)
+    meta_url = os.path.join(spec.artifact_url, runtimes.META)
     mtime = os.path.getmtime(meta_url)
     second = run_nightly(spark, cfg)
     assert second["encoded"] == 0 and second["reused"] == 60

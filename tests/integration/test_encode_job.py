@@ -10,7 +10,8 @@ from conftest import make_config, synthetic_docs, write_jsonl
 
 from dpr_lib import schemas, storage
 from dpr_lib.corpus import shard_corpus
-from dpr_lib.encode import Encoder, check_embeddings, encode_passages, output_name, resolve_spec
+from dpr_lib.encode import check_embeddings, encode_passages, output_name
+from dpr_lib.encoder import Encoder, resolve_spec
 from dpr_lib.errors import IncompatibleIndexError, InputError
 
 

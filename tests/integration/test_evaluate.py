@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO, make_config, synthetic_docs
 
 from dpr_lib import evaluate as ev
-from dpr_lib import index as ix
-from dpr_lib import metrics, storage
+from dpr_lib import fusion, metrics, storage
+from dpr_lib.index import exact_topk
 from dpr_lib.index_ops import vectors_of
 
 
@@ -77,7 +77,7 @@ def test_dense_exact_figures_equal_an_independent_brute_force(squad_run):
     vectors, numpy brute force over the Embeddings table, DPR's answer match on the passage text."""
     from dpr_lib.bm25 import Passages
     from dpr_lib.datasets import has_answer
-    from dpr_lib.encode import Encoder, resolve_spec
+    from dpr_lib.encoder import Encoder, resolve_spec
 
     cfg, report, _, docs = squad_run
     work = report["work_dir"]
@@ -108,7 +108,7 @@ def test_exact_topk_matches_numpy_brute_force(squad_run, spark):
     pids = np.concatenate([t.column("pid").to_numpy() for t in tables])
     vecs = np.concatenate([vectors_of(t, 32) for t in tables])
     queries = np.random.default_rng(0).standard_normal((7, 32)).astype(np.float32)
-    scores, ids = ix.exact_topk(spark, files, queries, 5, 32)
+    scores, ids = exact_topk(spark, files, queries, 5, 32)
     full = queries @ vecs.T
     want = pids[np.argsort(-full, axis=1, kind="stable")[:, :5]]
     assert (ids == want).all()
@@ -162,10 +162,10 @@ def test_tune_fraction_chooses_on_some_questions_and_scores_on_the_others(spark,
     assert tu["tuned_on"] == 20 and tu["scored_on"] == 20 == report["n_questions"]
     assert tu["metric"] == "top1, top5, top20" and set(report["retrievers"]) == {"bm25", "dense_exact", "dense_ivf", "hybrid",
                                                                       "recommended"}
-    assert set(tu["on_tune"]) == {"dense", "bm25"} | {f"rrf_k{k}" for k in metrics.RRF_KS} | \
-        {f"rrf_k{k}_d{w}" for k in metrics.RRF_KS for w in metrics.DENSE_WEIGHTS} | \
-        {f"linear_a{a}" for a in metrics.ALPHAS}
-    assert tu["choice"]["name"] == metrics.choose_fusion(tu["on_tune"])
+    assert set(tu["on_tune"]) == {"dense", "bm25"} | {f"rrf_k{k}" for k in fusion.RRF_KS} | \
+        {f"rrf_k{k}_d{w}" for k in fusion.RRF_KS for w in fusion.DENSE_WEIGHTS} | \
+        {f"linear_a{a}" for a in fusion.ALPHAS}
+    assert tu["choice"]["name"] == fusion.choose_fusion(tu["on_tune"])
     # The tiny random encoder is near chance; BM25 finds every planted answer: the choice serves BM25
     # (alone or dominating a fusion), and it is scored on held-out questions only.
     assert tu["choice"]["mode"] in ("bm25", "hybrid") and tu["on_tune"]["bm25"]["top20"] > tu["on_tune"]["dense"]["top20"]

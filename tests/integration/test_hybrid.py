@@ -15,11 +15,13 @@ from conftest import REPO, make_config, synthetic_docs, write_jsonl
 
 from dpr_lib import storage
 from dpr_lib.corpus import shard_corpus
-from dpr_lib.encode import check_embeddings, encode_passages, resolve_spec
+from dpr_lib.encode import check_embeddings, encode_passages
+from dpr_lib.encoder import resolve_spec
 from dpr_lib.errors import InputError
+from dpr_lib.fusion import fuse_runs
 from dpr_lib.index import build_index
 from dpr_lib.manifest import open_manifest
-from dpr_lib.search import Searcher, fuse_runs
+from dpr_lib.search import Searcher
 from dpr_lib.sparse import ArrayFile
 
 N_DOCS = 120
@@ -183,7 +185,7 @@ def test_fusion_is_tuned_on_validation_questions(spark, encoded, tmp_path):
     assert {"dense", "bm25", "rrf_k10", "rrf_k60", "rrf_k60_d0.5", "linear_a0.5"} <= set(fusion["figures"])
     assert fusion["chosen_by"] == ["top1", "top5"]
     assert figures["by_mode"]["bm25"] > figures["by_mode"]["dense"]
-    from dpr_lib.metrics import choose_fusion
+    from dpr_lib.fusion import choose_fusion
 
     best = choose_fusion(fusion["figures"])
     assert fusion["mode"] == ("hybrid" if best not in ("bm25", "dense") else best) != "dense"

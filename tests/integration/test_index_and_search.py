@@ -353,14 +353,14 @@ def test_dataframe_input_gives_each_task_one_shard(spark, encoded, tmp_path):
     num_shards = 5
     rows = ix.build_shards(spark, df, trained, num_shards, vectors.shape[1],
                            lambda s: str(tmp_path / f"shard-{s}.faiss"), vectors[:8], 5, [1, 4], 64, {}, 1)
-    assert [r["shard"] for r in rows] == list(range(num_shards))
-    assert all(r["task_shards"] == 1 for r in rows), [r["task_shards"] for r in rows]
-    held = np.concatenate([_ids_of(faiss.read_index(r["path"])) for r in rows])
+    assert [r.shard for r in rows] == list(range(num_shards))
+    assert all(r.task_shards == 1 for r in rows), [r.task_shards for r in rows]
+    held = np.concatenate([_ids_of(faiss.read_index(r.path)) for r in rows])
     assert sorted(held.tolist()) == sorted(pids.tolist())
-    assert sum(r["vectors"] for r in rows) == len(pids)
+    assert sum(r.vectors for r in rows) == len(pids)
     for r in rows:
-        assert storage.sha256_file(r["path"]) == r["sha256"] and os.path.getsize(r["path"]) == r["bytes"]
-        assert r["peak_rss"] > 0
+        assert storage.sha256_file(r.path) == r.sha256 and os.path.getsize(r.path) == r.bytes
+        assert r.peak_rss > 0
 
 
 def _ids_of(index) -> np.ndarray:

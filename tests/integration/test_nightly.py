@@ -84,7 +84,7 @@ def test_edits_additions_and_deletions(history, tiny_bert_dir):
     assert make_pid("doc-5", 0) not in ids and make_pid("doc-5", 1) not in ids, "deleted pids are gone"
     assert make_pid("doc-new", 0) in ids
     # The edited passage carries its new vector.
-    from dpr_lib.encode import Encoder, resolve_spec
+    from dpr_lib.encoder import Encoder, resolve_spec
 
     enc = Encoder(resolve_spec(cfg.encoder, cfg.path("cache_dir")))
     text = " ".join(("completely new words " * 50).split()[:100])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dpr_lib.config import EncoderConfig
-from dpr_lib.encode import Encoder, check_vectors, length_batches, resolve_spec
+from dpr_lib.encode import check_vectors
+from dpr_lib.encoder import Encoder, length_batches, resolve_spec
 from dpr_lib.errors import EncoderError
 
 TITLES = ["Alpha", "Bravo", "Charlie", "Delta"]
@@ -79,7 +80,7 @@ def test_bf16_path_is_correct_on_any_cpu(tiny_bert_dir, tmp_path):
 
 
 def test_auto_dtype_follows_the_cpu(tiny_bert_dir, tmp_path):
-    from dpr_lib.encode import cpu_has_native_bf16
+    from dpr_lib.encoder import cpu_has_native_bf16
 
     spec = spec_for(tiny_bert_dir, tmp_path, dtype="auto", device="cpu")
     assert spec.dtype == ("bf16" if cpu_has_native_bf16() else "fp32")
@@ -161,7 +162,7 @@ def test_nan_and_dimension_checks_name_the_pid():
 
 
 def test_cuda_device_of_a_spark_gpu_address():
-    from dpr_lib.encode import cuda_device
+    from dpr_lib.encoder import cuda_device
 
     assert cuda_device("", 0) == "cuda" and cuda_device("1", 2) == "cuda:1"
     with pytest.raises(EncoderError, match=r"Spark assigned GPU address '2', but this node has 2 CUDA device\(s\)"):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dpr_lib import bm25, datasets, metrics
+from dpr_lib import bm25, datasets, fusion, metrics
 from dpr_lib.errors import InputError
 
 
@@ -49,7 +49,7 @@ def test_accuracy_curve_and_first_hit_ranks():
 def test_rrf_fusion_by_hand():
     bm25 = (np.array([[3.0, 2.0, 1.0]], np.float32), np.array([[10, 20, 30]]))
     dense = (np.array([[0.9, 0.8, 0.1]], np.float32), np.array([[20, 40, 10]]))
-    scores, pids = metrics.fuse([bm25, dense], 4, "rrf", rrf_k=60)
+    scores, pids = fusion.fuse([bm25, dense], 4, "rrf", rrf_k=60)
     expect = {10: 1 / 61 + 1 / 63, 20: 1 / 62 + 1 / 61, 30: 1 / 63, 40: 1 / 62}
     order = sorted(expect, key=lambda p: (-expect[p], p))
     assert pids[0].tolist() == order == [20, 10, 40, 30]
@@ -59,13 +59,13 @@ def test_rrf_fusion_by_hand():
 def test_linear_fusion_by_hand_and_missing_hits():
     bm25 = (np.array([[4.0, 2.0, 0.0]], np.float32), np.array([[1, 2, 3]]))
     dense = (np.array([[0.5, 0.3, -1.0]], np.float32), np.array([[2, 4, -1]]))
-    scores, pids = metrics.fuse([bm25, dense], 5, "linear", weights=[0.4, 0.6])
+    scores, pids = fusion.fuse([bm25, dense], 5, "linear", weights=[0.4, 0.6])
     # bm25 normalised: 1 -> 1, 2 -> .5, 3 -> 0; dense (pid -1 ignored): 2 -> 1, 4 -> 0
     expect = {1: 0.4, 2: 0.4 * 0.5 + 0.6, 3: 0.0, 4: 0.0}
     assert pids[0].tolist() == [2, 1, 3, 4, -1]
     assert np.allclose(scores[0][:4], [expect[p] for p in [2, 1, 3, 4]])
     with pytest.raises(InputError, match="fusion"):
-        metrics.fuse([bm25], 2, "max")
+        fusion.fuse([bm25], 2, "max")
 
 
 class _Table(bm25.Passages):
@@ -191,7 +191,7 @@ def test_split_questions_is_seeded_disjoint_and_refuses_empty_sides():
 
 
 def test_choose_fusion_prefers_never_worse_than_the_better_single_retriever():
-    from dpr_lib.metrics import choose_fusion
+    from dpr_lib.fusion import choose_fusion
 
     figures = {
         "bm25": {"top1": 0.78, "top5": 0.93, "top20": 0.97},

@@ -240,7 +240,7 @@ def test_shard_pieces_cover_every_row_once_and_balance(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dpr_lib.index import _read_pieces, file_layout, plan_pieces
+    from dpr_lib.index.shards import file_layout, plan_pieces, read_pieces
     from dpr_lib.schemas import embeddings_schema
 
     files, pid = [], 0
@@ -257,28 +257,32 @@ def test_shard_pieces_cover_every_row_once_and_balance(tmp_path):
     layout = file_layout(files)
     assert [f["row_groups"] for f in layout] == [[7, 3], [1], [12, 5, 2]]
     for n in (1, 2, 3, 4, 7, 40):
-        got = [np.concatenate([p for p, _ in _read_pieces(pieces, 4, 2)] or [np.zeros(0, np.int64)])
+        got = [np.concatenate([p for p, _ in read_pieces(pieces, 4, 2)] or [np.zeros(0, np.int64)])
                for pieces in plan_pieces(layout, n)]
         assert np.array_equal(np.concatenate(got), np.arange(pid)), "every row once, in order"
         sizes = [len(g) for g in got]
         assert max(sizes) - min(sizes) <= 1, sizes
         for pieces in plan_pieces(layout, n):  # vectors travel with their pids
-            for p, v in _read_pieces(pieces, 4, 3):
+            for p, v in read_pieces(pieces, 4, 3):
                 assert (v[:, 0] == p).all()
 
 
 def test_stale_quantizer_rule():
 
-    from dpr_lib.index import _stale_quantizer
+    from dpr_lib.index.recall import RecallChoice, stale_quantizer
 
     icfg = SimpleNamespace(recall_target=0.95, nprobe=0)
-    reuse = {"manifest": SimpleNamespace(version="v1", nprobe=16), "max_nprobe": 32.0, "max_nprobe_key": "nightly.max_nprobe_growth"}
+    prev, key = SimpleNamespace(version="v1", nprobe=16), "nightly.max_nprobe_growth"
     curve = {8: 0.9, 16: 0.94, 32: 0.96, 64: 0.99}
-    assert _stale_quantizer(reuse, curve, 32, 10, icfg) is None  # 2x the previous nprobe: still serves
-    why = _stale_quantizer({**reuse, "max_nprobe": 16.0}, curve, 32, 10, icfg)
+
+    def at(nprobe, by=curve):
+        return RecallChoice(nprobe, 0, {(p, 0): r for p, r in by.items()}, by)
+
+    assert stale_quantizer(prev, 32.0, key, at(32), 10, icfg) is None  # 2x the previous nprobe: still serves
+    why = stale_quantizer(prev, 16.0, key, at(32), 10, icfg)
     assert why and "needs nprobe 32" in why and "over the limit of 16 (nightly.max_nprobe_growth x the nprobe 16" in why
-    assert "below index.recall_target" in _stale_quantizer(reuse, {64: 0.9}, 64, 10, icfg)
+    assert "below index.recall_target" in stale_quantizer(prev, 32.0, key, at(64, {64: 0.9}), 10, icfg)
     # A forced nprobe is what is served, whatever the previous version did; only the target counts.
     forced = SimpleNamespace(recall_target=0.95, nprobe=64)
-    assert _stale_quantizer({**reuse, "max_nprobe": 16.0}, curve, 64, 10, forced) is None
-    assert _stale_quantizer({"manifest": SimpleNamespace(version="v1", nprobe=1)}, curve, 64, 10, icfg) is None  # no limit
+    assert stale_quantizer(prev, 16.0, key, at(64), 10, forced) is None
+    assert stale_quantizer(SimpleNamespace(version="v1", nprobe=1), 0, key, at(64), 10, icfg) is None  # no limit

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from dpr_lib.bm25 import tokens as bm25_tokens
 from dpr_lib.sparse import ArrayFile, SparseIndex, build_local
-from dpr_lib.train_data import bm25_tokens
 
 CORPUS = [
     "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",

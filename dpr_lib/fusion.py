@@ -1,0 +1,118 @@
+"""Rank fusion, the one home of it: how two ranked lists (BM25 and dense) become one, for the
+merge job's tuning (:mod:`dpr_lib.gate`), the evaluation's ``--tune-fraction``, and what a search
+service serves in mode ``hybrid`` (:mod:`dpr_lib.search`). Spark-free, numpy only.
+
+- :func:`fuse`: reciprocal rank fusion (optionally weighted) or a convex combination of min-max
+  normalised scores;
+- ``DEFAULT_FUSION``: the label-free fusion a version without validation data serves;
+- :func:`fusion_candidates` and :func:`choose_fusion`: every fusion a version could serve, and
+  the rule that picks one on labelled questions.
+
+Arrays: ``pids`` int64 [questions, k] (-1 = no hit), ``scores`` float32 of the same shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dpr_lib.errors import InputError
+
+FUSIONS = ("rrf", "linear")
+
+def fuse(runs: list[tuple[np.ndarray, np.ndarray]], k: int, method: str = "rrf", rrf_k: int = 60,
+         weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fuse ranked lists (scores [q, k_i], pids [q, k_i]; pid -1 = no hit) into one top-k.
+
+    ``rrf``: sum of 1 / (rrf_k + rank), rank from 1 (Cormack et al., 2009). ``linear``: weighted
+    sum of per-query min-max normalised scores, a pid missing from a list scoring 0 there.
+    Ties are broken by pid.
+    """
+    if method not in FUSIONS:
+        raise InputError(f"fusion must be one of {', '.join(FUSIONS)}, got {method!r}")
+    weights = weights or [1.0] * len(runs)
+    nq = runs[0][1].shape[0]
+    out_s = np.full((nq, k), -np.inf, np.float32)
+    out_p = np.full((nq, k), -1, np.int64)
+    for q in range(nq):
+        acc: dict[int, float] = {}
+        for (scores, pids), w in zip(runs, weights):
+            valid = pids[q] >= 0
+            p, s = pids[q][valid], scores[q][valid].astype(np.float64)
+            if method == "rrf":
+                contrib = w / (rrf_k + np.arange(1, len(p) + 1))
+            else:
+                span = s.max() - s.min() if len(s) else 0.0
+                contrib = w * ((s - s.min()) / span if span > 0 else np.ones_like(s))
+            for pid, c in zip(p.tolist(), contrib.tolist()):
+                acc[pid] = acc.get(pid, 0.0) + c
+        ranked = sorted(acc.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        for j, (pid, score) in enumerate(ranked):
+            out_p[q, j], out_s[q, j] = pid, score
+    return out_s, out_p
+
+
+DEFAULT_FUSION = {"mode": "hybrid", "method": "rrf", "rrf_k": 60, "fetch_k_factor": 2, "source": "default"}
+"""The label-free fusion (no validation data): reciprocal rank fusion with Cormack et al.'s k = 60
+over each side's top 2k. See docs for how it compares with tuned fusions."""
+
+
+def fusion_of(manifest) -> dict:
+    """The fusion a version serves: its manifest's (tuned or default), else the label-free default."""
+    return {**DEFAULT_FUSION, **(manifest.fusion or {})} if manifest.sparse else {"mode": "dense"}
+
+
+def fuse_runs(fusion: dict, sparse: tuple, dense: tuple, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if fusion.get("method") == "linear":
+        a = float(fusion.get("alpha_dense", 0.5))
+        return fuse([sparse, dense], k, "linear", weights=[1.0 - a, a])
+    return fuse([sparse, dense], k, "rrf", int(fusion.get("rrf_k", 60)),
+                weights=[1.0, float(fusion.get("dense_weight", 1.0))])
+
+
+# ---------------------------------------------------------------- fusion tuning
+
+RRF_KS = (10, 30, 60, 100)
+ALPHAS = tuple(round(a / 10, 1) for a in range(1, 10))
+DENSE_WEIGHTS = (0.5, 0.7, 1.4, 2.0)   # weighted RRF: the dense list's weight, BM25's being 1
+
+
+def fusion_candidates(bm25, dense, k: int) -> dict[str, tuple[dict, tuple[np.ndarray, np.ndarray]]]:
+    """Every retriever a version could serve from a BM25 and a dense top-k: each alone, RRF over
+    ``RRF_KS`` (equal weights, and the dense list weighted by ``DENSE_WEIGHTS``) and convex
+    combinations of min-max normalised scores over ``ALPHAS`` (weight of dense).
+    {name: (its settings, (scores, pids))}."""
+    out = {"dense": ({"mode": "dense"}, dense), "bm25": ({"mode": "bm25"}, bm25)}
+    for rk in RRF_KS:
+        out[f"rrf_k{rk}"] = ({"mode": "hybrid", "fusion": "rrf", "rrf_k": rk}, fuse([bm25, dense], k, "rrf", rk))
+        for w in DENSE_WEIGHTS:
+            out[f"rrf_k{rk}_d{w}"] = ({"mode": "hybrid", "fusion": "rrf", "rrf_k": rk, "dense_weight": w},
+                                      fuse([bm25, dense], k, "rrf", rk, weights=[1.0, w]))
+    for a in ALPHAS:
+        out[f"linear_a{a}"] = ({"mode": "hybrid", "fusion": "linear", "alpha_dense": a},
+                               fuse([bm25, dense], k, "linear", weights=[1.0 - a, a]))
+    return out
+
+
+def tuning_metrics(kind: str, k: int) -> tuple[str, ...]:
+    """The figures a fusion is chosen by: the cutoffs a search team reads (QA: top-1, top-5, top-20
+    accuracy; judged queries: nDCG@10 and recall@20), capped at the lists' depth k."""
+    if kind == "qa":
+        return tuple(dict.fromkeys(f"top{min(c, k)}" for c in (1, 5, 20)))
+    return ("ndcg@10", f"recall@{min(20, k)}")
+
+
+def choose_fusion(figures: dict[str, dict[str, float]], singles: tuple[str, ...] = ("bm25", "dense")) -> str:
+    """The candidate to serve: the one whose worst margin over the better single retriever, across
+    the tuning figures, is largest (never worse than BM25 or dense at any cutoff, if any candidate
+    manages that), then the best mean figure, then the simplest (dense, bm25, a fusion).
+    ``figures``: {candidate: {metric: value}}, holding ``singles``."""
+    metrics = list(next(iter(figures.values())))
+    best_single = {m: max(figures[s][m] for s in singles if s in figures) for m in metrics}
+    rank = {"dense": 2, "bm25": 1}
+
+    def key(name: str):
+        f = figures[name]
+        margin = min(f[m] - best_single[m] for m in metrics)
+        return round(margin, 6), round(float(np.mean([f[m] for m in metrics])), 6), rank.get(name, 0)
+
+    return max(figures, key=key)
