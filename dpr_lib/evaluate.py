@@ -139,14 +139,12 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
 
     ``spark`` is a SparkSession or a function returning one (called once the dataset has been
     read and checked, so bad input fails before a JVM starts)."""
-    from dpr_lib import storage
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import encode_passages
     from dpr_lib.encoder import get_encoder, resolve_spec
-    from dpr_lib.index import build_index, exact_topk
+    from dpr_lib.index import build_index
     from dpr_lib.index_ops import recall_at_k
     from dpr_lib.search import Searcher
-    from dpr_lib.spark import task_errors
 
     if fusion not in FUSIONS:
         raise InputError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
@@ -191,21 +189,7 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     searcher = Searcher(cfg.path("index_root"), cfg.encoder, cfg.path("cache_dir"),
                         storage_options=cfg.storage_options(), max_k=max(k, cfg.search.max_k))
 
-    runs = {}
-    t = time.time()
-    # The version's own BM25 (its sparse side: what a service answers in mode bm25); bm25s for a
-    # version built without one (same analyzer and formula, tests/unit/test_sparse_unit.py).
-    runs["bm25"] = searcher.index.search_sparse(texts, k) if searcher.index.sparse is not None else \
-        bm25_topk(table, texts, k)
-    timings["bm25"] = round(time.time() - t, 1)
-    t = time.time()
-    with task_errors():
-        runs["dense_exact"] = exact_topk(spark, storage.list_files(cfg.path("embeddings"), ".parquet"), qvecs, k,
-                                            manifest.dim)
-    timings["dense_exact"] = round(time.time() - t, 1)
-    t = time.time()
-    runs["dense_ivf"] = searcher.index.search(qvecs, k)
-    timings["dense_ivf"] = round(time.time() - t, 1)
+    runs = _retriever_runs(spark, cfg, searcher, table, texts, qvecs, k, manifest.dim, timings)
     weights = [1.0 - alpha, alpha] if fusion == "linear" else [1.0, 1.0]
     runs["hybrid"] = fuse([runs["bm25"], runs["dense_ivf"]], k, fusion, rrf_k, weights)
 
@@ -241,12 +225,40 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
         "encode_passages_per_s": encode_stats.get("passages_per_s"),
         "seconds": round(time.time() - t0, 1),
     }
+    write_report(out_dir, report, f"{ds.name}: {len(ds.questions)} questions")
+    log.info("evaluation written to %s (%.1fs)", out_dir, report["seconds"])
+    return report
+
+
+def _retriever_runs(spark, cfg: Config, searcher, table, texts: list[str], qvecs: np.ndarray, k: int, dim: int,
+                    timings: dict) -> dict:
+    """Each retriever's top-k of the questions: bm25, dense_exact (brute force on executors), dense_ivf."""
+    from dpr_lib import storage
+    from dpr_lib.index import exact_topk
+    from dpr_lib.spark import task_errors
+
+    runs = {}
+    t = time.time()
+    # The version's own BM25 (its sparse side: what a service answers in mode bm25); bm25s for a
+    # version built without one (same analyzer and formula, tests/unit/test_sparse_unit.py).
+    runs["bm25"] = searcher.index.search_sparse(texts, k) if searcher.index.sparse is not None else \
+        bm25_topk(table, texts, k)
+    timings["bm25"] = round(time.time() - t, 1)
+    t = time.time()
+    with task_errors():
+        runs["dense_exact"] = exact_topk(spark, storage.list_files(cfg.path("embeddings"), ".parquet"), qvecs, k, dim)
+    timings["dense_exact"] = round(time.time() - t, 1)
+    t = time.time()
+    runs["dense_ivf"] = searcher.index.search(qvecs, k)
+    timings["dense_ivf"] = round(time.time() - t, 1)
+    return runs
+
+
+def write_report(out_dir: str, report: dict, title: str) -> None:
+    """report.json, report.md and topk.png of an evaluation."""
     with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(report_markdown(report))
-    ylabel = "top-k accuracy (answer in a top-k passage)" if ds.kind == "qa" else "recall@k"
-    plot_curves(report["curves"], os.path.join(out_dir, "topk.png"), f"{ds.name}: {len(ds.questions)} questions",
-                ylabel)
-    log.info("evaluation written to %s (%.1fs)", out_dir, report["seconds"])
-    return report
+    ylabel = "top-k accuracy (answer in a top-k passage)" if report["kind"] == "qa" else "recall@k"
+    plot_curves(report["curves"], os.path.join(out_dir, "topk.png"), title, ylabel)

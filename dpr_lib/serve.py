@@ -381,61 +381,78 @@ class CountedASGI:
                 self.on_response(endpoint, status, reason, time.perf_counter() - t0)
 
 
-def create_app(holder: IndexHolder, start_poller: bool = True):
-    import asyncio
-    import contextlib
+class ServiceMetrics:
+    """The service's Prometheus registry: responses and errors as they happen (:meth:`counted`),
+    the index and process gauges read when /metrics is scraped (:meth:`render`)."""
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    cfg = holder.cfg
-    registry = CollectorRegistry()
-    requests = Counter("dpr_requests", "HTTP responses by endpoint and status (every one, errors "
-                       "answered by the HTTP protocol included)", ["endpoint", "code"], registry=registry)
-    errors = Counter("dpr_errors", "Error responses by endpoint and reason", ["endpoint", "reason"],
-                     registry=registry)
-    latency = Histogram("dpr_request_seconds", "Request latency", ["endpoint"], registry=registry,
-                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-    g_info = Gauge("dpr_index_info", "The index version being served (value 1)", ["version"], registry=registry)
-    g_vectors = Gauge("dpr_index_vectors", "Vectors served", registry=registry)
-    g_ready = Gauge("dpr_index_ready", "1 once a version is loaded", registry=registry)
-    g_swaps = Gauge("dpr_index_swaps", "Version swaps since start", registry=registry)
-    g_failures = Gauge("dpr_index_failed_loads", "Versions that failed to load since start", registry=registry)
-    g_failing = Gauge("dpr_index_failed_version_pending", "1 while the newest version failed to load",
-                      registry=registry)
-    g_mem = Gauge("dpr_process_memory_bytes", "Process memory", ["kind"], registry=registry)
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("dpr_requests", "HTTP responses by endpoint and status (every one, errors "
+                                "answered by the HTTP protocol included)", ["endpoint", "code"], registry=r)
+        self.errors = Counter("dpr_errors", "Error responses by endpoint and reason", ["endpoint", "reason"],
+                              registry=r)
+        self.latency = Histogram("dpr_request_seconds", "Request latency", ["endpoint"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.info = Gauge("dpr_index_info", "The index version being served (value 1)", ["version"], registry=r)
+        self.vectors = Gauge("dpr_index_vectors", "Vectors served", registry=r)
+        self.ready = Gauge("dpr_index_ready", "1 once a version is loaded", registry=r)
+        self.swaps = Gauge("dpr_index_swaps", "Version swaps since start", registry=r)
+        self.failures = Gauge("dpr_index_failed_loads", "Versions that failed to load since start", registry=r)
+        self.failing = Gauge("dpr_index_failed_version_pending", "1 while the newest version failed to load",
+                             registry=r)
+        self.mem = Gauge("dpr_process_memory_bytes", "Process memory", ["kind"], registry=r)
+        self.batches = Gauge("dpr_search_batches", "Forward passes + searches answered since start", registry=r)
+        self.batched = Gauge("dpr_search_batched_questions", "Questions answered through them", registry=r)
 
-    g_batches = Gauge("dpr_search_batches", "Forward passes + searches answered since start", registry=registry)
-    g_batched = Gauge("dpr_search_batched_questions", "Questions answered through them", registry=registry)
-    batcher: MicroBatcher | None = None
-
-    def counted(endpoint: str, status: int, reason: str | None, seconds: float | None = None) -> None:
-        requests.labels(endpoint, str(status)).inc()
+    def counted(self, endpoint: str, status: int, reason: str | None, seconds: float | None = None) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
         if status >= 400:
-            errors.labels(endpoint, reason or str(status)).inc()
+            self.errors.labels(endpoint, reason or str(status)).inc()
         if seconds is not None:
-            latency.labels(endpoint).observe(seconds)
+            self.latency.labels(endpoint).observe(seconds)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        nonlocal batcher
-        bound_compute_threads(cfg.serve.threads)
-        batcher = MicroBatcher(cfg.serve.batch_questions, cfg.serve.batch_wait_ms / 1000)
-        if start_poller:
-            holder.start()
-        yield
-        holder.stop()
-        batcher.close()
+    def render(self, holder: IndexHolder, batcher: "MicroBatcher | None") -> bytes:
+        from prometheus_client import generate_latest
 
-    docs = cfg.serve.docs
-    app = FastAPI(title="dpr-serve", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None)
-    app.add_middleware(CountedASGI, on_response=counted)
-    # The protocol's own refusals (408, 413, 431, 503, malformed HTTP) are counted here too.
-    app.state.wire_refused = lambda path, status, code: counted(endpoint_of(path), status, code)
+        loaded = holder.current
+        self.info.clear()
+        if loaded:
+            self.info.labels(loaded.version).set(1)
+        self.vectors.set(loaded.searcher.index.ntotal if loaded else 0)
+        self.ready.set(1 if loaded else 0)
+        self.swaps.set(holder.swaps)
+        self.failures.set(holder.failures)
+        self.failing.set(1 if holder.failed else 0)
+        if batcher is not None:
+            self.batches.set(batcher.batches)
+            self.batched.set(batcher.questions)
+        for key, value in process_memory().items():
+            self.mem.labels({"VmRSS": "resident", "RssAnon": "anonymous", "RssFile": "file"}[key]).set(value)
+        return generate_latest(self.registry)
+
+
+def health_body(holder: IndexHolder) -> dict:
+    """What GET /health answers (status 200 once a version is loaded, else 503)."""
+    loaded = holder.current
+    return {"status": "ready" if loaded else "loading", "version": loaded.version if loaded else None,
+            "vectors": loaded.searcher.index.ntotal if loaded else 0, "swaps": holder.swaps,
+            "mode": loaded.searcher.mode if loaded else None,
+            "modes": (["dense", "bm25", "hybrid"] if loaded.searcher.index.sparse is not None else ["dense"])
+            if loaded else [],
+            "segments": len(loaded.searcher.index.manifest.all_segments()) if loaded else 0,
+            "loaded": {"downloaded_bytes": loaded.downloaded_bytes, "reused_shards": loaded.reused_shards,
+                       "seconds": loaded.load_seconds} if loaded else None,
+            "downloaded_bytes_total": holder.downloaded_bytes,
+            "failed_version": holder.public_failure()}
+
+
+def _error_handlers(app) -> None:
+    """404, 405 and FastAPI's validation errors in the service's one error shape."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -449,6 +466,19 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
     async def validation_error(request: Request, exc: RequestValidationError):
         return error_response(400, "bad_request", "the request does not match the API (see /openapi.json)")
 
+
+def _search_route(app, holder: IndexHolder, batcher_of) -> None:
+    """POST /search: the body checked by :func:`~dpr_lib.serve_http.parse_search` (its bounds hold
+    before any JSON object is built), the questions answered through the micro-batcher on the
+    version loaded when the request arrived. Request, response and errors are described in
+    /openapi.json by the typed models of :func:`~dpr_lib.serve_http.search_models`."""
+    import asyncio
+
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.requests import ClientDisconnect
+
+    cfg = holder.cfg
     SearchRequest, SearchResponse, ErrorModel = search_models(cfg)
     errors_doc = {status: {"model": ErrorModel, "description": what} for status, what in (
         (400, "bad request: the body, a question, k or mode (code names which)"),
@@ -477,7 +507,7 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
         if loaded is None:
             return error_response(503, "not_ready", "no index version loaded yet", {"retry-after": "5"})
         try:
-            results = await asyncio.wrap_future(batcher.submit(loaded, questions, k, mode))
+            results = await asyncio.wrap_future(batcher_of().submit(loaded, questions, k, mode))
         except Refusal as exc:
             return error_response(exc.status, exc.code, str(exc))
         except (InputError, UnicodeError) as exc:  # this request's questions, not the service
@@ -491,6 +521,36 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
                                       "text": h.text} for h in hits]} for q, hits in zip(questions, results)]}
         return JSONResponse(body)
 
+
+def create_app(holder: IndexHolder, start_poller: bool = True):
+    import contextlib
+
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    cfg = holder.cfg
+    metrics = ServiceMetrics()
+    batcher: MicroBatcher | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        nonlocal batcher
+        bound_compute_threads(cfg.serve.threads)
+        batcher = MicroBatcher(cfg.serve.batch_questions, cfg.serve.batch_wait_ms / 1000)
+        if start_poller:
+            holder.start()
+        yield
+        holder.stop()
+        batcher.close()
+
+    docs = cfg.serve.docs
+    app = FastAPI(title="dpr-serve", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None)
+    app.add_middleware(CountedASGI, on_response=metrics.counted)
+    # The protocol's own refusals (408, 413, 431, 503, malformed HTTP) are counted here too.
+    app.state.wire_refused = lambda path, status, code: metrics.counted(endpoint_of(path), status, code)
+    _error_handlers(app)
+    _search_route(app, holder, lambda: batcher)
     page = _page()
 
     @app.get("/")
@@ -499,36 +559,12 @@ def create_app(holder: IndexHolder, start_poller: bool = True):
 
     @app.get("/health")
     async def health():
-        loaded = holder.current
-        body = {"status": "ready" if loaded else "loading", "version": loaded.version if loaded else None,
-                "vectors": loaded.searcher.index.ntotal if loaded else 0, "swaps": holder.swaps,
-                "mode": loaded.searcher.mode if loaded else None,
-                "modes": (["dense", "bm25", "hybrid"] if loaded.searcher.index.sparse is not None else ["dense"])
-                if loaded else [],
-                "segments": len(loaded.searcher.index.manifest.all_segments()) if loaded else 0,
-                "loaded": {"downloaded_bytes": loaded.downloaded_bytes, "reused_shards": loaded.reused_shards,
-                           "seconds": loaded.load_seconds} if loaded else None,
-                "downloaded_bytes_total": holder.downloaded_bytes,
-                "failed_version": holder.public_failure()}
-        return JSONResponse(body, status_code=200 if loaded else 503)
+        body = health_body(holder)
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @app.get("/metrics")
-    async def metrics():
-        loaded = holder.current
-        g_info.clear()
-        if loaded:
-            g_info.labels(loaded.version).set(1)
-        g_vectors.set(loaded.searcher.index.ntotal if loaded else 0)
-        g_ready.set(1 if loaded else 0)
-        g_swaps.set(holder.swaps)
-        g_failures.set(holder.failures)
-        g_failing.set(1 if holder.failed else 0)
-        if batcher is not None:
-            g_batches.set(batcher.batches)
-            g_batched.set(batcher.questions)
-        for key, value in process_memory().items():
-            g_mem.labels({"VmRSS": "resident", "RssAnon": "anonymous", "RssFile": "file"}[key]).set(value)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_page():
+        return Response(metrics.render(holder, batcher), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -228,130 +228,137 @@ def raw_response(status: int, code: str, message: str, extra: tuple = ()) -> byt
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
+class _Guard:
+    """The bounds of :func:`guarded_protocol`, mixed into uvicorn's httptools protocol (imported
+    lazily there): ``limits`` and ``refused`` are set on the class that function makes."""
+
+    limits: WireLimits
+    refused: Callable[[str, int, str], None]
+    _timer = None
+    _refused = False
+    _header_bytes = 0
+    _body_bytes = 0
+    _message_cycle = None  # the cycle of the request being received, once its headers are in
+
+    # ---------------------------------------------------------- timers
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._expired, what, seconds)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self, what: str, seconds: float) -> None:
+        self._timer = None
+        setting = "serve.header_timeout_s" if what == "headers" else "serve.body_timeout_s"
+        self._refuse(408, "request_timeout", f"the request's {what} did not arrive within {seconds:g} s "
+                     f"({setting})")
+
+    def _refuse(self, status: int, code: str, message: str, extra: tuple = ()) -> None:
+        """Answer with an error (unless this request's response has begun) and close."""
+        if self._refused or self.transport is None or self.transport.is_closing():
+            return
+        self._refused = True
+        self._disarm()
+        cycle = self._message_cycle
+        if cycle is None or not cycle.response_started:
+            self.transport.write(raw_response(status, code, message, extra))
+            self.refused(self._path(), status, code)
+        self.transport.close()
+
+    def _path(self) -> str:
+        if self.scope and self.scope.get("path"):
+            return self.scope["path"]
+        try:  # refused before uvicorn filled the scope in: the path as received so far
+            import httptools
+
+            url = getattr(self, "url", b"")
+            return httptools.parse_url(url).path.decode("latin-1") if url else ""
+        except Exception:  # noqa: BLE001 - a request line too broken to parse
+            return ""
+
+    # ---------------------------------------------------------- connection
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse(503, "too_many_connections", f"the service has {self.limits.max_connections} open "
+                         "connections, its limit (serve.max_connections); retry later",
+                         ("retry-after: 1",))
+            return
+        self._arm(self.limits.header_timeout_s, "headers")
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, "bad_http", f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})")
+
+    # ---------------------------------------------------------- parser callbacks
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        super().on_message_begin()
+        self._header_bytes = self._body_bytes = 0
+        self._message_cycle = None
+        self._arm(self.limits.header_timeout_s, "headers")
+
+    def _count_header(self, n: int) -> bool:
+        self._header_bytes += n
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(431, "headers_too_large", f"the request line and headers pass "
+                         f"{self.limits.max_header_bytes} bytes (serve.max_header_bytes)")
+        return not self._refused
+
+    def on_url(self, url: bytes) -> None:
+        if self._count_header(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._count_header(len(name) + len(value) + 4):
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        declared = [v for n, v in self.headers if n == b"content-length"]
+        if declared and (not declared[0].strip().isdigit() or int(declared[0]) > self.limits.max_body_bytes):
+            self._refuse(413, "body_too_large", f"the request body declares {declared[0][:20].decode('latin-1')}"
+                         f" bytes; the limit is {self.limits.max_body_bytes} (serve.max_body_bytes)")
+            return
+        super().on_headers_complete()
+        self._message_cycle = self.cycle
+        self._arm(self.limits.body_timeout_s, "body")
+
+    def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return
+        self._body_bytes += len(body)
+        if self._body_bytes > self.limits.max_body_bytes:
+            self._refuse(413, "body_too_large", f"the request body passed {self.limits.max_body_bytes} bytes "
+                         "(serve.max_body_bytes)")
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        super().on_message_complete()
+
+
 def guarded_protocol(limits: WireLimits, refused: Callable[[str, int, str], None]) -> type:
     """uvicorn's httptools protocol with the bounds above. ``refused(path, status, code)`` is
     called for every response the protocol writes itself."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedProtocol(HttpToolsProtocol):
-        _timer = None
-        _refused = False
-        _header_bytes = 0
-        _body_bytes = 0
-        _message_cycle = None  # the cycle of the request being received, once its headers are in
-
-        # ---------------------------------------------------------- timers
-        def _arm(self, seconds: float, what: str) -> None:
-            self._disarm()
-            self._timer = self.loop.call_later(seconds, self._expired, what, seconds)
-
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _expired(self, what: str, seconds: float) -> None:
-            self._timer = None
-            setting = "serve.header_timeout_s" if what == "headers" else "serve.body_timeout_s"
-            self._refuse(408, "request_timeout", f"the request's {what} did not arrive within {seconds:g} s "
-                         f"({setting})")
-
-        def _refuse(self, status: int, code: str, message: str, extra: tuple = ()) -> None:
-            """Answer with an error (unless this request's response has begun) and close."""
-            if self._refused or self.transport is None or self.transport.is_closing():
-                return
-            self._refused = True
-            self._disarm()
-            cycle = self._message_cycle
-            if cycle is None or not cycle.response_started:
-                self.transport.write(raw_response(status, code, message, extra))
-                refused(self._path(), status, code)
-            self.transport.close()
-
-        def _path(self) -> str:
-            if self.scope and self.scope.get("path"):
-                return self.scope["path"]
-            try:  # refused before uvicorn filled the scope in: the path as received so far
-                import httptools
-
-                url = getattr(self, "url", b"")
-                return httptools.parse_url(url).path.decode("latin-1") if url else ""
-            except Exception:  # noqa: BLE001 - a request line too broken to parse
-                return ""
-
-        # ---------------------------------------------------------- connection
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
-                self._refuse(503, "too_many_connections", f"the service has {limits.max_connections} open "
-                             "connections, its limit (serve.max_connections); retry later",
-                             ("retry-after: 1",))
-                return
-            self._arm(limits.header_timeout_s, "headers")
-
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return
-            super().data_received(data)
-
-        def send_400_response(self, msg: str) -> None:
-            self._refuse(400, "bad_http", f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})")
-
-        # ---------------------------------------------------------- parser callbacks
-        def on_message_begin(self) -> None:
-            if self._refused:
-                return
-            super().on_message_begin()
-            self._header_bytes = self._body_bytes = 0
-            self._message_cycle = None
-            self._arm(limits.header_timeout_s, "headers")
-
-        def _count_header(self, n: int) -> bool:
-            self._header_bytes += n
-            if self._header_bytes > limits.max_header_bytes:
-                self._refuse(431, "headers_too_large", f"the request line and headers pass "
-                             f"{limits.max_header_bytes} bytes (serve.max_header_bytes)")
-            return not self._refused
-
-        def on_url(self, url: bytes) -> None:
-            if self._count_header(len(url)):
-                super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            if self._count_header(len(name) + len(value) + 4):
-                super().on_header(name, value)
-
-        def on_headers_complete(self) -> None:
-            if self._refused:
-                return
-            self._disarm()
-            declared = [v for n, v in self.headers if n == b"content-length"]
-            if declared and (not declared[0].strip().isdigit() or int(declared[0]) > limits.max_body_bytes):
-                self._refuse(413, "body_too_large", f"the request body declares {declared[0][:20].decode('latin-1')}"
-                             f" bytes; the limit is {limits.max_body_bytes} (serve.max_body_bytes)")
-                return
-            super().on_headers_complete()
-            self._message_cycle = self.cycle
-            self._arm(limits.body_timeout_s, "body")
-
-        def on_body(self, body: bytes) -> None:
-            if self._refused:
-                return
-            self._body_bytes += len(body)
-            if self._body_bytes > limits.max_body_bytes:
-                self._refuse(413, "body_too_large", f"the request body passed {limits.max_body_bytes} bytes "
-                             "(serve.max_body_bytes)")
-                return
-            super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            if self._refused:
-                return
-            self._disarm()
-            super().on_message_complete()
-
-    return GuardedProtocol
+    return type("GuardedProtocol", (_Guard, HttpToolsProtocol),
+                {"limits": limits, "refused": staticmethod(refused)})

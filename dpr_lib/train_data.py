@@ -200,6 +200,49 @@ def _name_jsonl(version_url: str) -> None:
             fs.mv(p, f"{path}/{spark_part(name)}.jsonl")
 
 
+def _write_records(spark, made, questions: list, n_hard: int, out: str) -> tuple[int, dict]:
+    """Write the mined records (``made``: cached (reason, qidx, JSON) rows) to ``out``/data and
+    those without a positive to ``out``/no_positive; (records written, {reason: count})."""
+    try:
+        _write_jsonl(spark, made.filter(lambda r: r[0] is None).map(lambda r: r[2]), join_url(out, "data"))
+        n_ok = made.filter(lambda r: r[0] is None).count()
+        reasons = dict(made.filter(lambda r: r[0] is not None).map(lambda r: (r[0], 1)).reduceByKey(
+            lambda a, b: a + b).collect())
+        # A question none of whose terms occurs in any passage (and without a gold passage) has no
+        # candidate row at all: it is written and counted like the others (ids: QA-sized, not corpus).
+        seen = set(made.map(lambda r: r[1]).collect())
+        lost = [json.dumps({**make_record(q, [], n_hard)[0], "reason": "no_bm25_candidate"}, ensure_ascii=False)
+                for i, q in enumerate(questions) if i not in seen]
+        if lost:
+            reasons["no_bm25_candidate"] = len(lost)
+        if reasons:
+            rejected = made.filter(lambda r: r[0] is not None).map(lambda r: r[2])
+            _write_jsonl(spark, rejected.union(spark.sparkContext.parallelize(lost, 1)), join_url(out, "no_positive"))
+    finally:
+        made.unpersist()
+    return n_ok, reasons
+
+
+def _passages_table(spark, cfg: Config, ds, passages_table: str | None):
+    """(cfg, table URL, corpus stats, DataFrame [pid, doc_id, title, text]) of the corpus to mine:
+    an existing Passages table, or the dataset's own corpus through the corpus stage."""
+    from dpr_lib.corpus import shard_corpus
+
+    if passages_table:
+        table_url = passages_table
+        corpus = {"source": passages_table}
+    else:
+        cfg = dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, input=ds.corpus_url,
+                                                                    format=ds.corpus_format, default_corpus_limit=0))
+        corpus = shard_corpus(spark, cfg)
+        table_url = cfg.path("passages")
+    pdf = spark.read.parquet(storage.resolve_table(table_url))
+    missing = {"pid", "doc_id", "title", "text"} - set(pdf.columns)
+    if missing:
+        raise InputError(f"{table_url}: not a Passages table (missing columns {sorted(missing)})")
+    return cfg, table_url, corpus, pdf.select("pid", "doc_id", "title", "text")
+
+
 def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, passages: str | None = None,
                         passages_table: str | None = None) -> dict:
     """Mine DPR training records for every question of ``dataset`` into ``out`` (JSON Lines).
@@ -210,7 +253,6 @@ def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, pa
     dataset has been read and checked)."""
     from pyspark.sql import functions as F
 
-    from dpr_lib.corpus import shard_corpus
     from dpr_lib.datasets import load_dataset
     from dpr_lib.outputs import write_stats
 
@@ -231,20 +273,8 @@ def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, pa
     cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, work_dir=work))
     timings = {}
     t = time.time()
-    if passages_table:
-        table_url = passages_table
-        corpus = {"source": passages_table}
-    else:
-        cfg = dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, input=ds.corpus_url,
-                                                                    format=ds.corpus_format, default_corpus_limit=0))
-        corpus = shard_corpus(spark, cfg)
-        table_url = cfg.path("passages")
+    cfg, table_url, corpus, pdf = _passages_table(spark, cfg, ds, passages_table)
     timings["corpus"] = round(time.time() - t, 1)
-    pdf = spark.read.parquet(storage.resolve_table(table_url))
-    missing = {"pid", "doc_id", "title", "text"} - set(pdf.columns)
-    if missing:
-        raise InputError(f"{table_url}: not a Passages table (missing columns {sorted(missing)})")
-    pdf = pdf.select("pid", "doc_id", "title", "text")
 
     t = time.time()
     terms = QuestionTerms.build([q.text for q in ds.questions])
@@ -284,24 +314,7 @@ def build_training_data(spark, cfg: Config, dataset: str, fmt: str, out: str, pa
         rec, reason = make_record(b_questions.value[row.qidx], [c.asDict() for c in row.cands], n_hard)
         return reason, row.qidx, json.dumps(rec if reason is None else {**rec, "reason": reason}, ensure_ascii=False)
 
-    made = grouped.rdd.map(records).cache()
-    try:
-        _write_jsonl(spark, made.filter(lambda r: r[0] is None).map(lambda r: r[2]), join_url(out, "data"))
-        n_ok = made.filter(lambda r: r[0] is None).count()
-        reasons = dict(made.filter(lambda r: r[0] is not None).map(lambda r: (r[0], 1)).reduceByKey(
-            lambda a, b: a + b).collect())
-        # A question none of whose terms occurs in any passage (and without a gold passage) has no
-        # candidate row at all: it is written and counted like the others (ids: QA-sized, not corpus).
-        seen = set(made.map(lambda r: r[1]).collect())
-        lost = [json.dumps({**make_record(q, [], n_hard)[0], "reason": "no_bm25_candidate"}, ensure_ascii=False)
-                for i, q in enumerate(ds.questions) if i not in seen]
-        if lost:
-            reasons["no_bm25_candidate"] = len(lost)
-        if reasons:
-            rejected = made.filter(lambda r: r[0] is not None).map(lambda r: r[2])
-            _write_jsonl(spark, rejected.union(spark.sparkContext.parallelize(lost, 1)), join_url(out, "no_positive"))
-    finally:
-        made.unpersist()
+    n_ok, reasons = _write_records(spark, grouped.rdd.map(records).cache(), ds.questions, n_hard, out)
     timings["mine"] = round(time.time() - t, 1)
     stats = {
         "stage": "build_training_data", "dataset": os.path.abspath(dataset) if storage.is_local(dataset) else dataset,
