@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONF ?= conf/local.yaml
-# The extras `make install` adds: the test tools, and the onnx / openvino encoder backends (the
-# tests run them). EXTRAS=dev leaves the backends out.
-EXTRAS ?= dev,onnx,openvino
+# The extras `make install` adds: the jobs (spark), the service (serve), evaluation (eval), the test
+# tools (dev) and the onnx / openvino encoder backends (the tests run them). A search node needs only
+# `pip install dpr_lib[serve]` (no pyspark); EXTRAS=spark,serve,eval,dev leaves the backends out.
+EXTRAS ?= spark,serve,eval,dev,onnx,openvino
 # The encoder backends packed for executors by `make package` (e.g. PACKAGE_EXTRAS=onnx).
 PACKAGE_EXTRAS ?=
 export HF_HUB_OFFLINE := 1
@@ -78,8 +79,9 @@ package:  ## dist/: a wheel of dpr_lib and a venv-pack archive (dist/dpr_env.tar
 	dist/env/bin/python -m pip install -q --upgrade pip wheel venv-pack
 	dist/env/bin/python -m pip install -q torch==2.13.0
 	dist/env/bin/python -m pip install -q --no-deps "$$(ls dist/dpr_lib-*.whl)"
-	dist/env/bin/python -c "from importlib.metadata import requires; print('\n'.join(r for r in requires('dpr_lib') \
-	  if 'extra ==' not in r and not r.startswith('pyspark')))" > dist/executor-requirements.txt
+	dist/env/bin/python -c "from importlib.metadata import requires; print('\n'.join(r.split(';')[0].strip() \
+	  for r in requires('dpr_lib') if ('extra ==' not in r or 'extra == \"spark\"' in r) and not r.startswith('pyspark')))" \
+	  > dist/executor-requirements.txt
 	dist/env/bin/python -m pip install -q -r dist/executor-requirements.txt
 	dist/env/bin/python -c "from importlib.metadata import requires; import sys; ex = [e for e in sys.argv[1].split(',') if e]; \
 	  print('\n'.join(r.split(';')[0].strip() for r in requires('dpr_lib') if any(f'extra == \"{e}\"' in r for e in ex)))" \

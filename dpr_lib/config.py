@@ -22,6 +22,22 @@ import yaml
 
 from dpr_lib.errors import ConfigError
 
+# ---------------------------------------------------------------- constraints, declared on the fields
+
+def choice(default: str, *others: str):
+    """A string field whose value is ``default`` or one of ``others`` (checked by :func:`validate`)."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def positive(default):
+    """A number field that must be > 0."""
+    return field(default=default, metadata={"min": 0, "exclusive": True})
+
+
+def non_negative(default):
+    """A number field that must be >= 0."""
+    return field(default=default, metadata={"min": 0, "exclusive": False})
+
 
 @dataclass
 class SparkConfig:
@@ -54,21 +70,21 @@ class PathsConfig:
 class CorpusConfig:
     input: str = ""
     """Corpus location (file, directory or glob). Empty: the embedded Python-docs corpus."""
-    format: str = "auto"
+    format: str = choice("auto", "jsonl", "parquet", "text", "tsv")
     """jsonl | tsv | parquet | text | auto (from the file extension)."""
-    words: int = 100
+    words: int = positive(100)
     """Words per passage (DPR uses 100)."""
-    overlap: int = 0
+    overlap: int = non_negative(0)
     """Words shared by consecutive passages of one document (0 <= overlap < words)."""
-    num_files: int = 8
+    num_files: int = positive(8)
     """Number of Parquet files of the Passages table (also the encode job's parallelism)."""
     max_reject_ratio: float = 0.05
     """Fail the job if rejects / input records exceeds this (rejects are written first)."""
-    split_bytes: int = 64 * 1024 * 1024
+    split_bytes: int = positive(64 * 1024 * 1024)
     """Large text inputs are read in byte ranges of this size (bytes), one Spark task each."""
-    max_doc_bytes: int = 32 * 1024 * 1024
+    max_doc_bytes: int = positive(32 * 1024 * 1024)
     """Documents larger than this (bytes of text) are rejected as too_large."""
-    default_corpus_limit: int = 0
+    default_corpus_limit: int = non_negative(0)
     """Keep at most this many documents of the embedded corpus (0 = all)."""
 
 
@@ -78,23 +94,23 @@ class EncoderConfig:
     """Passage encoder: local dir or fsspec URL of a transformers model. Empty: bundled all-MiniLM-L6-v2."""
     question_model: str = ""
     """Question encoder; empty means the passage encoder's weights (shared)."""
-    pooling: str = "auto"
+    pooling: str = choice("auto", "cls", "mean", "pooler")
     """auto | mean | cls | pooler. auto: DPR -> pooler, sentence-transformers dir -> its config, else cls."""
-    normalize: str = "auto"
+    normalize: str = choice("auto", "false", "true")
     """auto | true | false: L2-normalise vectors. auto follows a sentence-transformers Normalize module."""
-    max_length: int = 256
+    max_length: int = positive(256)
     """Max tokens per passage (title + text); longer ones are truncated and counted."""
-    dtype: str = "auto"
+    dtype: str = choice("auto", "bf16", "fp32")
     """auto | fp32 | bf16: autocast dtype. auto picks bf16 only where the CPU has native bf16."""
-    token_budget: int = 2048
+    token_budget: int = positive(2048)
     """Max tokens (padded) per forward batch."""
-    buffer_rows: int = 4096
+    buffer_rows: int = positive(4096)
     """Rows read ahead and length-sorted at once within a partition (bounds memory)."""
-    threads: int = 0
+    threads: int = non_negative(0)
     """Torch threads per task; 0 follows spark.task.cpus (1 in local mode per task)."""
-    device: str = "auto"
+    device: str = choice("auto", "cpu", "cuda")
     """auto | cpu | cuda."""
-    backend: str = "torch"
+    backend: str = choice("torch", "auto", "onnx", "openvino")
     """torch | onnx | openvino | auto: what runs the passage encoder (onnx/openvino: pip install
     'dpr_lib[onnx]' / 'dpr_lib[openvino]'; the exported model is made once and kept under
     <work_dir>/encoders). auto: the fastest configuration (backend, int8 or not, bf16 or not) that
@@ -103,10 +119,10 @@ class EncoderConfig:
     auto_min_cosine: float = 0.99
     """encoder.backend=auto: the mean cosine to torch fp32's vectors a configuration must keep on the
     measured sample (its worst passage at most 0.03 lower) to be chosen."""
-    quantize: str = "none"
+    quantize: str = choice("none", "int8")
     """none | int8. int8: openvino -> static int8 (NNCF) calibrated on calibration_rows passages of
     the corpus itself; onnx -> int8 weights, activations quantised per batch (dynamic)."""
-    calibration_rows: int = 300
+    calibration_rows: int = positive(300)
     """Passages of the corpus sampled (evenly over the Passages files) to calibrate int8."""
 
 
@@ -114,81 +130,81 @@ class EncoderConfig:
 class IndexConfig:
     factory: str = "auto"
     """FAISS index_factory string, or auto (rule in docs/index.md)."""
-    num_shards: int = 2
+    num_shards: int = non_negative(2)
     """Smallest number of shards; more are made when the vectors exceed num_shards x
     max_vectors_per_shard (0 = from max_vectors_per_shard alone)."""
-    max_vectors_per_shard: int = 1_000_000
+    max_vectors_per_shard: int = positive(1_000_000)
     """Largest shard (vectors): one shard task holds this many codes in memory (3 GB at d=768, exact)."""
-    task_memory_bytes: int = 0
+    task_memory_bytes: int = non_negative(0)
     """Memory a shard task may use (bytes): a shard whose codes + ids would not fit fails before it is
     built, naming the shard. 0 = spark.executor.pyspark.memory when set, else no check."""
-    bytes_per_vector: int = 0
+    bytes_per_vector: int = non_negative(0)
     """Resident memory budget per passage for the auto rule (bytes: codes + the 8-byte id);
     0 = exact codes (IVF-Flat). 96 at d=384 = 1/16 of flat float32 (IVF-PQ + on-disk re-rank)."""
-    rerank: str = "auto"
+    rerank: str = choice("auto", "float16", "none")
     """On-disk re-rank store per shard: float16 (pid-sorted vectors, memory-mapped by the loader
     to re-score candidates exactly), none, or auto (float16 when the codes are lossy: PQ/SQ)."""
-    k_factor: int = 0
+    k_factor: int = non_negative(0)
     """Candidates re-ranked per hit (k x k_factor); 0 = the smallest reaching recall_target."""
-    train_per_list: int = 64
+    train_per_list: int = positive(64)
     """Training points aimed for per inverted list (>= 39; FAISS uses up to 256). The sample is
     nlist x this, bounded by max_train_bytes."""
-    max_train_sample: int = 0
+    max_train_sample: int = non_negative(0)
     """Upper bound of the training sample (vectors) held on the driver; 0 = what max_train_bytes holds."""
-    max_train_bytes: int = 0
+    max_train_bytes: int = non_negative(0)
     """Driver memory for the training sample (bytes of float32 vectors). 0 = half of
     spark.driver.memory (Spark's default 1g when unset). The auto rule never trains fewer than 39
     points per list: it lowers nlist when this budget cannot hold 39 x nlist vectors."""
-    coarse: str = "flat"
+    coarse: str = choice("flat", "hnsw")
     """Coarse quantizer of the auto rule: flat (BLAS scan of every centroid) | hnsw (IVFn_HNSW32: a
     graph walk instead). Measured at 200k x d=768, nlist 4096: hnsw added 5x slower and lost 0.13
     recall@10 at nprobe 16, so flat is the default; hnsw is for nlist well above 65536."""
-    train_method: str = "auto"
+    train_method: str = choice("auto", "flat", "two_level")
     """flat (one k-means over nlist centroids) | two_level (sqrt(nlist) coarse clusters, then k-means
     inside each: ~sqrt(nlist)/2 x fewer FLOPs) | auto (two_level from index.large_nlist lists)."""
-    large_nlist: int = 4096
+    large_nlist: int = positive(4096)
     """nlist from which train_method=auto trains with two-level k-means."""
-    min_nlist: int = 1
+    min_nlist: int = positive(1)
     """Smallest nlist the auto rule may fall back to for small corpora."""
-    exact_below: int = 10_000
+    exact_below: int = non_negative(10_000)
     """The auto rule builds an exact index (IVF1,Flat: one list, every query scans all vectors)
     below this many vectors with exact codes: a scan of 10k vectors costs about what probing an IVF
     does there, and an IVF on so few vectors loses recall. 0 = always the IVF rule."""
-    recall_k: int = 10
+    recall_k: int = positive(10)
     """k of the recall check."""
     recall_target: float = 0.95
     """Recommended nprobe is the smallest reaching this recall@k."""
-    recall_queries: int = 256
+    recall_queries: int = positive(256)
     """Stored vectors used as recall queries."""
     recall_questions: str = ""
     """Real queries to measure recall with (path or URL: one per line, or .jsonl with a "question"
     field); up to max(recall_queries, 1024) of them are encoded by the question encoder. Empty =
     stored vectors, self excluded, which sit closer to their neighbours than questions do and so
     overstate the recall that questions get at the same nprobe."""
-    nprobe: int = 0
+    nprobe: int = non_negative(0)
     """Force the recommended nprobe (0 = measured)."""
     validation_questions: str = ""
     """QA pairs with answers (JSON Lines {"question", "answers"} or DPR's question<TAB>[answers]),
     e.g. a judged sample of the query log: each version's top-k accuracy on them is recorded and
     gates its publication (publish.max_regression). Empty: no quality gate."""
-    validation_k: int = 20
+    validation_k: int = positive(20)
     """k of the validation's top-k accuracy."""
-    sparse: str = "auto"
+    sparse: str = choice("auto", "false", "true")
     """BM25 shards beside the dense ones (same pids, corpus-wide statistics; dpr_lib.sparse) for
     ``search.mode`` bm25 and hybrid: true, false, or auto (true when the version has a docstore; both
     read the Passages table)."""
-    add_batch: int = 8192
+    add_batch: int = positive(8192)
     """Vectors added to FAISS per call on executors."""
     seed: int = 1234
 
 
 @dataclass
 class PublishConfig:
-    keep_versions: int = 3
+    keep_versions: int = positive(3)
     """Published versions to keep (older ones are removed after a successful publish)."""
-    docstore_row_group: int = 1024
+    docstore_row_group: int = positive(1024)
     """Rows per Parquet row group of the docstore (smaller = cheaper single lookups)."""
-    retries: int = 5
+    retries: int = positive(5)
     """Attempts for each storage operation on transient errors."""
     endpoint_url: str = ""
     """S3-compatible endpoint (MinIO, Ceph, ...) of every s3:// URL: index, work dir, models, questions,
@@ -196,10 +212,10 @@ class PublishConfig:
     storage_options: dict = field(default_factory=dict)
     """More fsspec options for object-store URLs (e.g. {client_kwargs: {region_name: eu-west-1}},
     {requester_pays: true}); credentials are refused here as anywhere in config."""
-    max_regression: float = 0.01
+    max_regression: float = non_negative(0.01)
     """Largest drop (absolute) of the validation figure against the version LATEST names before the
     publish is stopped (exit 11; --force overrides)."""
-    min_validation: float = 0.0
+    min_validation: float = non_negative(0.0)
     """Floor for the validation figure when there is no earlier one to compare with (0 = none)."""
     docstore: bool = True
     """Publish the passages' texts with the version; false publishes vectors only (texts served from
@@ -208,17 +224,17 @@ class PublishConfig:
 
 @dataclass
 class SearchConfig:
-    k: int = 10
-    nprobe: int = 0
+    k: int = positive(10)
+    nprobe: int = non_negative(0)
     """0 = the manifest's recommended nprobe."""
     mmap: bool = False
     """Memory-map shards instead of reading them into RAM."""
-    max_k: int = 1000
-    k_factor: int = 0
+    max_k: int = positive(1000)
+    k_factor: int = non_negative(0)
     """0 = the manifest's recommended re-rank factor (versions with a re-rank store)."""
-    docstore_cache_mb: float = 64
+    docstore_cache_mb: float = non_negative(64)
     """Decoded docstore row groups kept in memory (LRU) for hit texts; 0 = read them each time."""
-    mode: str = "auto"
+    mode: str = choice("auto", "bm25", "dense", "hybrid")
     """dense | bm25 | hybrid | auto (what the version's manifest recommends: its tuned choice, else
     hybrid when it has a sparse side, else dense)."""
     verify_cache: bool = False
@@ -229,42 +245,42 @@ class SearchConfig:
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
-    port: int = 8080
-    poll_s: float = 30.0
+    port: int = positive(8080)
+    poll_s: float = positive(30.0)
     """How often the service reads LATEST for a new version (seconds)."""
-    max_batch: int = 64
+    max_batch: int = positive(64)
     """Questions per /search request."""
-    max_k: int = 100
+    max_k: int = positive(100)
     """Largest k a /search request may ask for."""
-    max_question_chars: int = 2000
+    max_question_chars: int = positive(2000)
     """Longer questions are refused (400)."""
-    warmup_queries: int = 16
+    warmup_queries: int = non_negative(16)
     """Questions searched on a freshly loaded version before it takes traffic."""
-    batch_questions: int = 64
+    batch_questions: int = positive(64)
     """Most questions of concurrent requests answered by one forward pass and one search."""
-    batch_wait_ms: float = 0.0
+    batch_wait_ms: float = non_negative(0.0)
     """How long a batch waits for more requests once the first is queued; 0 = it takes what queued
     while the previous batch ran (no added latency for a lone client)."""
-    threads: int = 0
+    threads: int = non_negative(0)
     """torch and FAISS threads of the service's one compute thread; 0 = the machine's cores less one
     (left to the HTTP event loop), at least 1."""
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = positive(1 << 20)
     """Largest /search body (bytes). A longer one gets a 413 as soon as its Content-Length (or, when
     chunked, the bytes received) passes the limit: it is never read whole."""
-    max_json_depth: int = 8
+    max_json_depth: int = positive(8)
     """Deepest nesting of arrays and objects in a body (a valid request nests 2 deep); deeper: 400."""
-    max_number_chars: int = 32
+    max_number_chars: int = positive(32)
     """Longest number literal in a body (characters); longer: 400 (Python parses huge integers in
     quadratic time)."""
-    max_header_bytes: int = 16384
+    max_header_bytes: int = positive(16384)
     """Request line plus headers (bytes); more: 431."""
-    header_timeout_s: float = 10.0
+    header_timeout_s: float = positive(10.0)
     """A request's line and headers must arrive within this many seconds of its first byte (or of the
     connection); else 408 and the connection is closed."""
-    body_timeout_s: float = 30.0
+    body_timeout_s: float = positive(30.0)
     """A request's body must arrive within this many seconds of its headers; else 408 and the
     connection is closed."""
-    max_connections: int = 512
+    max_connections: int = positive(512)
     """Open connections; one more is answered 503 (Retry-After: 1) and closed at once."""
     docs: bool = False
     """Serve FastAPI's /docs page. Its assets come from a CDN, which air-gapped deployments cannot
@@ -275,17 +291,17 @@ class ServeConfig:
 class NightlyConfig:
     max_shrink: float = 0.2
     """Stop before publishing if the snapshot has this fraction fewer passages than the last run (0..1)."""
-    retrain_growth: float = 2.0
+    retrain_growth: float = positive(2.0)
     """Retrain the quantizer when the vector count exceeds this factor times the previous version's."""
-    max_nprobe_growth: float = 2.0
+    max_nprobe_growth: float = positive(2.0)
     """Retrain when the reused quantizer needs more than this factor times the nprobe the previous
     version served with to reach index.recall_target (it has drifted from the corpus)."""
     lock: bool = True
     """Take the index root's lock (an exclusive create) for the run. false only where the store has no
     conditional writes and the scheduler guarantees one run at a time."""
-    stale_lock_s: int = 6 * 3600
+    stale_lock_s: int = positive(6 * 3600)
     """A lock older than this (seconds) is considered left by a dead run and taken over."""
-    keep_runs: int = 2
+    keep_runs: int = positive(2)
     """Per-run work directories kept under <work_dir>/runs (the last successful one is the next baseline;
     runs whose Embeddings tables a delta chain still uses are kept as well)."""
     changes: str = ""
@@ -302,54 +318,54 @@ class NightlyConfig:
 class TrainConfig:
     """Training data mining (jobs/build_training_data.py) and the bi-encoder trainer (jobs/train_encoder.py)."""
 
-    mine_k: int = 30
+    mine_k: int = positive(30)
     """BM25 candidates per question when mining positives and hard negatives."""
-    hard_negatives_kept: int = 10
+    hard_negatives_kept: int = non_negative(10)
     """Hard negatives written per question (top BM25 passages without an answer)."""
     model: str = ""
     """Start from this model (dir or fsspec URL); empty: encoder.model (the bundled model when empty too)."""
     shared_encoder: bool = False
     """One set of weights for questions and passages; false trains two encoders as DPR does."""
-    batch_size: int = 32
+    batch_size: int = positive(32)
     """Questions per global batch (split evenly across processes)."""
-    hard_negatives: int = 1
+    hard_negatives: int = non_negative(1)
     """Hard negatives per question in a batch, drawn from the top hard_negative_pool of each question."""
-    hard_negative_pool: int = 5
-    epochs: float = 1.0
+    hard_negative_pool: int = positive(5)
+    epochs: float = positive(1.0)
     """Passes over the training questions (fractions allowed)."""
-    max_steps: int = 0
+    max_steps: int = non_negative(0)
     """Stop after this many optimizer steps (0 = epochs decide)."""
-    lr: float = 2e-5
-    warmup_steps: int = 100
+    lr: float = positive(2e-5)
+    warmup_steps: int = non_negative(100)
     """Linear warm-up, then linear decay to 0 at the last step."""
-    weight_decay: float = 0.0
-    max_grad_norm: float = 2.0
-    similarity: str = "auto"
+    weight_decay: float = non_negative(0.0)
+    max_grad_norm: float = positive(2.0)
+    similarity: str = choice("auto", "cosine", "dot")
     """dot | cosine | auto (cosine when the encoder L2-normalises its vectors, as the index then does)."""
-    scale: float = 20.0
+    scale: float = positive(20.0)
     """Scores are multiplied by this for cosine similarity (a temperature of 1/scale)."""
     dropout: float = -1.0
     """Dropout of the encoders while training; < 0 keeps the model's own."""
-    dtype: str = "fp32"
+    dtype: str = choice("fp32", "bf16")
     """fp32 | bf16 (autocast)."""
-    max_question_length: int = 64
+    max_question_length: int = positive(64)
     seed: int = 42
     val_fraction: float = 0.05
     """Held-out questions for validation (average rank and top-k of the positive among their passages)."""
-    val_every: int = 200
+    val_every: int = non_negative(200)
     """Validate every this many steps (and at the end); 0 = only at the end."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = non_negative(500)
     """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    num_processes: int = 1
+    keep_checkpoints: int = positive(2)
+    log_every: int = positive(10)
+    num_processes: int = positive(1)
     """Training processes under TorchDistributor (DDP over gloo on CPU); passage embeddings are
     all-gathered so every question sees the whole global batch as negatives."""
     local_mode: bool = True
     """TorchDistributor local_mode: processes on the driver (true) or in Spark barrier tasks (false)."""
-    threads: int = 0
+    threads: int = non_negative(0)
     """Torch threads per process; 0 = the machine's cores / num_processes."""
-    device: str = "auto"
+    device: str = choice("auto", "cpu", "cuda")
     """auto | cpu | cuda: auto trains on the process's GPU (LOCAL_RANK) where CUDA works, else CPU."""
 
 
@@ -422,47 +438,6 @@ def join_url(base: str, *parts: str) -> str:
     return "/".join([base, *[p.strip("/") for p in parts]])
 
 
-_CHOICES = {
-    "corpus.format": {"auto", "jsonl", "tsv", "parquet", "text"},
-    "encoder.pooling": {"auto", "mean", "cls", "pooler"},
-    "encoder.normalize": {"auto", "true", "false"},
-    "encoder.dtype": {"auto", "fp32", "bf16"},
-    "encoder.device": {"auto", "cpu", "cuda"},
-    "encoder.backend": {"torch", "onnx", "openvino", "auto"},
-    "encoder.quantize": {"none", "int8"},
-    "index.rerank": {"auto", "none", "float16"},
-    "index.coarse": {"flat", "hnsw"},
-    "index.train_method": {"auto", "flat", "two_level"},
-    "train.similarity": {"auto", "dot", "cosine"},
-    "train.dtype": {"fp32", "bf16"},
-    "index.sparse": {"auto", "true", "false"},
-    "search.mode": {"auto", "dense", "bm25", "hybrid"},
-    "train.device": {"auto", "cpu", "cuda"},
-}
-_POSITIVE = {
-    "index.validation_k",
-    "serve.batch_questions",
-    "corpus.words", "corpus.num_files", "corpus.split_bytes", "corpus.max_doc_bytes",
-    "encoder.max_length", "encoder.token_budget", "encoder.buffer_rows", "encoder.calibration_rows",
-    "index.max_vectors_per_shard", "index.train_per_list", "index.large_nlist",
-    "index.min_nlist", "index.recall_k", "index.recall_queries", "index.add_batch",
-    "publish.keep_versions", "publish.docstore_row_group", "publish.retries",
-    "search.k", "search.max_k", "nightly.retrain_growth", "nightly.max_nprobe_growth", "serve.port", "serve.poll_s", "serve.max_batch",
-    "serve.max_k", "serve.max_question_chars", "serve.max_body_bytes", "serve.max_json_depth",
-    "serve.max_number_chars", "serve.max_header_bytes", "serve.header_timeout_s", "serve.body_timeout_s",
-    "serve.max_connections", "nightly.stale_lock_s", "nightly.keep_runs",
-    "train.mine_k", "train.batch_size", "train.hard_negative_pool", "train.epochs", "train.lr",
-    "train.max_question_length", "train.keep_checkpoints", "train.log_every", "train.num_processes",
-    "train.scale", "train.max_grad_norm",
-}
-_NON_NEGATIVE = {"corpus.overlap", "publish.max_regression", "publish.min_validation", "serve.batch_wait_ms", "serve.threads", "search.docstore_cache_mb", "corpus.default_corpus_limit", "encoder.threads",
-                 "index.num_shards", "index.bytes_per_vector", "index.nprobe", "search.nprobe",
-                 "index.k_factor", "search.k_factor", "serve.warmup_queries", "index.exact_below",
-                 "index.max_train_sample", "index.max_train_bytes", "index.task_memory_bytes",
-                 "train.hard_negatives_kept", "train.hard_negatives", "train.max_steps", "train.warmup_steps",
-                 "train.weight_decay", "train.val_every", "train.checkpoint_every", "train.threads"}
-
-
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check ``value`` against the annotated type; strings from --set are parsed."""
     if typ is bool:
@@ -531,11 +506,12 @@ def validate(cfg: Config) -> Config:
         for f in dataclasses.fields(sec):
             key = f"{section.name}.{f.name}"
             value = getattr(sec, f.name)
-            if key in _CHOICES and value not in _CHOICES[key]:
-                raise ConfigError(f"{key} must be one of {sorted(_CHOICES[key])}, got {value!r}")
-            if key in _POSITIVE and value <= 0:
+            allowed = f.metadata.get("choices")
+            if allowed and value not in allowed:
+                raise ConfigError(f"{key} must be one of {sorted(allowed)}, got {value!r}")
+            if "min" in f.metadata and f.metadata["exclusive"] and value <= f.metadata["min"]:
                 raise ConfigError(f"{key} must be > 0, got {value}")
-            if key in _NON_NEGATIVE and value < 0:
+            if "min" in f.metadata and not f.metadata["exclusive"] and value < f.metadata["min"]:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
     if cfg.corpus.overlap >= cfg.corpus.words:
         raise ConfigError(

@@ -33,7 +33,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from dpr_lib import storage
 from dpr_lib.config import join_url
@@ -49,6 +49,108 @@ pids filtered, so it must refuse them. Versions without segments are still writt
 SEGMENTED_FORMAT = 3
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------- the manifest's sections
+# Each section is a JSON object in manifest.json; these TypedDicts are their fields, so the writer
+# and every reader are checked against one definition. They stay plain dicts at run time: the JSON
+# is the contract other languages read, and a reader keeps ``manifest.recall["at_nprobe"]``.
+
+
+class QuantizerSection(TypedDict, total=False):
+    reused: bool
+    from_version: str          # when reused
+    reason: str
+
+
+class TrainingSection(TypedDict):
+    """How the quantizer was trained (absent when it was reused)."""
+
+    method: str                # flat | two_level k-means
+    sample_bytes: int
+    estimated_flops: float
+    budget_bytes: int
+
+
+class DeltaRecall(TypedDict):
+    vectors: int
+    queries: int
+    recall_at_nprobe: float | None
+
+
+class RecallSection(TypedDict, total=False):
+    """Recall@k of the served nprobe against exact search, measured when the version was built
+    (a delta carries its base's figures, ``carried_from``, and adds ``delta_segment``)."""
+
+    k: int
+    target: float
+    queries: int
+    query_source: str          # "questions" | "stored vectors, self excluded"
+    questions_file: str
+    by_nprobe: dict[str, float]
+    at_nprobe: float | None
+    reached_target: bool
+    carried_from: str
+    delta_segment: DeltaRecall
+
+
+class ValidationSection(TypedDict, total=False):
+    """Figures on index.validation_questions (empty without validation data): what the gate compares."""
+
+    metric: str
+    value: float
+    k: int
+    top1_accuracy: float
+    questions: int
+    source: str
+    seconds: float
+    by_mode: dict[str, float]
+
+
+class GateSection(TypedDict, total=False):
+    passed: bool
+    forced: bool
+    reason: str | None
+    compared_with: str | None
+    max_regression: float
+
+
+class FusionSection(TypedDict, total=False):
+    """What mode ``hybrid`` serves (:mod:`dpr_lib.fusion`)."""
+
+    mode: str                  # hybrid (or dense / bm25 when neither fusion beats a single side)
+    method: Literal["rrf", "linear"]
+    rrf_k: int
+    dense_weight: float
+    alpha_dense: float
+    fetch_k_factor: int
+    source: Literal["tuned", "default"]
+    figures: dict[str, float]
+    metric: str
+
+
+class SoftwareSection(TypedDict):
+    faiss: str
+    numpy: str
+    dpr_lib: str
+    python: str
+    index_format: str
+
+
+class TombstonesSection(TypedDict):
+    path: str
+    bytes: int
+    sha256: str
+    count: int
+
+
+class CompactionSection(TypedDict, total=False):
+    kind: Literal["full", "delta"]
+    reason: str
+    segment_seq: int
+    tombstones: int
+    delta_vectors: int
+    garbage_ratio: float
 
 
 @dataclass
@@ -161,43 +263,43 @@ class Manifest:
     question_encoder: dict = field(default_factory=dict)
     metric: str = "inner_product"
     factory_reason: str = ""
-    quantizer: dict = field(default_factory=dict)
+    quantizer: QuantizerSection = field(default_factory=dict)
     """{"reused": bool, "from_version"?: str, "reason": str}."""
     train_size: int = 0
-    training: dict | None = None
+    training: TrainingSection | None = None
     """{"method", "sample_bytes", "estimated_flops", "budget_bytes"}; None when the quantizer was reused."""
     k_factor: int | None = None
     rerank: dict | None = None
     """{"store": "float16", "k_factor": int, "recall_by_nprobe_k_factor": {"p/kf": recall}} or None."""
     memory: dict = field(default_factory=dict)
-    recall: dict = field(default_factory=dict)
+    recall: RecallSection = field(default_factory=dict)
     """{"k", "target", "queries", "query_source", "by_nprobe": {"p": recall}, "at_nprobe", "reached_target", ...}."""
     totals: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
     accounting: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    validation: dict = field(default_factory=dict)
+    validation: ValidationSection = field(default_factory=dict)
     """Figures on index.validation_questions: {"metric", "value", "k", "top1_accuracy", "questions",
     "source", "seconds"} (empty without validation data); what the quality gate compares."""
-    gate: dict = field(default_factory=dict)
+    gate: GateSection = field(default_factory=dict)
     """The quality gate's verdict: {"passed", "forced", "reason", "compared_with", "max_regression"}."""
     sparse: dict | None = None
     """The BM25 side (dpr_lib.sparse): {"method", "k1", "b", "analyzer", "docs", "avg_doc_len",
     "vocab": {path, bytes, sha256, terms}, "shards": [{index, path, bytes, sha256, docs, terms,
     postings}], "disk_bytes_per_passage"}; None for a dense-only version."""
-    fusion: dict = field(default_factory=dict)
+    fusion: FusionSection = field(default_factory=dict)
     """What ``mode: hybrid`` serves: {"method": "rrf"|"linear", "rrf_k"|"alpha_dense", "fetch_k_factor",
     "source": "tuned"|"default", "figures"?: {candidate: value}, "metric"?}."""
     segments: list[Segment] = field(default_factory=list)
     """Earlier segments this version references (oldest first); its own files are the newest segment."""
     segment_seq: int = 0
     """The seq of this version's own segment (0 for a full build)."""
-    tombstones: dict | None = None
+    tombstones: TombstonesSection | None = None
     """{path, bytes, sha256, count}: ``tombstones.npy`` of (pid, seq) rows, or None (nothing removed)."""
-    compaction: dict = field(default_factory=dict)
+    compaction: CompactionSection = field(default_factory=dict)
     """Why this version is a full build or a delta: {"kind": "full"|"delta", "reason": str, ...}."""
-    software: dict = field(default_factory=dict)
+    software: SoftwareSection = field(default_factory=dict)
     """What wrote the version: {"faiss", "numpy", "dpr_lib", "python", "index_format"}; a reader whose
     FAISS cannot read a shard names both FAISS versions instead of failing inside FAISS."""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -308,7 +410,7 @@ REJECTED = "rejected.json"  # in a version the quality gate refused (dpr_lib.gat
 INDEX_FORMAT = "faiss.write_index binary, IVF shards sharing one trained quantizer"
 
 
-def software_versions() -> dict:
+def software_versions() -> SoftwareSection:
     """The versions that wrote a version's files (recorded in its manifest)."""
     import platform
 

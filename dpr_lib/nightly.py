@@ -220,11 +220,11 @@ def tables(urls) -> list[str]:
     return [urls] if isinstance(urls, str) else list(urls)
 
 
-def compaction_reason(cfg: Config, reuse: dict, diff: dict, passages: int, compact: bool) -> str | None:
-    """Why this run must publish a full version although the quantizer could be reused; None: a delta."""
+def compaction_reason(cfg: Config, prev, diff: dict, passages: int, compact: bool) -> str | None:
+    """Why this run must publish a full version although the quantizer of ``prev`` (the previous
+    version's manifest) could be reused; None: a delta."""
     from dpr_lib.segments import garbage
 
-    prev = reuse["manifest"]
     if compact:
         return "--compact"
     had_docstore = any(seg.docstore for seg in prev.all_segments())
@@ -473,7 +473,7 @@ class NightlyRun:
                   "rejects": self.corpus["rejects"], "corpus_passages": total, "embedded": encoded["encoded"],
                   "reused": (total - encoded["encoded"] if self.changes else diff["unchanged"])
                   if self.same_encoder else 0}
-        full_why = compaction_reason(self.cfg, reuse, diff, total, self.compact) if reuse else reason
+        full_why = compaction_reason(self.cfg, reuse.manifest, diff, total, self.compact) if reuse else reason
         if reuse and full_why is None:
             return self.publish_delta(reuse, counts, extra)
         return self.publish_full(reuse, full_why, counts, extra)

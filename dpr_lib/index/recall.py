@@ -21,6 +21,7 @@ from dpr_lib.config import Config
 from dpr_lib.errors import ConfigError, StorageError
 from dpr_lib.index.shards import file_batches, from_npy, to_npy
 from dpr_lib.index_ops import check_finite, drop_ids, merge_topk, recall_at_k, topk_block, vectors_of
+from dpr_lib.manifest import RecallSection
 
 log = logging.getLogger("dpr_lib.index")
 
@@ -166,7 +167,7 @@ class RecallChoice:
     by: dict            # (nprobe, k_factor) -> recall@k
     by_nprobe: dict     # nprobe -> recall@k at the chosen k_factor
 
-    def section(self, k: int, target: float, queries: RecallQueries) -> dict:
+    def section(self, k: int, target: float, queries: RecallQueries) -> RecallSection:
         """The manifest's ``recall`` section."""
         return {"k": k, "target": target, "queries": len(queries.vectors),
                 "query_source": "questions" if queries.pids is None else "stored vectors, self excluded",
