@@ -39,18 +39,26 @@ def check_vectors(vectors: np.ndarray, pids: np.ndarray, dim: int) -> None:
         raise EncoderError(f"encoder returned NaN/inf vectors for pid(s) {pids[bad][:5].tolist()}")
 
 
-def encode_batch(encoder: Encoder, batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Passages batch (pid, title, text, content_hash) -> Embeddings batch (pid, content_hash, vector)."""
-    pids = batch.column("pid").to_numpy()
+def passage_pairs(batch: pa.RecordBatch) -> tuple[list, list]:
+    """(titles, texts) of a Passages batch; a passage without text is an error naming its pid (the
+    corpus stage rejects those, so one here is a table not written by it)."""
     texts = batch.column("text").to_pylist()
-    empty = [int(p) for p, t in zip(pids, texts) if not t or not t.strip()]
+    empty = [int(p) for p, t in zip(batch.column("pid").to_pylist(), texts) if not t or not t.strip()]
     if empty:
         raise InputError(f"passages with empty text reached the encoder (pids {empty[:5]}); "
                          "the corpus stage should have rejected them")
-    vectors = encoder.encode(batch.column("title").to_pylist(), texts)
-    check_vectors(vectors, pids, encoder.spec.dim)
-    return embeddings_batch(batch.column("pid"), batch.column("content_hash"), vectors,
-                            schemas.embeddings_schema(encoder.spec.dim))
+    return batch.column("title").to_pylist(), texts
+
+
+def embeddings_of(batch: pa.RecordBatch, vectors: np.ndarray, dim: int) -> pa.RecordBatch:
+    """The Embeddings batch (pid, content_hash, vector) of a Passages batch and its vectors (checked)."""
+    check_vectors(vectors, batch.column("pid").to_numpy(), dim)
+    return embeddings_batch(batch.column("pid"), batch.column("content_hash"), vectors, schemas.embeddings_schema(dim))
+
+
+def encode_batch(encoder: Encoder, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Passages batch (pid, title, text, content_hash) -> Embeddings batch (pid, content_hash, vector)."""
+    return embeddings_of(batch, encoder.encode(*passage_pairs(batch)), encoder.spec.dim)
 
 
 def embeddings_batch(pids, content_hashes, vectors: np.ndarray, schema: pa.Schema) -> pa.RecordBatch:
@@ -107,20 +115,20 @@ def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float
     fs, path = storage.get_fs(in_url)
     schema = schemas.embeddings_schema(spec.dim).with_metadata(embeddings_metadata(spec.fingerprint(), source_sha))
     with storage.StagedFile(out_url, prefix="dpr-emb-") as staged, fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            total = pf.metadata.num_rows
-            last_log = time.time()
-            with pq.ParquetWriter(staged.path, schema) as writer:
-                for batch in pf.iter_batches(batch_size=spec.buffer_rows,
-                                             columns=["pid", "title", "text", "content_hash"]):
-                    out = encode_batch(encoder, batch)
-                    writer.write_batch(out.replace_schema_metadata(schema.metadata))
-                    stats["rows"] += batch.num_rows
-                    if time.time() - last_log > log_every_s:
-                        rate = stats["rows"] / (time.time() - t0)
-                        log.info("encode %s: %d/%d rows, %.1f passages/s, ETA %.0fs", in_url, stats["rows"],
-                                 total, rate, (total - stats["rows"]) / max(rate, 1e-9))
-                        last_log = time.time()
+        pf = pq.ParquetFile(fh)
+        total = pf.metadata.num_rows
+        last_log = time.time()
+        batches = pf.iter_batches(batch_size=spec.buffer_rows, columns=["pid", "title", "text", "content_hash"])
+        with pq.ParquetWriter(staged.path, schema) as writer:
+            for batch, vectors in encoder.encode_stream(batches, passage_pairs):
+                out = embeddings_of(batch, vectors, spec.dim)
+                writer.write_batch(out.replace_schema_metadata(schema.metadata))
+                stats["rows"] += batch.num_rows
+                if time.time() - last_log > log_every_s:
+                    rate = stats["rows"] / (time.time() - t0)
+                    log.info("encode %s: %d/%d rows, %.1f passages/s, ETA %.0fs", in_url, stats["rows"],
+                             total, rate, (total - stats["rows"]) / max(rate, 1e-9))
+                    last_log = time.time()
     stats["truncated"] = encoder.truncated - truncated0
     stats["seconds"] = round(time.time() - t0, 3)
     return stats

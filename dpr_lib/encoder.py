@@ -28,6 +28,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -314,6 +315,7 @@ class Encoder:
                      props.total_memory / 2**30, spec.dtype, self.token_budget)
         self.truncated = 0
         self.encoded = 0
+        self.deferred_copy = True  # GPU: a buffer's vectors copied to the host once (bench/gpu_encode.py)
         # One caller at a time: a fast tokenizer's truncation state is not thread-safe ("Already
         # borrowed"), and torch already uses every core for one batch. Services call from threads.
         self._lock = threading.Lock()
@@ -343,29 +345,69 @@ class Encoder:
         if n == 0:
             return np.zeros((0, self.spec.dim), dtype=np.float32)
         with self._lock:
-            return self._encode(titles, texts, n)
+            return self._encode(self.tokenize(titles, texts), n)
 
-    def _encode(self, titles: list[str] | None, texts: list[str], n: int) -> np.ndarray:
-        ids, types = self.tokenize(titles, texts)
+    def encode_stream(self, items: Iterable, pairs_of: Callable) -> Iterator[tuple[object, np.ndarray]]:
+        """(item, float32 [n, dim]) for each item of ``items``, in order; ``pairs_of(item)`` gives its
+        (titles or None, texts). On a GPU the next item is tokenized in a thread while this one's
+        batches run (fast tokenizers release the GIL), so the GPU does not wait for the tokenizer.
+        On a CPU items are encoded one after the other: the tokenizer would take the cores the
+        model uses."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.device.type != "cuda":
+            for item in items:
+                yield item, self.encode(*pairs_of(item))
+            return
+
+        def tokenized(item):
+            titles, texts = pairs_of(item)
+            return item, len(texts), self.tokenize(titles, texts) if len(texts) else None
+
+        with self._lock, ThreadPoolExecutor(1, thread_name_prefix="dpr-tokenize") as pool:
+            it = iter(items)
+            pending = next((pool.submit(tokenized, item) for item in it), None)
+            while pending is not None:
+                item, n, tokens = pending.result()
+                pending = next((pool.submit(tokenized, nxt) for nxt in it), None)
+                yield item, self._encode(tokens, n) if n else np.zeros((0, self.spec.dim), np.float32)
+
+    def _encode(self, tokens: tuple[list, list], n: int) -> np.ndarray:
+        ids, types = tokens
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        out = np.empty((n, self.spec.dim), dtype=np.float32)
-        for batch in length_batches(lengths, self.token_budget):
-            out[batch] = self._forward([ids[i] for i in batch], [types[i] for i in batch])
+        batches = length_batches(lengths, self.token_budget)
+        if self.device.type == "cuda" and self.runner is None and self.deferred_copy:
+            # The vectors stay on the GPU until the buffer is done: one copy to the host, and no
+            # wait per batch, so the CPU pads batch i + 1 while the GPU runs batch i.
+            torch = self.torch
+            out_gpu = torch.empty((n, self.spec.dim), dtype=torch.float32, device=self.device)
+            for batch in batches:
+                rows = torch.from_numpy(batch).to(self.device, non_blocking=True)
+                out_gpu[rows] = self._forward_tensor([ids[i] for i in batch], [types[i] for i in batch])
+            out = out_gpu.cpu().numpy()
+        else:
+            out = np.empty((n, self.spec.dim), dtype=np.float32)
+            for batch in batches:
+                out[batch] = self._forward([ids[i] for i in batch], [types[i] for i in batch])
         self.encoded += n
         return out
 
     def _forward(self, ids: list[list[int]], types: list[list[int]]) -> np.ndarray:
         torch = self.torch
-        kwargs = model_inputs(self.tokenizer, ids, types, self.device, self.spec.family == "dpr")
-        attn = kwargs["attention_mask"]
         if self.runner is not None:
+            kwargs = model_inputs(self.tokenizer, ids, types, self.device, self.spec.family == "dpr")
             out = torch.from_numpy(self.runner({k: v.numpy() for k, v in kwargs.items()}))
             outputs = SimpleNamespace(pooler_output=out, last_hidden_state=out)
-            return pool(outputs, attn, self.spec.pooling, self.spec.normalize).numpy()
+            return pool(outputs, kwargs["attention_mask"], self.spec.pooling, self.spec.normalize).numpy()
+        return self._forward_tensor(ids, types).cpu().numpy()
+
+    def _forward_tensor(self, ids: list[list[int]], types: list[list[int]]):
+        """The batch's vectors as a float32 tensor on the model's device (not synchronised)."""
+        torch = self.torch
+        kwargs = model_inputs(self.tokenizer, ids, types, self.device, self.spec.family == "dpr")
         use_bf16 = self.spec.dtype == "bf16"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            vec = pool(self.model(**kwargs), attn, self.spec.pooling, self.spec.normalize)
-        return vec.cpu().numpy()
+            return pool(self.model(**kwargs), kwargs["attention_mask"], self.spec.pooling, self.spec.normalize)
 
 
 def prepare_bf16(model) -> None:
