@@ -95,8 +95,10 @@ def test_a_serve_virtualenv_without_pyspark_searches_and_serves(published, tmp_p
                           "what is passage seven about", "--index", root, "-k", "3", "--json", *sets],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    hits = json.loads(out.stdout)
-    assert len(hits[0]["hits"]) == 3 and all(h["pid"] >= 0 for h in hits[0]["hits"])
+    found = json.loads(out.stdout)
+    assert found["version"] == manifest.version
+    hits = found["results"][0]["hits"]
+    assert len(hits) == 3 and all(h["pid"] >= 0 and h["text"] for h in hits)
 
     port = _free_port()
     log = tmp_path / "serve.log"
