@@ -41,8 +41,16 @@ from dpr_lib.bm25 import Passages, bm25_topk
 from dpr_lib.config import Config
 from dpr_lib.datasets import load_dataset
 from dpr_lib.errors import InputError
-from dpr_lib.fusion import FUSIONS, choose_fusion, fuse, fusion_candidates, tuning_metrics
-from dpr_lib.metrics import qa_metrics, qrels_metrics, split_questions
+from dpr_lib.fusion import (
+    BOOTSTRAP_SAMPLES,
+    CONFIDENCE,
+    FUSIONS,
+    choose_with_evidence,
+    fuse,
+    fusion_candidates,
+    tuning_metrics,
+)
+from dpr_lib.metrics import per_question, qa_metrics, qrels_metrics, split_questions
 
 log = logging.getLogger("dpr_lib.evaluate")
 
@@ -63,22 +71,25 @@ def _tune(runs: dict, ds, table, k: int, fraction: float, seed: int):
         questions = [ds.questions[i] for i in rows]
         return dataclasses.replace(ds, questions=questions)
 
-    def score(sub, pids):
-        got = (qa_metrics(table, sub.questions, pids, k) if ds.kind == "qa"
-               else qrels_metrics(table, sub, pids, k))["metrics"]
-        return {m: got[m] for m in metrics}
-
     tune_ds = subset(tune_rows)
     candidates = fusion_candidates(runs["bm25"], runs["dense_ivf"], k)
-    on_tune = {name: score(tune_ds, run[1][tune_rows]) for name, (_, run) in candidates.items()}
-    best = choose_fusion(on_tune)
+    per_q = {name: per_question(ds.kind, table, tune_ds, run[1][tune_rows], metrics)
+             for name, (_, run) in candidates.items()}
+    on_tune = {name: {m: round(float(v.mean()), 4) for m, v in figs.items()} for name, figs in per_q.items()}
+    chosen = choose_with_evidence(per_q, seed)
+    best = chosen["name"]
     metric = ", ".join(metrics)
     held = {name: (run[0][held_rows], run[1][held_rows]) for name, run in runs.items()}
     held["recommended"] = tuple(a[held_rows] for a in candidates[best][1])
     tuning = {"fraction": fraction, "seed": seed, "metric": metric, "tuned_on": len(tune_rows),
               "scored_on": len(held_rows), "choice": {"name": best, **candidates[best][0]},
-              "rule": "largest worst-case margin over the better of bm25 and dense across the metrics, "
-                      "then the best mean", "on_tune": on_tune}
+              "rule": f"the better of bm25 and dense unless another candidate's worst-case margin over it across "
+                      f"the metrics is above 0 at {CONFIDENCE:.0%} confidence (paired bootstrap over the questions, "
+                      f"{BOOTSTRAP_SAMPLES} samples); among those, the largest worst-case margin, then the best mean",
+              "plain_choice": chosen["plain"], "safe_choice": chosen["safe"], "warning": chosen["warning"],
+              "intervals": chosen["intervals"], "on_tune": on_tune}
+    if chosen["warning"]:
+        log.warning("tuning: %s", chosen["warning"])
     log.info("tuned on %d questions: %s (%s on them: %s); every figure below is on the other %d",
              len(tune_rows), best, metric, on_tune[best], len(held_rows))
     return held, subset(held_rows), tuning
@@ -103,6 +114,8 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"`recommended` = {tu['choice']['name']}, chosen by {tu['metric']} on a random {tu['fraction']:g} "
                       f"of the questions ({tu['tuned_on']}, seed {tu['seed']}); every row above is scored on the other "
                       f"{tu['scored_on']}."]
+        if tu.get("warning"):
+            lines += ["", f"**Warning:** {tu['warning']}."]
     if report.get("skipped"):
         lines += ["", "Skipped records: " + ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items()))]
     return "\n".join(lines) + "\n"

@@ -116,3 +116,69 @@ def choose_fusion(figures: dict[str, dict[str, float]], singles: tuple[str, ...]
         return round(margin, 6), round(float(np.mean([f[m] for m in metrics])), 6), rank.get(name, 0)
 
     return max(figures, key=key)
+
+
+# ---------------------------------------------------------------- a choice that knows its uncertainty
+
+BOOTSTRAP_SAMPLES = 2000
+CONFIDENCE = 0.9   # two-sided: a candidate replaces the safe choice when the lower 5% bound of its margin is > 0
+
+
+def worst_margins(per_question: dict[str, dict[str, np.ndarray]], candidate: str, safe: str,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+    """Per resample (``rows``: [B, n] question indices; None = the questions as they are), the
+    candidate's worst margin over ``safe`` across the tuning metrics: min over metrics of the mean
+    per-question difference."""
+    metrics = list(per_question[safe])
+    diffs = np.stack([np.asarray(per_question[candidate][m], np.float64) - np.asarray(per_question[safe][m], np.float64)
+                      for m in metrics])                                   # [metrics, n]
+    if rows is None:
+        return diffs.mean(axis=1).min(keepdims=True)
+    return diffs[:, rows].mean(axis=2).min(axis=0)                         # [B]
+
+
+def choose_with_evidence(per_question: dict[str, dict[str, np.ndarray]], seed: int = 0,
+                         singles: tuple[str, ...] = ("bm25", "dense"), samples: int = BOOTSTRAP_SAMPLES,
+                         confidence: float = CONFIDENCE) -> dict:
+    """:func:`choose_fusion` on per-question figures ({candidate: {metric: [n] per question}}),
+    moving away from the safer choice only when the evidence says so.
+
+    The safe choice is the better single retriever (by :func:`choose_fusion` over the singles).
+    Every other candidate's worst margin over it (across the metrics) gets a paired bootstrap
+    interval over the questions (the same resampled questions for every candidate). The plain
+    choice stands if it is the safe one or its interval's lower bound is above 0; else the
+    candidate with the best mean margin among those whose lower bound is above 0; else the safe
+    choice, with a warning giving about how many questions would separate the plain choice from it
+    (normal approximation, from the per-question spread of its margin).
+
+    Returns {"name", "plain", "safe", "questions", "intervals": {candidate: [mean, low, high]},
+    "warning": str | None}."""
+    means = {name: {m: float(np.mean(v)) for m, v in figs.items()} for name, figs in per_question.items()}
+    plain = choose_fusion(means, singles)
+    safe = choose_fusion({s: means[s] for s in singles if s in means}, singles)
+    n = len(next(iter(per_question[safe].values())))
+    rows = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    alpha = (1.0 - confidence) / 2
+    intervals = {}
+    for name in per_question:
+        if name == safe:
+            continue
+        boot = worst_margins(per_question, name, safe, rows)
+        intervals[name] = [round(float(worst_margins(per_question, name, safe)[0]), 4),
+                           round(float(np.quantile(boot, alpha)), 4), round(float(np.quantile(boot, 1 - alpha)), 4)]
+    supported = [c for c, (_, low, _) in intervals.items() if low > 0]
+    if plain == safe or plain in supported:
+        name = plain
+    elif supported:
+        name = max(supported, key=lambda c: (intervals[c][0], c))
+    else:
+        name = safe
+    warning = None
+    if name == safe and plain != safe:
+        mean, low, high = intervals[plain]
+        spread = (high - low) / (2 * 1.645) * np.sqrt(n)  # per-question standard deviation of the margin
+        needed = int(np.ceil((1.645 * spread / mean) ** 2)) if mean > 0 else None
+        warning = (f"{n} questions cannot separate {plain} (margin {mean:+.4f}, {confidence:.0%} interval "
+                   f"[{low:+.4f}, {high:+.4f}]) from {safe}: kept {safe}"
+                   + (f"; about {needed} questions would separate them at this margin" if needed else ""))
+    return {"name": name, "plain": plain, "safe": safe, "questions": n, "intervals": intervals, "warning": warning}

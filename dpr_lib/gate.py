@@ -138,7 +138,7 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
     candidate (:func:`dpr_lib.fusion.fusion_candidates`). Returns (figures, fusion): ``figures``
     for the manifest's ``validation`` (``value`` is dense's, ``by_mode`` each mode's), ``fusion``
     the best candidate, what ``mode: auto``/``hybrid`` will serve ({} without a sparse side)."""
-    from dpr_lib.fusion import DEFAULT_FUSION, choose_fusion, fusion_candidates
+    from dpr_lib.fusion import DEFAULT_FUSION, choose_fusion, choose_with_evidence, fusion_candidates
     from dpr_lib.search import Searcher
 
     t = time.time()
@@ -168,7 +168,8 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
     wanted = np.unique(np.concatenate([run[1][:, :k].ravel() for _, run in candidates.values()]))
     docs = index.lookup(wanted[wanted >= 0])
     scorer = _qa_scorer(data, docs, k) if qa else _qrels_scorer(data, docs, k)
-    values = {name: scorer(run[1][:, :k]) for name, (_, run) in candidates.items()}
+    per_q = {name: scorer(run[1][:, :k]) for name, (_, run) in candidates.items()}
+    values = {name: {m: round(float(v.mean()), 4) for m, v in figs.items()} for name, figs in per_q.items()}
     main = f"top{k}" if qa else "ndcg@10"
     metric = f"top{k}_accuracy" if qa else "ndcg@10"
     figures = {"metric": metric, "value": values["dense"][main], "k": k}
@@ -176,7 +177,12 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
         figures["top1_accuracy"] = values["dense"]["top1"]
     fusion: dict = {}
     if index.sparse is not None:
-        best = choose_fusion(values)
+        # In-sample, on every validation question: a fusion replaces the better single retriever
+        # only when a paired bootstrap over the questions says it is better (dpr_lib.fusion).
+        evidence = choose_with_evidence(per_q, cfg.index.seed)
+        best = evidence["name"]
+        if evidence["warning"]:
+            log.warning("fusion tuning: %s", evidence["warning"])
         hybrids = {n: v for n, v in values.items() if candidates[n][0]["mode"] == "hybrid"}
         best_hybrid = choose_fusion({**hybrids, "bm25": values["bm25"], "dense": values["dense"]}) \
             if best in ("bm25", "dense") else best
@@ -185,7 +191,9 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
         settings = {key: v for key, v in candidates[best_hybrid][0].items() if key != "mode"}
         fusion = {"mode": candidates[best][0]["mode"], "method": settings.pop("fusion"), **settings,
                   "fetch_k_factor": DEFAULT_FUSION["fetch_k_factor"], "source": "tuned", "metric": metric,
-                  "chosen_by": list(values["dense"]), "questions": len(data), "figures": values}
+                  "chosen_by": list(values["dense"]), "questions": len(data), "figures": values,
+                  "plain_choice": evidence["plain"], "safe_choice": evidence["safe"],
+                  "intervals": evidence["intervals"], "warning": evidence["warning"]}
         figures["by_mode"] = {"dense": values["dense"][main], "bm25": values["bm25"][main],
                               "hybrid": values[best_hybrid][main]}
     figures.update({"questions": len(data), "source": cfg.index.validation_questions,
@@ -197,7 +205,7 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
 
 
 def _qa_scorer(data: Validation, docs: dict, k: int):
-    """pids [q, k] -> (top-k accuracy, top-1 accuracy): a hit holds an answer (DPR's string match)."""
+    """pids [q, k] -> per question, 1 when a top-c passage holds an answer (DPR's string match), c = 1, 5, k."""
     from dpr_lib.datasets import has_answer
     from dpr_lib.metrics import first_hit_ranks
 
@@ -212,13 +220,13 @@ def _qa_scorer(data: Validation, docs: dict, k: int):
 
     def score(pids: np.ndarray) -> dict:
         ranks = first_hit_ranks(pids, hit)  # 1-based, 0 = none
-        return {f"top{c}": round(float(((ranks > 0) & (ranks <= c)).mean()), 4) for c in sorted({1, min(5, k), k})}
+        return {f"top{c}": ((ranks > 0) & (ranks <= c)).astype(np.float64) for c in sorted({1, min(5, k), k})}
 
     return score
 
 
 def _qrels_scorer(data: Validation, docs: dict, k: int):
-    """pids [q, k] -> {nDCG@10, recall@k} over the hits' doc ids (a document at its best passage's rank)."""
+    """pids [q, k] -> per question {nDCG@10, recall@k} over the hits' doc ids (a document at its best passage's rank)."""
     import pytrec_eval
 
     from dpr_lib.metrics import doc_run
@@ -228,10 +236,10 @@ def _qrels_scorer(data: Validation, docs: dict, k: int):
     def score(pids: np.ndarray) -> dict:
         per_query = evaluator.evaluate(doc_run(lambda p: (docs.get(p) or {}).get("doc_id"), data.qids, pids))
 
-        def mean(measure: str) -> float:
-            return round(float(np.mean([per_query.get(q, {}).get(measure, 0.0) for q in data.qids])), 4)
+        def each(measure: str) -> np.ndarray:
+            return np.array([per_query.get(q, {}).get(measure, 0.0) for q in data.qids], np.float64)
 
-        return {"ndcg@10": mean("ndcg_cut_10"), f"recall@{k}": mean(f"recall_{k}")}
+        return {"ndcg@10": each("ndcg_cut_10"), f"recall@{k}": each(f"recall_{k}")}
 
     return score
 

@@ -125,8 +125,14 @@ class FusionSection(TypedDict, total=False):
     alpha_dense: float
     fetch_k_factor: int
     source: Literal["tuned", "default"]
-    figures: dict[str, float]
+    figures: dict[str, dict[str, float]]   # each candidate's figures on the validation questions
     metric: str
+    chosen_by: list[str]
+    questions: int
+    plain_choice: str          # what the plain rule (largest worst-case margin) would have chosen
+    safe_choice: str           # the better single retriever
+    intervals: dict[str, list[float]]   # candidate -> [mean, low, high] of its worst-case margin over safe_choice
+    warning: str | None        # the questions could not separate plain_choice from safe_choice
 
 
 class SoftwareSection(TypedDict):

@@ -85,6 +85,24 @@ def qrels_metrics(passages: Passages, ds: Dataset, pids: np.ndarray, k_max: int)
     return {"metrics": out, "curve": curve}
 
 
+def per_question(kind: str, passages: Passages, ds: Dataset, pids: np.ndarray, metrics: tuple[str, ...]
+                 ) -> dict[str, np.ndarray]:
+    """Each question's value of each of ``metrics`` (``topN`` for QA: 1 when an answer is in the
+    top N; ``ndcg@10`` / ``recall@N`` for judged queries): what a paired bootstrap resamples."""
+    if kind == "qa":
+        keys = [answer_keys(q.answers) for q in ds.questions]
+        ranks = first_hit_ranks(pids, lambda q, pid: any(a in passages.key(pid) for a in keys[q]))
+        return {m: ((ranks > 0) & (ranks <= int(m[3:]))).astype(np.float64) for m in metrics}
+    import pytrec_eval
+
+    qrels = {q.qid: ds.qrels[q.qid] for q in ds.questions}
+    run = doc_run(passages.doc_id, [q.qid for q in ds.questions], pids)
+    measures = {m: "ndcg_cut_10" if m == "ndcg@10" else f"recall_{m.split('@')[1]}" for m in metrics}
+    names = {"ndcg_cut.10"} | {f"recall.{m.split('@')[1]}" for m in metrics if m.startswith("recall@")}
+    results = pytrec_eval.RelevanceEvaluator(qrels, names).evaluate(run)
+    return {m: np.array([results.get(q.qid, {}).get(measures[m], 0.0) for q in ds.questions]) for m in metrics}
+
+
 def split_questions(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(tune, held-out) row indices: a seeded random ``fraction`` of ``n`` to tune on, the rest to
     score on; both sorted and non-empty."""

@@ -187,8 +187,10 @@ def test_fusion_is_tuned_on_validation_questions(spark, encoded, tmp_path):
     assert figures["by_mode"]["bm25"] > figures["by_mode"]["dense"]
     from dpr_lib.fusion import choose_fusion
 
-    best = choose_fusion(fusion["figures"])
+    assert fusion["plain_choice"] == choose_fusion(fusion["figures"])
+    best = fusion["plain_choice"] if fusion["warning"] is None else fusion["safe_choice"]
     assert fusion["mode"] == ("hybrid" if best not in ("bm25", "dense") else best) != "dense"
+    assert fusion["safe_choice"] == "bm25" and all(len(v) == 3 for v in fusion["intervals"].values())
     assert fusion["method"] in ("rrf", "linear")
     served = Searcher(cfg.path("index_root"), cfg.encoder, cfg.path("cache_dir"))
     assert served.mode == fusion["mode"]

@@ -207,3 +207,36 @@ def test_choose_fusion_prefers_never_worse_than_the_better_single_retriever():
     # ties on every figure: the simplest retriever
     same = {"top1": 0.5, "top5": 0.7, "top20": 0.9}
     assert choose_fusion({"bm25": same, "dense": same, "rrf_k60": same}) == "dense"
+
+
+def _figures(rng, n, means):
+    """Per-question 0/1 hits with the given hit rates per candidate and metric."""
+    return {name: {m: (rng.random(n) < p).astype(float) for m, p in per.items()} for name, per in means.items()}
+
+
+def test_the_bootstrap_choice_equals_the_plain_one_when_the_evidence_is_overwhelming():
+    from dpr_lib.fusion import choose_fusion, choose_with_evidence
+
+    rng = np.random.default_rng(0)
+    per_q = _figures(rng, 4000, {"dense": {"top1": 0.40, "top5": 0.60}, "bm25": {"top1": 0.35, "top5": 0.55},
+                                 "rrf_k60": {"top1": 0.50, "top5": 0.72}, "rrf_k10": {"top1": 0.46, "top5": 0.69}})
+    means = {c: {m: float(v.mean()) for m, v in f.items()} for c, f in per_q.items()}
+    got = choose_with_evidence(per_q, seed=1)
+    assert got["name"] == got["plain"] == choose_fusion(means) == "rrf_k60"
+    assert got["safe"] == "dense" and got["warning"] is None
+    mean, low, high = got["intervals"]["rrf_k60"]
+    assert 0 < low < mean < high
+
+
+def test_too_few_questions_keep_the_safe_choice_and_warn_how_many_would_do():
+    from dpr_lib.fusion import choose_with_evidence
+
+    rng = np.random.default_rng(3)
+    # a small true gain of a fusion, on 8 questions: the plain rule would take noise for it
+    per_q = _figures(rng, 8, {"dense": {"ndcg@10": 0.5}, "bm25": {"ndcg@10": 0.3}, "rrf_k60": {"ndcg@10": 0.52}})
+    per_q["rrf_k60"]["ndcg@10"] = per_q["dense"]["ndcg@10"].copy()
+    per_q["rrf_k60"]["ndcg@10"][np.argmin(per_q["dense"]["ndcg@10"])] = 1.0  # better on one question only
+    got = choose_with_evidence(per_q, seed=0)
+    assert got["plain"] == "rrf_k60" and got["name"] == got["safe"] == "dense"
+    assert got["warning"].startswith("8 questions cannot separate rrf_k60") and "questions would separate" in got["warning"]
+    assert got["intervals"]["rrf_k60"][1] <= 0 < got["intervals"]["rrf_k60"][0]
