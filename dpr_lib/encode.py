@@ -9,6 +9,7 @@ in the Parquet metadata, so a rerun skips every finished file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -119,8 +120,10 @@ def encode_file(spec: EncoderSpec, in_url: str, out_url: str, log_every_s: float
         total = pf.metadata.num_rows
         last_log = time.time()
         batches = pf.iter_batches(batch_size=spec.buffer_rows, columns=["pid", "title", "text", "content_hash"])
-        with pq.ParquetWriter(staged.path, schema) as writer:
-            for batch, vectors in encoder.encode_stream(batches, passage_pairs):
+        # The stream is closed on the way out, error or not: on a GPU it holds the encoder's lock.
+        with pq.ParquetWriter(staged.path, schema) as writer, \
+                contextlib.closing(encoder.encode_stream(batches, passage_pairs)) as stream:
+            for batch, vectors in stream:
                 out = embeddings_of(batch, vectors, spec.dim)
                 writer.write_batch(out.replace_schema_metadata(schema.metadata))
                 stats["rows"] += batch.num_rows
