@@ -124,17 +124,11 @@ BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.9   # two-sided: a candidate replaces the safe choice when the lower 5% bound of its margin is > 0
 
 
-def worst_margins(per_question: dict[str, dict[str, np.ndarray]], candidate: str, safe: str,
-                  rows: np.ndarray | None = None) -> np.ndarray:
-    """Per resample (``rows``: [B, n] question indices; None = the questions as they are), the
-    candidate's worst margin over ``safe`` across the tuning metrics: min over metrics of the mean
-    per-question difference."""
-    metrics = list(per_question[safe])
-    diffs = np.stack([np.asarray(per_question[candidate][m], np.float64) - np.asarray(per_question[safe][m], np.float64)
-                      for m in metrics])                                   # [metrics, n]
-    if rows is None:
-        return diffs.mean(axis=1).min(keepdims=True)
-    return diffs[:, rows].mean(axis=2).min(axis=0)                         # [B]
+def margin_differences(per_question: dict[str, dict[str, np.ndarray]], candidate: str, safe: str) -> np.ndarray:
+    """float64 [metrics, questions]: the candidate's per-question figure minus ``safe``'s, per
+    tuning metric. Its worst margin is the minimum over metrics of the row means."""
+    return np.stack([np.asarray(per_question[candidate][m], np.float64) - np.asarray(per_question[safe][m], np.float64)
+                     for m in per_question[safe]])
 
 
 def choose_with_evidence(per_question: dict[str, dict[str, np.ndarray]], seed: int = 0,
@@ -163,8 +157,9 @@ def choose_with_evidence(per_question: dict[str, dict[str, np.ndarray]], seed: i
     for name in per_question:
         if name == safe:
             continue
-        boot = worst_margins(per_question, name, safe, rows)
-        intervals[name] = [round(float(worst_margins(per_question, name, safe)[0]), 4),
+        diffs = margin_differences(per_question, name, safe)
+        boot = diffs[:, rows].mean(axis=2).min(axis=0)  # [samples]: the worst margin of each resample
+        intervals[name] = [round(float(diffs.mean(axis=1).min()), 4),
                            round(float(np.quantile(boot, alpha)), 4), round(float(np.quantile(boot, 1 - alpha)), 4)]
     supported = [c for c, (_, low, _) in intervals.items() if low > 0]
     if plain == safe or plain in supported:

@@ -135,3 +135,23 @@ def read_table(url: str, **kwargs):
     from dpr_lib import storage
 
     return pa.concat_tables([pq.read_table(f, **kwargs) for f in storage.list_files(url, ".parquet")])
+
+
+def wait_until_serving(client, proc, log_path, timeout: float = 120) -> None:
+    """Poll a started ``dpr-serve``'s /health until it answers 200; fail with its log's tail (the
+    process killed) if it exits or the timeout passes first."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if client.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("dpr-serve did not become ready:\n" + open(log_path).read()[-3000:])
+        time.sleep(0.3)

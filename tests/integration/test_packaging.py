@@ -11,15 +11,15 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 from importlib import metadata
 
 import httpx
 import pytest
 import tomllib
-from conftest import make_config, synthetic_docs, write_jsonl
+from conftest import make_config, synthetic_docs, wait_until_serving, write_jsonl
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from s3server import free_port
 
 from dpr_lib.corpus import shard_corpus
 from dpr_lib.encode import encode_passages
@@ -100,7 +100,7 @@ def test_a_serve_virtualenv_without_pyspark_searches_and_serves(published, tmp_p
     hits = found["results"][0]["hits"]
     assert len(hits) == 3 and all(h["pid"] >= 0 and h["text"] for h in hits)
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(py), "-c", "import sys; from dpr_lib.serve import main; sys.exit(main())",
@@ -108,16 +108,7 @@ def test_a_serve_virtualenv_without_pyspark_searches_and_serves(published, tmp_p
                                 env=env)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail("dpr-serve did not become ready:\n" + log.read_text()[-3000:])
-                time.sleep(0.3)
+            wait_until_serving(client, proc, log)
             r = client.post("/search", json={"questions": ["what is passage seven about"], "k": 3, "mode": "hybrid"})
             assert r.status_code == 200, r.text
             body = r.json()
@@ -129,10 +120,3 @@ def test_a_serve_virtualenv_without_pyspark_searches_and_serves(published, tmp_p
         proc.terminate()
         proc.wait(timeout=30)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import make_config, synthetic_docs, write_jsonl
+from conftest import make_config, synthetic_docs, wait_until_serving, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from s3server import free_port
@@ -46,17 +46,7 @@ def service(spark, tmp_path_factory, tiny_bert_dir, s3_endpoint):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=url, timeout=30)
-    deadline = time.time() + 120
-    while True:
-        try:
-            if client.get("/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("dpr-serve did not become ready:\n" + log_path.read_text()[-3000:])
-        time.sleep(0.3)
+    wait_until_serving(client, proc, log_path)
     yield {"cfg": cfg, "client": client, "url": url, "first": first, "log": log_path, "spark": spark, "proc": proc,
            "port": port}
     client.close()
