@@ -181,3 +181,19 @@ def write_embeddings(path: str, vectors: np.ndarray, metadata: dict, files: int 
         flat = pa.FixedSizeListArray.from_arrays(pa.array(vectors[chunk].reshape(-1)), d)
         pq.write_table(pa.Table.from_arrays([pa.array(pids[chunk]), pa.array(["h"] * len(chunk)), flat],
                                             schema=schema), os.path.join(path, f"part-{i:05d}.parquet"))
+
+
+def wait_until_serving(url: str, proc, timeout_s: float = 180) -> None:
+    """Until dpr-serve at ``url`` answers /health with 200; raises if it exits or the time is up."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"dpr-serve at {url} did not become ready")
+        time.sleep(0.5)

@@ -2,9 +2,9 @@
 
 Writes bench/results/latest.json (flat dotted keys, numbers; encode.config names a configuration), latest.md and ratios.png.
 BENCH_QUICK=1 shrinks every size for a smoke run (CI) that only proves the harness works;
-BENCH_ONLY=encode|index|nightly|nightly_scale|nightly_changefeed|serve|scale|cluster runs one part and merges it into the last
-results. The parts: encode_bench, index_bench, nightly_bench, serve_bench, scale, cluster_bench
-(what they share: common).
+BENCH_ONLY=encode|index|nightly|nightly_scale|nightly_changefeed|serve|scale|sparse|cluster runs one part and merges it into the last
+results. The parts: encode_bench, index_bench, nightly_bench, serve_bench, scale, sparse_bench,
+cluster_bench (what they share: common).
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from nightly_bench import bench_nightly
 from nightly_scale import NIGHTLY_CHANGEFEED_KEYS, NIGHTLY_SCALE_KEYS, bench_nightly_changefeed, bench_nightly_scale
 from scale import bench_scale
 from serve_bench import bench_serve
+from sparse_bench import SPARSE_KEYS, bench_sparse
 
 # ---------------------------------------------------------------- report
 
 ONLY = os.environ.get("BENCH_ONLY", "")  # serve / index / nightly / scale / cluster: that part, merged into latest.json
 
 
-PART_KEYS = {"nightly_scale": NIGHTLY_SCALE_KEYS, "nightly_changefeed": NIGHTLY_CHANGEFEED_KEYS}
-"""Parts whose figures share another part's key prefix (``nightly.``): the keys each one writes."""
+PART_KEYS = {"nightly_scale": NIGHTLY_SCALE_KEYS, "nightly_changefeed": NIGHTLY_CHANGEFEED_KEYS,
+             "sparse": SPARSE_KEYS}
+"""Parts whose figures share another part's key prefix (``nightly.``, ``serve.``): the keys each one writes."""
 
 
 def owned_by(key: str, part: str) -> bool:
@@ -138,7 +140,7 @@ def main() -> int:
                                     ["spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 6g}"]))
     # parts that need nothing from encode
     standalone = {"scale": bench_scale, "nightly": bench_nightly, "nightly_scale": bench_nightly_scale,
-                  "nightly_changefeed": bench_nightly_changefeed}
+                  "nightly_changefeed": bench_nightly_changefeed, "sparse": bench_sparse}
     if ONLY in standalone:
         standalone[ONLY](spark, results, details)
         spark.stop()
@@ -156,6 +158,7 @@ def main() -> int:
         bench_nightly(spark, results, details)
         if not QUICK:  # ~25 min: 1.08M Wikipedia passages, twice over
             bench_nightly_scale(spark, results, details)
+            bench_sparse(spark, results, details)  # ~15 min: BM25 over 1.08M and 270k passages
         bench_scale(spark, results, details)
     if ONLY == "index":
         bench_index(spark, enc_cfg, emb, results, details)

@@ -19,6 +19,7 @@ from common import (
     log,
     squad_questions,
     synthetic_embeddings,
+    wait_until_serving,
     write_embeddings,
 )
 
@@ -160,17 +161,7 @@ def bench_serve(spark, enc_cfg, emb, results: dict, details: dict) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            deadline = time.time() + 180
-            while True:
-                try:
-                    if c.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("dpr-serve did not become ready")
-                time.sleep(0.5)
+        wait_until_serving(url, proc)
 
         def load(seconds: float, batch: int, clients: int = 2, during=None):
             lat, failed, stop = [], [], threading.Event()

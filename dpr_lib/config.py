@@ -237,6 +237,9 @@ class SearchConfig:
     mode: str = choice("auto", "bm25", "dense", "hybrid")
     """dense | bm25 | hybrid | auto (what the version's manifest recommends: its tuned choice, else
     hybrid when it has a sparse side, else dense)."""
+    sparse_exact: bool = False
+    """Score every posting of every question term on the BM25 side (the reference) instead of the
+    pruned scorer, whose top k are the same (dpr_lib.postings) at a fraction of the cost."""
     verify_cache: bool = False
     """Re-hash cached shard files on every load. Off: files are verified when downloaded and named
     by their sha256, so an entry present is trusted (a version loads without reading every byte twice)."""

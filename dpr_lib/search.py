@@ -118,7 +118,7 @@ class ShardedIndex:
     def __init__(self, index: str, cache_dir: str | None = None, shards: list[int] | None = None,
                  mmap: bool = False, nprobe: int | None = None, storage_options: dict | None = None,
                  k_factor: int | None = None, verify_cache: bool = False, docstore_cache_mb: float = 64,
-                 sparse: bool = True, reuse: ShardedIndex | None = None):
+                 sparse: bool = True, reuse: ShardedIndex | None = None, sparse_exact: bool = False):
         import faiss
 
         self.manifest, self.version_url = open_manifest(index, storage_options)
@@ -168,7 +168,7 @@ class ShardedIndex:
         # Live vectors: the manifest's count for a whole version (tombstoned rows excluded); a
         # shard subset counts its stored rows.
         self.ntotal = int(self.manifest.totals.get("vectors", stored)) if shards is None else stored
-        self.sparse = self._open_sparse(shard_filter) if sparse and self.manifest.sparse else None
+        self.sparse = self._open_sparse(shard_filter, sparse_exact) if sparse and self.manifest.sparse else None
         self._docstore = [(surl, sorted(seg.docstore, key=lambda d: d.min_pid))
                           for surl, seg in reversed(self._segment_urls)]  # newest first: a pid's live text
         self._docstore_files: dict[str, object] = {}
@@ -237,7 +237,7 @@ class ShardedIndex:
             raise IncompatibleIndexError(f"shard {e.path} has dimension {idx.d}, manifest says {self.dim}")
         return idx
 
-    def _open_sparse(self, shard_filter: set[int] | None):
+    def _open_sparse(self, shard_filter: set[int] | None, exact: bool = False):
         """The BM25 side of the loaded shards, over every segment (tombstoned pids masked):
         verified, memory-mapped; statistics are the live corpus's."""
         from dpr_lib.sparse import SparseIndex
@@ -255,7 +255,7 @@ class ShardedIndex:
                         paths.append(fetch(surl, e))
                         dead.append(self.dead_in(seg.seq))
             return SparseIndex(fetch(self.version_url, sp["vocab"]), paths, sp["docs"], sp["avg_doc_len"],
-                               sp.get("k1", 1.5), sp.get("b", 0.75), dead=dead)
+                               sp.get("k1", 1.5), sp.get("b", 0.75), dead=dead, exact=exact)
         except (KeyError, TypeError) as exc:
             raise IndexIntegrityError(f"version {self.version}: the manifest's sparse section is incomplete ({exc})") from None
 
@@ -412,14 +412,14 @@ class Searcher:
                  shards: list[int] | None = None, mmap: bool = False, nprobe: int | None = None,
                  storage_options: dict | None = None, max_k: int = 1000, k_factor: int | None = None,
                  verify_cache: bool = False, docstore_cache_mb: float = 64, mode: str = "auto",
-                 reuse: ShardedIndex | None = None):
+                 reuse: ShardedIndex | None = None, sparse_exact: bool = False):
         """``reuse``: the ShardedIndex of the version being replaced (see :class:`ShardedIndex`)."""
         from dpr_lib.encoder import get_encoder, resolve_spec
 
         if mode not in MODES + ("auto",):
             raise InputError(f"mode must be one of {', '.join(MODES + ('auto',))}, got {mode!r}")
         self.index = ShardedIndex(index, cache_dir, shards, mmap, nprobe, storage_options, k_factor, verify_cache,
-                                  docstore_cache_mb, sparse=mode != "dense", reuse=reuse)
+                                  docstore_cache_mb, sparse=mode != "dense", reuse=reuse, sparse_exact=sparse_exact)
         self.max_k = max_k
         self.fusion = fusion_of(self.index.manifest)
         self.mode = self.fusion.get("mode", "hybrid") if mode == "auto" and self.index.sparse else \
@@ -512,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         searcher = Searcher(args.index, cfg.encoder, cfg.path("cache_dir"), parse_shards(args.shards),
                             args.mmap or cfg.search.mmap, args.nprobe or cfg.search.nprobe or None,
                             cfg.storage_options(), cfg.search.max_k, args.k_factor or cfg.search.k_factor or None,
-                            cfg.search.verify_cache, cfg.search.docstore_cache_mb, args.mode or cfg.search.mode)
+                            cfg.search.verify_cache, cfg.search.docstore_cache_mb, args.mode or cfg.search.mode,
+                            sparse_exact=cfg.search.sparse_exact)
         results = searcher.ask(args.questions, args.k)
     except DprError as exc:
         print(f"error: {exc}", file=sys.stderr)

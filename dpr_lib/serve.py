@@ -182,7 +182,8 @@ class IndexHolder:
                             self.shards, scfg.mmap, scfg.nprobe or None, self.opts,
                             max_k=max(self.cfg.serve.max_k, scfg.max_k), k_factor=scfg.k_factor or None,
                             verify_cache=scfg.verify_cache, docstore_cache_mb=scfg.docstore_cache_mb,
-                            mode=scfg.mode, reuse=self.current.searcher.index if self.current else None)
+                            mode=scfg.mode, reuse=self.current.searcher.index if self.current else None,
+                            sparse_exact=scfg.sparse_exact)
         searcher.index.prefetch_docstore()  # local before the swap: no request waits for a download
         n = self.cfg.serve.warmup_queries
         if n:

@@ -16,9 +16,16 @@ Files of a version (each a :class:`ArrayFile`, memory-mapped by the loader):
 
 - ``sparse-vocab.bm25``: ``terms`` int64 (sorted term hashes) and ``df`` int32: document
   frequencies over the whole corpus, aggregated once on Spark from the shards' own counts.
-- ``sparse-NNNNN.bm25``: per dense shard, an inverted index: ``terms`` int64 (sorted),
-  ``offsets`` int64 [terms + 1], ``rows`` int32 and ``tf`` uint16 per posting (rows ascending
-  within a term), ``pids`` int64 and ``doc_len`` uint16/int32 per passage (pid-sorted).
+- ``sparse-NNNNN.bm25``: per dense shard, an inverted index: ``terms`` int64 (sorted), ``df``
+  uint32 (the shard's own), the compressed postings of :mod:`dpr_lib.postings` (blocks of 128
+  bit-packed row gaps and tf values, per-block skip and score-bound data, checksums), ``pids``
+  int64 and ``doc_len`` uint16/int32 per passage (pid-sorted; a posting's row indexes them).
+  Meta ``postings: "blocks-128"``. Files written before it hold the postings uncompressed
+  (``offsets``, ``rows``, ``tf``): they are still read, and scored exhaustively.
+
+Search is pruned by default (:func:`dpr_lib.postings.topk_pruned`: MaxScore with block skipping;
+the top k equal the exhaustive scorer's, ties included); ``search.sparse_exact`` scores every
+posting of every query term instead (the reference the tests compare with).
 """
 
 from __future__ import annotations
@@ -32,10 +39,10 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from dpr_lib import storage
+from dpr_lib import postings, storage
 from dpr_lib.bm25 import ANALYZER, K1, B, analyze, analyze_passages, idf
 from dpr_lib.config import Config, join_url
-from dpr_lib.errors import InputError
+from dpr_lib.errors import IndexIntegrityError, InputError
 from dpr_lib.manifest import relative_to
 
 log = logging.getLogger("dpr_lib.sparse")
@@ -43,6 +50,7 @@ log = logging.getLogger("dpr_lib.sparse")
 MAGIC = b"DPRARR1\x00"
 ALIGN = 64
 VOCAB = "sparse-vocab.bm25"
+POSTINGS = "blocks-128"
 
 # ---------------------------------------------------------------- one file of named arrays
 
@@ -143,6 +151,17 @@ def inverted(pids: np.ndarray, lens: np.ndarray, nterms: np.ndarray, terms: np.n
             "doc_len": lens.astype(np.uint16 if (len(lens) == 0 or lens.max() < 65536) else np.int32)}
 
 
+def shard_file(inv: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An :func:`inverted` index -> the arrays of a shard file (postings compressed)."""
+    return {"terms": inv["terms"], "df": np.diff(inv["offsets"]).astype(np.uint32),
+            **postings.encode(inv["offsets"], inv["rows"], inv["tf"], inv["doc_len"]),
+            "pids": inv["pids"], "doc_len": inv["doc_len"]}
+
+
+def shard_meta(shard: int) -> dict:
+    return {"kind": "bm25-shard", "shard": shard, "analyzer": ANALYZER, "postings": POSTINGS}
+
+
 # ---------------------------------------------------------------- searching
 
 class SparseIndex:
@@ -150,13 +169,41 @@ class SparseIndex:
     the global statistics, so a subset ranks its passages exactly as the whole index would)."""
 
     def __init__(self, vocab_path: str, shard_paths: list[str], n_docs: int, avg_doc_len: float,
-                 k1: float = K1, b: float = B, mmap: bool = True, dead: list[np.ndarray] | None = None):
-        """``dead``: per shard, pids removed from it (tombstoned by a later segment), never returned."""
+                 k1: float = K1, b: float = B, mmap: bool = True, dead: list[np.ndarray] | None = None,
+                 exact: bool = False):
+        """``dead``: per shard, pids removed from it (tombstoned by a later segment), never returned.
+        ``exact``: score every posting (``search.sparse_exact``) instead of the pruned scorer."""
         self.vocab = ArrayFile(vocab_path, mmap)
-        self.shards = [ArrayFile(p, mmap) for p in shard_paths]
+        self.paths = list(shard_paths)
+        self.shards = [ArrayFile(p, mmap) for p in self.paths]
+        self.blocks = [self._blocks(p, f) for p, f in zip(self.paths, self.shards)]
         self.n_docs, self.avgdl, self.k1, self.b = int(n_docs), float(avg_doc_len), k1, b
-        self.dead_rows = [None if d is None or not len(d) else np.isin(np.asarray(f["pids"]), d)
+        self.exact = exact
+        self.dead_rows = [np.zeros(0, np.uint8) if d is None or not len(d) else
+                          np.isin(np.asarray(f["pids"]), d).astype(np.uint8)
                           for f, d in zip(self.shards, dead or [None] * len(self.shards))]
+        self._f32 = (np.float32(k1), np.float32(1.0 - b), np.float32(b / max(self.avgdl, 1e-9)))
+
+    @staticmethod
+    def _blocks(path: str, f: ArrayFile) -> tuple | None:
+        """The compressed postings' arrays (None: a file with uncompressed postings), checked for
+        the shapes the kernels rely on, so a truncated or inconsistent file is refused up front."""
+        if "packed" not in f.arrays:
+            if not {"offsets", "rows", "tf"} <= set(f.arrays):
+                raise IndexIntegrityError(f"{path}: a sparse shard without postings")
+            return None
+        try:
+            blocks = tuple(np.asarray(f[n]) for n in postings.BLOCK_ARRAYS)
+            nterms, nblocks = len(f["terms"]), len(blocks[1])
+            ok = (len(blocks[0]) == nterms + 1 and len(f["df"]) == nterms and len(blocks[2]) == nblocks + 1
+                  and all(len(a) == nblocks for a in blocks[3:9]) and (nblocks == 0 or (
+                      int(blocks[0][-1]) == nblocks and int(blocks[2][-1]) < len(blocks[9])
+                      and int(blocks[4].max()) <= 32 and int(blocks[5].max()) <= 32)))
+        except KeyError as exc:
+            raise IndexIntegrityError(f"{path}: a sparse shard without {exc}") from None
+        if not ok:
+            raise IndexIntegrityError(f"{path}: the sparse shard's block tables are inconsistent (corrupted file)")
+        return blocks
 
     def query_terms(self, questions: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per question: (term hashes found in the vocabulary, their weight = count x idf)."""
@@ -180,17 +227,17 @@ class SparseIndex:
             if not len(terms):
                 continue
             per_s, per_p = [], []
-            for shard, dead in zip(self.shards, self.dead_rows):
-                s, p = self._shard_topk(shard, terms, weights, k, dead)
+            for i in range(len(self.shards)):
+                s, p = self._shard_topk(i, terms, weights.astype(np.float32), k)
                 per_s.append(s[None, :])
                 per_p.append(p[None, :])
             ms, mp = merge_topk(per_s, per_p, k)
             scores[q], pids[q] = ms[0], mp[0]
         return scores, pids
 
-    def _shard_topk(self, shard: ArrayFile, terms: np.ndarray, weights: np.ndarray, k: int,
-                    dead: np.ndarray | None = None):
-        st, off = shard["terms"], shard["offsets"]
+    def _shard_topk(self, i: int, terms: np.ndarray, weights: np.ndarray, k: int):
+        shard = self.shards[i]
+        st = shard["terms"]
         pos = np.searchsorted(st, terms)
         found = pos < len(st)
         found[found] = st[pos[found]] == terms[found]
@@ -198,14 +245,50 @@ class SparseIndex:
         out_p = np.full(k, -1, np.int64)
         if not found.any():
             return out_s, out_p
-        starts, stops = off[pos[found]], off[pos[found] + 1]
-        rows = np.concatenate([shard["rows"][a:b] for a, b in zip(starts.tolist(), stops.tolist())])
-        tf = np.concatenate([shard["tf"][a:b] for a, b in zip(starts.tolist(), stops.tolist())]).astype(np.float32)
-        w = np.repeat(weights[found].astype(np.float32), (stops - starts).astype(np.int64))
-        dl = np.asarray(shard["doc_len"])[rows].astype(np.float32)
-        norm = np.float32(self.k1) * (np.float32(1.0 - self.b) + np.float32(self.b / max(self.avgdl, 1e-9)) * dl)
-        contrib = w * tf / (tf + norm)
-        n = len(shard["pids"])
+        if self.exact or self.blocks[i] is None:
+            rows, tf, counts = self._postings(i, pos[found])
+            cand, vals = self._exhaustive(i, rows, tf, np.repeat(weights[found], counts), k)
+            cand_pids = np.asarray(shard["pids"])[cand]
+            order = np.lexsort((cand_pids, -vals))[:k]
+            out_s[:len(order)], out_p[:len(order)] = vals[order], cand_pids[order]
+            return out_s, out_p
+        vals, rows, n, bad = postings.topk_pruned(pos[found].astype(np.int64), weights[found], self.blocks[i],
+                                                  np.asarray(shard["doc_len"]), self.dead_rows[i], k, *self._f32)
+        if bad >= 0:
+            raise self._corrupted(i, bad)
+        out_s[:n], out_p[:n] = vals, np.asarray(shard["pids"])[rows]
+        return out_s, out_p
+
+    def _corrupted(self, i: int, block: int) -> IndexIntegrityError:
+        return IndexIntegrityError(f"{self.paths[i]}: postings block {block} fails its checksum (the file is "
+                                   "corrupted); remove it from the shard cache so the loader fetches and verifies "
+                                   "it again")
+
+    def _postings(self, i: int, term_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every posting of the shard's terms at ``term_pos``: rows, tf, and the count per term."""
+        shard, blocks = self.shards[i], self.blocks[i]
+        if blocks is None:
+            off = shard["offsets"]
+            starts, stops = off[term_pos], off[term_pos + 1]
+            rows = np.concatenate([shard["rows"][a:b] for a, b in zip(starts.tolist(), stops.tolist())])
+            tf = np.concatenate([shard["tf"][a:b] for a, b in zip(starts.tolist(), stops.tolist())])
+            return rows, tf, (stops - starts).astype(np.int64)
+        counts = np.asarray(shard["df"])[term_pos].astype(np.int64)
+        rows, tf = np.empty(counts.sum(), np.int64), np.empty(counts.sum(), np.int64)
+        bad = postings.decode_terms(term_pos.astype(np.int64), blocks, rows, tf)
+        if bad >= 0:
+            raise self._corrupted(i, bad)
+        return rows, tf, counts
+
+    def _exhaustive(self, i: int, rows: np.ndarray, tf: np.ndarray, w: np.ndarray, k: int):
+        """Every posting scored (float32 contributions summed per row in query-term order, float64):
+        the reference the pruned scorer equals. Returns candidate rows and their float32 scores, the
+        k best and everything tied with the k-th."""
+        tf = tf.astype(np.float32)
+        dl = np.asarray(self.shards[i]["doc_len"])[rows].astype(np.float32)
+        k1, omb, bavg = self._f32
+        contrib = w * tf / (tf + k1 * (omb + bavg * dl))
+        n = len(self.shards[i]["pids"])
         if len(rows) * 8 > n:  # accumulate densely
             acc = np.bincount(rows, contrib, minlength=n)
             cand = np.flatnonzero(acc > 0)
@@ -213,18 +296,16 @@ class SparseIndex:
         else:
             cand, inv = np.unique(rows, return_inverse=True)
             vals = np.bincount(inv, contrib)
-        if dead is not None:
-            live = ~dead[cand]
+        vals = vals.astype(np.float32)  # a score is its float32; ties (after rounding) go by pid
+        dead = self.dead_rows[i]
+        if len(dead):
+            live = dead[cand] == 0
             cand, vals = cand[live], vals[live]
         if len(vals) > k:  # the k best (and everything tied with the k-th), then ordered exactly
             kth = np.partition(vals, len(vals) - k)[len(vals) - k]
             keep = vals >= kth
             cand, vals = cand[keep], vals[keep]
-        vals = vals.astype(np.float32)
-        cand_pids = np.asarray(shard["pids"])[cand]
-        order = np.lexsort((cand_pids, -vals))[:k]
-        out_s[:len(order)], out_p[:len(order)] = vals[order], cand_pids[order]
-        return out_s, out_p
+        return cand, vals
 
     def memory(self) -> dict:
         files = [self.vocab, *self.shards]
@@ -299,7 +380,7 @@ def build_sparse(spark, cfg: Config, vurl: str, num_shards: int, assign=None, pi
             parts.setdefault(int(shard), []).append(row)
         for s, rows in parts.items():
             inv = inverted(*unpack_docs(rows))
-            meta = write_array_file(inv, {"kind": "bm25-shard", "shard": s, "analyzer": ANALYZER}, urls[s], opts, retries)
+            meta = write_array_file(shard_file(inv), shard_meta(s), urls[s], opts, retries)
             df = np.diff(inv["offsets"]).astype(np.int64)
             result = {**meta, "shard": s, "docs": len(inv["pids"]), "terms": len(inv["terms"]),
                       "postings": len(inv["rows"]), "doc_len_sum": int(inv["doc_len"].astype(np.int64).sum())}
@@ -364,7 +445,7 @@ def build_local(out_dir: str, pids: np.ndarray, texts: list[str], shard_of_pid=N
     for row in pack_docs(pids, shards, analyzed):
         inv = inverted(*unpack_docs([row]))
         path = os.path.join(out_dir, f"sparse-{row['shard']:05d}.bm25")
-        ArrayFile.write(path, inv, {"kind": "bm25-shard", "shard": row["shard"], "analyzer": ANALYZER})
+        ArrayFile.write(path, shard_file(inv), shard_meta(row["shard"]))
         paths.append(path)
         df_terms.append(inv["terms"])
         df_counts.append(np.diff(inv["offsets"]))

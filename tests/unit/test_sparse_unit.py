@@ -83,3 +83,140 @@ def test_array_file_round_trip_mmap_and_ram(tmp_path):
     (tmp_path / "bad.bm25").write_bytes(b"not an array file at all")
     with pytest.raises(Exception, match="bad magic"):
         ArrayFile(str(tmp_path / "bad.bm25"))
+
+
+# ---------------------------------------------------------------- pruned scoring == exhaustive
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dpr_lib.errors import IndexIntegrityError  # noqa: E402
+
+WORDS = ["apple", "river", "castle", "engine", "violin", "harbor", "glacier", "lantern", "meadow", "orbit",
+         "pepper", "quartz", "saddle", "timber", "velvet", "walnut", "yonder", "zephyr", "basalt", "cobalt"]
+
+
+def random_corpus(rng, n_docs: int, vocab: int, dup_every: int) -> list[str]:
+    """Zipf-distributed words (long posting lists over many blocks, short ones), varied lengths,
+    and exact duplicates every ``dup_every`` documents (equal scores: ties broken by pid)."""
+    words = WORDS[:vocab]
+    p = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    p /= p.sum()
+    texts = []
+    for i in range(n_docs):
+        if dup_every and i % dup_every == dup_every - 1:
+            texts.append(texts[i - 1])
+            continue
+        texts.append(" ".join(rng.choice(words, size=int(rng.integers(1, 40)), p=p)))
+    return texts
+
+
+def pair(tmp_path, pids, texts, num_shards, dead=None, vocab=None, stats=None):
+    built = build_local(str(tmp_path), pids, texts, lambda p: p % num_shards, num_shards)
+    docs, avg = stats or (built["docs"], built["avg_doc_len"])
+    make = [SparseIndex(vocab or built["vocab"], built["shards"], docs, avg, dead=dead, exact=exact)
+            for exact in (False, True)]
+    return make
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), n_docs=st.integers(1, 900), vocab=st.integers(2, 20),
+       shards=st.integers(1, 3), k=st.sampled_from([1, 3, 10, 100]), dup_every=st.sampled_from([0, 2, 7]),
+       dead_fraction=st.sampled_from([0.0, 0.1, 0.5]))
+def test_pruned_top_k_equals_the_exhaustive_scorer(tmp_path_factory, seed, n_docs, vocab, shards, k, dup_every,
+                                                   dead_fraction):
+    rng = np.random.default_rng(seed)
+    texts = random_corpus(rng, n_docs, vocab, dup_every)
+    pids = rng.permutation(10 * n_docs)[:n_docs].astype(np.int64)
+    dead_pids = pids[rng.random(n_docs) < dead_fraction]
+    pruned, exact = pair(tmp_path_factory.mktemp("c"), pids, texts, shards, dead=[dead_pids] * shards)
+    questions = [" ".join(rng.choice(WORDS[:vocab], size=int(rng.integers(1, 8)))) for _ in range(12)]
+    ps, pp = pruned.search(questions, k)
+    es, ep = exact.search(questions, k)
+    np.testing.assert_array_equal(pp, ep)
+    np.testing.assert_array_equal(ps, es)
+    assert not np.isin(pp[pp >= 0], dead_pids).any()
+
+
+def test_pruned_equals_exhaustive_on_real_text_with_ties(tmp_path):
+    texts = CORPUS * 40  # every passage 40 times: long lists, and every score tied 40 ways
+    pids = np.arange(len(texts), dtype=np.int64)[::-1].copy()
+    pruned, exact = pair(tmp_path, pids, texts, 2)
+    for k in (1, 5, 39, 41, 100):
+        ps, pp = pruned.search(QUESTIONS, k)
+        es, ep = exact.search(QUESTIONS, k)
+        np.testing.assert_array_equal(pp, ep)
+        np.testing.assert_array_equal(ps, es)
+    # ties go to the smaller pid
+    _, top = pruned.search(["eiffel"], 40)
+    assert list(top[0][:3]) == sorted(top[0][:3])
+
+
+def test_a_delta_with_tombstones_scores_as_a_fresh_build_of_the_live_passages(tmp_path):
+    """Base shards with some pids tombstoned + a delta shard holding their new text, under the live
+    corpus's statistics (df, N, avgdl changed by the delta: the stored block bounds stay safe)."""
+    rng = np.random.default_rng(3)
+    base_texts = random_corpus(rng, 700, 12, 5)
+    base_pids = np.arange(700, dtype=np.int64)
+    changed = base_pids[rng.random(700) < 0.2]
+    delta_texts = [" ".join(rng.choice(WORDS[:12], size=30)) for _ in changed]  # longer: avgdl moves
+    live = dict(zip(base_pids.tolist(), base_texts))
+    live.update(zip(changed.tolist(), delta_texts))
+    fresh = build_local(str(tmp_path / "fresh"), np.array(list(live)), list(live.values()))
+    base = build_local(str(tmp_path / "base"), base_pids, base_texts, lambda p: p % 2, 2)
+    delta = build_local(str(tmp_path / "delta"), changed, delta_texts)
+    questions = [" ".join(rng.choice(WORDS[:12], size=int(rng.integers(1, 6)))) for _ in range(30)]
+    want = SparseIndex(fresh["vocab"], fresh["shards"], fresh["docs"], fresh["avg_doc_len"], exact=True)
+    for exact in (False, True):
+        merged = SparseIndex(fresh["vocab"], base["shards"] + delta["shards"], fresh["docs"], fresh["avg_doc_len"],
+                             dead=[changed, changed, None], exact=exact)
+        for k in (10, 100):
+            ws, wp = want.search(questions, k)
+            gs, gp = merged.search(questions, k)
+            np.testing.assert_array_equal(gp, wp)
+            np.testing.assert_allclose(gs, ws, rtol=1e-6)
+
+
+def test_a_corrupted_postings_block_is_refused_naming_the_file(tmp_path):
+    texts = CORPUS * 30
+    built = build_local(str(tmp_path), np.arange(len(texts), dtype=np.int64), texts)
+    path = built["shards"][0]
+    f = ArrayFile(path)
+    # the first block of the term "tower": flip one bit of its packed words
+    term = SparseIndex(built["vocab"], [path], built["docs"], built["avg_doc_len"]).query_terms(["tower"])[0][0][0]
+    t = int(np.searchsorted(f["terms"], term))
+    block = int(f["term_blocks"][t])
+    word = int(f["block_words"][block])
+    offset = f["packed"].offset + 4 * word
+    del f
+    raw = bytearray(open(path, "rb").read())
+    raw[offset] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+    for exact in (False, True):
+        index = SparseIndex(built["vocab"], [path], built["docs"], built["avg_doc_len"], exact=exact)
+        with pytest.raises(IndexIntegrityError, match=rf"{path}: postings block {block} fails its checksum"):
+            index.search(["tower"], 10)
+    # a truncated block table is refused when the file is opened
+    raw = bytearray(open(path, "rb").read())
+    f = ArrayFile(path)
+    bad = ArrayFile.write
+    arrays = {n: np.asarray(a) for n, a in f.arrays.items()}
+    arrays["block_words"] = arrays["block_words"][:-1]
+    bad(str(tmp_path / "short.bm25"), arrays, f.meta)
+    with pytest.raises(IndexIntegrityError, match="short.bm25: the sparse shard's block tables are inconsistent"):
+        SparseIndex(built["vocab"], [str(tmp_path / "short.bm25")], built["docs"], built["avg_doc_len"])
+
+
+def test_shards_written_before_compression_are_still_read(tmp_path):
+    from dpr_lib.bm25 import ANALYZER, analyze
+    from dpr_lib.sparse import inverted, pack_docs, unpack_docs
+
+    pids = np.arange(len(CORPUS), dtype=np.int64)
+    built = build_local(str(tmp_path / "new"), pids, CORPUS)
+    row = next(pack_docs(pids, np.zeros(len(pids), np.int64), analyze(CORPUS)))
+    old = str(tmp_path / "old.bm25")
+    ArrayFile.write(old, inverted(*unpack_docs([row])), {"kind": "bm25-shard", "shard": 0, "analyzer": ANALYZER})
+    a = SparseIndex(built["vocab"], built["shards"], built["docs"], built["avg_doc_len"]).search(QUESTIONS, 5)
+    b = SparseIndex(built["vocab"], [old], built["docs"], built["avg_doc_len"]).search(QUESTIONS, 5)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
