@@ -67,7 +67,10 @@ def small_sparse(spark, cfg, num_shards: int) -> dict:
     from dpr_lib.sparse import build_sparse
 
     work = os.path.join(OUT, "small")
-    passages = sorted(glob.glob(os.path.join(cfg.path("work_dir"), "runs", "*", "passages", "*.parquet")))
+    from dpr_lib import storage
+
+    tables = glob.glob(os.path.join(cfg.path("work_dir"), "runs", "*", "passages"))
+    passages = sorted(glob.glob(os.path.join(storage.resolve_table(tables[0]), "*.parquet"))) if tables else []
     if not passages:
         raise RuntimeError(f"no Passages files under {cfg.path('work_dir')}/runs")
     shutil.rmtree(work, ignore_errors=True)

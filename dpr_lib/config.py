@@ -94,12 +94,31 @@ class EncoderConfig:
     """Passage encoder: local dir or fsspec URL of a transformers model. Empty: bundled all-MiniLM-L6-v2."""
     question_model: str = ""
     """Question encoder; empty means the passage encoder's weights (shared)."""
-    pooling: str = choice("auto", "cls", "mean", "pooler")
-    """auto | mean | cls | pooler. auto: DPR -> pooler, sentence-transformers dir -> its config, else cls."""
+    pooling: str = choice("auto", "cls", "mean", "max", "lasttoken", "pooler")
+    """auto | mean | cls | max | lasttoken | pooler. auto: DPR -> pooler, a sentence-transformers
+    dir -> its 1_Pooling/config.json, else cls. lasttoken: the last real token's state (decoder
+    embedders such as Qwen3-Embedding)."""
     normalize: str = choice("auto", "false", "true")
     """auto | true | false: L2-normalise vectors. auto follows a sentence-transformers Normalize module."""
-    max_length: int = positive(256)
-    """Max tokens per passage (title + text); longer ones are truncated and counted."""
+    query_prompt: str = "auto"
+    """Text put before every question. auto: the model's config_sentence_transformers.json (its
+    "query" prompt, else its default prompt), else none; "" = none. A version records it, and the
+    loader, dpr-search, dpr-serve, evaluation and the quality gate apply the recorded one."""
+    passage_prompt: str = "auto"
+    """Text put before every passage. auto: the model's "document", "passage" or "corpus" prompt,
+    else its default prompt, else none; "" = none."""
+    input_template: str = "auto"
+    """How a passage's title and text become the encoder's input: pair (a sentence pair, DPR's
+    convention) | text (the text alone) | a template with {title} and {text}, e.g. "{title} {text}"
+    (sentence-transformers' and MTEB's convention for BEIR documents). auto: pair for DPR
+    checkpoints and models without sentence-transformers files, "{title} {text}" for
+    sentence-transformers models."""
+    dimensions: int = non_negative(0)
+    """Matryoshka truncation: keep the first N dimensions of every passage and question vector
+    (L2-normalised again when the model normalises); 0 = the model's whole dimension."""
+    max_length: int = non_negative(0)
+    """Max tokens per passage (title + text); longer ones are truncated and counted. 0 = the
+    model's sentence_bert_config.json max_seq_length, else 256 (never above its positions)."""
     dtype: str = choice("auto", "bf16", "fp32")
     """auto | fp32 | bf16: autocast dtype. auto picks bf16 only where the CPU has native bf16."""
     token_budget: int = positive(2048)
@@ -549,6 +568,10 @@ def validate(cfg: Config) -> Config:
     if cfg.encoder.quantize != "none" and cfg.encoder.backend == "auto":
         raise ConfigError("encoder.backend=auto chooses the quantisation itself (int8 only where it keeps "
                           "encoder.auto_min_cosine): leave encoder.quantize=none, or name the backend")
+    t = cfg.encoder.input_template
+    if t not in ("auto", "pair", "text") and "{text}" not in t:
+        raise ConfigError(f"encoder.input_template must be auto, pair, text or a template holding {{text}} (and "
+                          f"optionally {{title}}), e.g. '{{title}} {{text}}'; got {t!r}")
     if not 0.0 < cfg.encoder.auto_min_cosine <= 1.0:
         raise ConfigError(f"encoder.auto_min_cosine must be within (0, 1], got {cfg.encoder.auto_min_cosine}")
     if cfg.encoder.backend not in ("torch", "auto") and cfg.encoder.device == "cuda":

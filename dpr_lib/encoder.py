@@ -154,7 +154,7 @@ class EncoderSpec:
     model_id: str
     family: str        # dpr | sentence
     role: str          # passage | question
-    pooling: str       # mean | cls | pooler
+    pooling: str       # mean | cls | max | lasttoken | pooler
     normalize: bool
     max_length: int
     dtype: str         # fp32 | bf16
@@ -178,10 +178,24 @@ class EncoderSpec:
     chosen_by: str = ""
     """How encoder.backend: auto chose this configuration (dpr_lib.encoder_choice); recorded in the
     fingerprint outside its id, since the vectors are those of the configuration itself."""
+    prompt: str = ""
+    """Put before every input of this role (the query or the passage prompt)."""
+    template: str = "pair"
+    """Passages: pair | text | a template with {title} and {text} (see encoder.input_template)."""
+    truncate_dim: int = 0
+    """Matryoshka truncation (encoder.dimensions); 0 = none. ``dim`` is the truncated dimension."""
 
     def fingerprint(self) -> dict:
         fp = {k: getattr(self, k) for k in ("model_id", "family", "pooling", "normalize", "max_length",
                                             "dtype", "weights_sha256", "dim")}
+        # What decides the input text and the vector's length, recorded where it is not the
+        # default (ids of versions built before these keys existed stay the same).
+        if self.prompt:
+            fp["prompt"] = self.prompt
+        if self.role == "passage" and self.template != "pair":
+            fp["input_template"] = self.template
+        if self.truncate_dim:
+            fp["dimensions"] = self.truncate_dim
         if self.backend != "torch":
             # The exported files decide the vectors: their sha256 (and the calibration) are part of
             # the identity, so Embeddings of another export or calibration are never mixed in.
@@ -196,61 +210,162 @@ class EncoderSpec:
         return self.fingerprint()["id"]
 
 
+ST_POOLING = (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+              ("pooling_mode_max_tokens", "max"), ("pooling_mode_lasttoken", "lasttoken"),
+              ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+              ("pooling_mode_weightedmean_tokens", "weightedmean_tokens"))
+ST_MODULES = ("Transformer", "Pooling", "Normalize")
+DEFAULT_MAX_LENGTH = 256
+
+
+def st_settings(path: str) -> dict:
+    """What a sentence-transformers directory says about encoding with it (``{}`` for a plain
+    transformers directory): pooling, normalisation, prompts and max_seq_length. A module the
+    product does not run (a Dense projection after pooling, say) is refused: the vectors would not
+    be the model's."""
+    out: dict = {}
+    modules = os.path.join(path, "modules.json")
+    if os.path.exists(modules):
+        kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in _read_json(modules)]
+        extra = [k for k in kinds if k not in ST_MODULES]
+        if extra:
+            raise EncoderError(f"{modules} lists {', '.join(extra)}: dpr_lib runs a transformer, its pooling and "
+                               "normalisation only, so its vectors would not be this model's")
+        out.update(st=True, normalize="Normalize" in kinds)
+    pool_cfg = os.path.join(path, "1_Pooling", "config.json")
+    if os.path.exists(pool_cfg):
+        c = _read_json(pool_cfg)
+        if "pooling_mode" in c:  # sentence-transformers >= 6: the mode by name
+            named = c["pooling_mode"]
+            modes = [named] if isinstance(named, str) else list(named)
+        else:
+            modes = [name for key, name in ST_POOLING if c.get(key)]
+        if len(modes) != 1 or modes[0] not in ("cls", "mean", "max", "lasttoken"):
+            raise EncoderError(f"{pool_cfg} pools by {' + '.join(modes) or 'nothing'}: dpr_lib pools by one of cls, "
+                               "mean, max, lasttoken (set encoder.pooling to choose one)")
+        out["pooling"] = modes[0]
+        out["include_prompt"] = bool(c.get("include_prompt", True))
+    st_cfg = os.path.join(path, "config_sentence_transformers.json")
+    if os.path.exists(st_cfg):
+        c = _read_json(st_cfg)
+        prompts = c.get("prompts") or {}
+        default = prompts.get(c.get("default_prompt_name") or "", "")
+        out["query_prompt"] = prompts.get("query", default)
+        out["passage_prompt"] = next((prompts[n] for n in ("document", "passage", "corpus") if n in prompts), default)
+    sb_cfg = os.path.join(path, "sentence_bert_config.json")
+    tok_cfg = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(sb_cfg) and _read_json(sb_cfg).get("max_seq_length"):
+        out["max_length"] = int(_read_json(sb_cfg)["max_seq_length"])
+    elif out.get("st") and os.path.exists(tok_cfg):  # sentence-transformers >= 6 keeps it with the tokenizer
+        limit = _read_json(tok_cfg).get("model_max_length")
+        if isinstance(limit, int) and 0 < limit < 1_000_000:  # transformers writes ~1e30 for "unset"
+            out["max_length"] = limit
+    return out
+
+
+def _inputs_of(ecfg: EncoderConfig, st: dict, role: str, family: str, recorded: dict | None) -> dict:
+    """Prompt and passage template: explicit keys win, then a version's record (the question side
+    of a loaded index), then the model's own files."""
+    key = "query_prompt" if role == "question" else "passage_prompt"
+    prompt = getattr(ecfg, key)
+    if prompt == "auto":
+        prompt = recorded.get("prompt", "") if recorded is not None else st.get(key, "")
+    template = ecfg.input_template
+    if template == "auto":
+        template = recorded.get("input_template", "pair") if recorded is not None and role == "passage" else \
+            ("{title} {text}" if st.get("st") and family != "dpr" else "pair")
+    if prompt and not st.get("include_prompt", True):
+        raise EncoderError("the model's 1_Pooling/config.json has include_prompt=false (prompt tokens left out of "
+                           f"the pooling), which dpr_lib does not do: set encoder.{key}=\"\" or use another model")
+    return {"prompt": prompt, "template": template}
+
+
+def _dtype_of(ecfg: EncoderConfig, backend: str) -> str:
+    dtype = ecfg.dtype
+    if dtype == "auto" and backend == "onnx":
+        return "fp32"  # ONNX Runtime's CPU kernels: fp32 (and int8), no bf16
+    if dtype == "auto":
+        # Decided once, on the driver (the dtype is part of the fingerprint): bf16 where the
+        # encoding runs on GPUs (encoder.device=cuda, or auto with CUDA here) or on a CPU with
+        # native bf16, else fp32.
+        on_gpu = ecfg.device == "cuda" or (ecfg.device == "auto" and cuda_available())
+        return "bf16" if on_gpu or cpu_has_native_bf16() else "fp32"
+    if dtype == "bf16" and not cpu_has_native_bf16() and ecfg.device != "cuda":
+        # Honoured: the vectors must be those of a bf16 run elsewhere (the fingerprint says bf16),
+        # only slower, since this CPU emulates bf16 matmuls.
+        log.warning("encoder.dtype=bf16 on a CPU without native bf16 (avx512_bf16/amx): correct but "
+                    "slower than fp32 here; encoder.dtype=auto picks fp32 on this CPU")
+    return dtype
+
+
 def resolve_spec(ecfg: EncoderConfig, cache_dir: str, role: str = "passage",
-                 storage_options: dict | None = None) -> EncoderSpec:
+                 storage_options: dict | None = None, recorded: dict | None = None) -> EncoderSpec:
     """Resolve the configured model into an EncoderSpec (reads config files, hashes the weights).
 
-    A model on object storage is downloaded once into ``cache_dir``."""
+    A model on object storage is downloaded once into ``cache_dir``. ``recorded``: the fingerprint
+    a version recorded for this role; its prompt, template and dimensions are used where the
+    configuration leaves them to auto, so questions are encoded as the index was built."""
     model = ecfg.question_model if role == "question" and ecfg.question_model else ecfg.model
     path = resolve_model_dir(model, cache_dir, storage_options)
     mcfg = check_model_dir(path)
     family = "dpr" if mcfg.get("model_type") == "dpr" else "sentence"
-    pooling, normalize = ecfg.pooling, ecfg.normalize
-    st_pool = os.path.join(path, "1_Pooling", "config.json")
-    modules = os.path.join(path, "modules.json")
-    if pooling == "auto":
-        if family == "dpr":
-            pooling = "pooler"
-        elif os.path.exists(st_pool):
-            pooling = "mean" if _read_json(st_pool).get("pooling_mode_mean_tokens") else "cls"
-        else:
-            pooling = "cls"
-    if normalize == "auto":
-        normalize_b = os.path.exists(modules) and any(
-            m.get("type", "").endswith("Normalize") for m in _read_json(modules))
-    else:
-        normalize_b = normalize == "true"
+    st = st_settings(path)
+    pooling = ecfg.pooling if ecfg.pooling != "auto" else ("pooler" if family == "dpr" else st.get("pooling", "cls"))
+    normalize_b = st.get("normalize", False) if ecfg.normalize == "auto" else ecfg.normalize == "true"
     backend, quantize = (ecfg.backend, ecfg.quantize) if role == "passage" else ("torch", "none")
     if backend == "auto":
         # No choice applied (passage_spec and the nightly job apply the recorded one first): the
         # torch model, as training and direct users of the weights need.
         backend = "torch"
-    dtype = ecfg.dtype
-    if dtype == "auto" and backend == "onnx":
-        dtype = "fp32"  # ONNX Runtime's CPU kernels: fp32 (and int8), no bf16
-    elif dtype == "auto":
-        # Decided once, on the driver (the dtype is part of the fingerprint): bf16 where the
-        # encoding runs on GPUs (encoder.device=cuda, or auto with CUDA here) or on a CPU with
-        # native bf16, else fp32.
-        on_gpu = ecfg.device == "cuda" or (ecfg.device == "auto" and cuda_available())
-        dtype = "bf16" if on_gpu or cpu_has_native_bf16() else "fp32"
-    elif dtype == "bf16" and not cpu_has_native_bf16() and ecfg.device != "cuda":
-        # Honoured: the vectors must be those of a bf16 run elsewhere (the fingerprint says bf16),
-        # only slower, since this CPU emulates bf16 matmuls.
-        log.warning("encoder.dtype=bf16 on a CPU without native bf16 (avx512_bf16/amx): correct but "
-                    "slower than fp32 here; encoder.dtype=auto picks fp32 on this CPU")
-    dim = int(mcfg.get("projection_dim") or 0) or int(mcfg["hidden_size"])
-    max_pos = int(mcfg.get("max_position_embeddings", ecfg.max_length))
-    max_length = min(ecfg.max_length, max_pos)
+    full = int(mcfg.get("projection_dim") or 0) or int(mcfg["hidden_size"])
+    dims = ecfg.dimensions or int((recorded or {}).get("dimensions") or 0)
+    if dims > full:
+        raise EncoderError(f"encoder.dimensions={dims} is larger than the model's dimension ({full})")
+    dims = 0 if dims == full else dims
+    max_pos = int(mcfg.get("max_position_embeddings") or 1 << 30)
+    max_length = min(ecfg.max_length or st.get("max_length") or DEFAULT_MAX_LENGTH, max_pos)
     model_id = model or "sentence-transformers/all-MiniLM-L6-v2"
     return EncoderSpec(
         model_dir=path, model_id=model_id, family=family, role=role, pooling=pooling,
-        normalize=normalize_b, max_length=max_length, dtype=dtype, token_budget=ecfg.token_budget,
+        normalize=normalize_b, max_length=max_length, dtype=_dtype_of(ecfg, backend), token_budget=ecfg.token_budget,
         buffer_rows=ecfg.buffer_rows, threads=ecfg.threads, device=ecfg.device,
-        weights_sha256=weights_sha256(path), dim=dim, model_url=model,
+        weights_sha256=weights_sha256(path), dim=dims or full, model_url=model,
         endpoint_url=((storage_options or {}).get("client_kwargs") or {}).get("endpoint_url", ""),
-        backend=backend, quantize=quantize,
+        backend=backend, quantize=quantize, truncate_dim=dims, **_inputs_of(ecfg, st, role, family, recorded),
     )
+
+
+def fill_template(template: str, title: str | None, text: str | None) -> str:
+    """``template`` with {title} and {text} replaced in one pass (braces in the values stay as
+    they are), stripped: an empty title leaves no leading space."""
+    import re
+
+    values = {"title": title or "", "text": text or ""}
+    return re.sub(r"\{(title|text)\}", lambda m: values[m.group(1)], template).strip()
+
+
+def model_inputs_text(spec: EncoderSpec, titles: list[str] | None, texts: list[str]) -> tuple[list | None, list]:
+    """The strings the model reads for ``spec``'s role: the prompt, and for passages the input
+    template (pair: title and text as a sentence pair, the prompt before the title)."""
+    p = spec.prompt
+    if titles is None:
+        return None, ([p + t for t in texts] if p else list(texts))
+    if spec.template == "pair":
+        return ([p + (t or "") for t in titles] if p else titles), texts
+    if spec.template == "text":
+        return None, [p + (t or "") for t in texts]
+    return None, [p + fill_template(spec.template, ti, te) for ti, te in zip(titles, texts)]
+
+
+def describe(passage_fp: dict, question_fp: dict | None = None) -> dict:
+    """What decides a version's vectors, from its manifest's fingerprints, for people (/health,
+    the evaluation report): models, pooling, prompts, input template, dimensions."""
+    q = question_fp or {}
+    return {"model": passage_fp.get("model_id"), "question_model": q.get("model_id", passage_fp.get("model_id")),
+            "pooling": passage_fp.get("pooling"), "normalize": passage_fp.get("normalize"),
+            "query_prompt": q.get("prompt", ""), "passage_prompt": passage_fp.get("prompt", ""),
+            "input_template": passage_fp.get("input_template", "pair"), "dim": passage_fp.get("dim"),
+            "matryoshka": bool(passage_fp.get("dimensions")), "max_length": passage_fp.get("max_length")}
 
 
 # ---------------------------------------------------------------- the encoder (mapper)
@@ -335,7 +450,8 @@ class Encoder:
 
     def tokenize(self, titles: list[str] | None, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids and type ids, truncated to max_length (keeping the final [SEP]); counts truncations."""
-        ids, types, truncated = tokenize(self.tokenizer, titles, texts, self.spec.max_length)
+        ids, types, truncated = tokenize(self.tokenizer, *model_inputs_text(self.spec, titles, texts),
+                                         self.spec.max_length)
         self.truncated += truncated
         return ids, types
 
@@ -398,7 +514,8 @@ class Encoder:
             kwargs = model_inputs(self.tokenizer, ids, types, self.device, self.spec.family == "dpr")
             out = torch.from_numpy(self.runner({k: v.numpy() for k, v in kwargs.items()}))
             outputs = SimpleNamespace(pooler_output=out, last_hidden_state=out)
-            return pool(outputs, kwargs["attention_mask"], self.spec.pooling, self.spec.normalize).numpy()
+            return pool(outputs, kwargs["attention_mask"], self.spec.pooling, self.spec.normalize,
+                        self.spec.truncate_dim).numpy()
         return self._forward_tensor(ids, types).cpu().numpy()
 
     def _forward_tensor(self, ids: list[list[int]], types: list[list[int]]):
@@ -407,7 +524,8 @@ class Encoder:
         kwargs = model_inputs(self.tokenizer, ids, types, self.device, self.spec.family == "dpr")
         use_bf16 = self.spec.dtype == "bf16"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return pool(self.model(**kwargs), kwargs["attention_mask"], self.spec.pooling, self.spec.normalize)
+            return pool(self.model(**kwargs), kwargs["attention_mask"], self.spec.pooling, self.spec.normalize,
+                        self.spec.truncate_dim)
 
 
 def prepare_bf16(model) -> None:
@@ -477,35 +595,48 @@ def model_inputs(tokenizer, ids: list[list[int]], types: list[list[int]], device
 
 def tokenize(tokenizer, titles: list[str] | None, texts: list[str], limit: int) -> tuple[list, list, int]:
     """Token ids, type ids (title + text as a pair, or text alone) truncated to ``limit`` tokens
-    keeping the final [SEP], and the number of truncated sequences. Training and encoding share it."""
+    keeping a final special token ([SEP], a decoder's end-of-text), and the number of truncated
+    sequences. Training and encoding share it (through :func:`model_inputs_text`)."""
     if titles is None:
         enc = tokenizer(texts, truncation=True, max_length=limit + 1, add_special_tokens=True)
     else:
         enc = tokenizer(titles, texts, truncation=True, max_length=limit + 1, add_special_tokens=True)
     ids = enc["input_ids"]
     types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
+    special = set(tokenizer.all_special_ids)
     truncated = 0
     for i, row in enumerate(ids):
         if len(row) > limit:
             truncated += 1
-            ids[i] = row[:limit - 1] + row[-1:]
-            types[i] = types[i][:limit - 1] + types[i][-1:]
+            keep = row[-1] in special
+            ids[i] = row[:limit - 1] + row[-1:] if keep else row[:limit]
+            types[i] = types[i][:limit - 1] + types[i][-1:] if keep else types[i][:limit]
     return ids, types, truncated
 
 
-def pool(outputs, attn, pooling: str, normalize: bool):
-    """The passage/question vector of a model's outputs (float32): pooler, [CLS] or masked mean,
-    optionally L2-normalised. Training and encoding share it, so a trained model encodes as trained."""
+def pool(outputs, attn, pooling: str, normalize: bool, truncate_dim: int = 0):
+    """The passage/question vector of a model's outputs (float32): pooler, [CLS], masked mean,
+    masked max or the last real token (right padding: position length - 1), cut to its first
+    ``truncate_dim`` dimensions (Matryoshka), optionally L2-normalised. Training and encoding
+    share it, so a trained model encodes as trained."""
     import torch
 
     if pooling == "pooler":
         vec = outputs.pooler_output.float()
     elif pooling == "cls":
         vec = outputs.last_hidden_state[:, 0].float()
+    elif pooling == "lasttoken":
+        last = (attn.sum(1) - 1).clamp(min=0)
+        vec = outputs.last_hidden_state[torch.arange(len(last), device=last.device), last].float()
+    elif pooling == "max":
+        hidden = outputs.last_hidden_state.float()
+        vec = hidden.masked_fill(attn.unsqueeze(-1) == 0, -1e9).max(1).values
     else:
         hidden = outputs.last_hidden_state.float()
         m = attn.unsqueeze(-1).to(hidden.dtype)
         vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if truncate_dim:
+        vec = vec[:, :truncate_dim]
     return torch.nn.functional.normalize(vec, dim=-1) if normalize else vec
 
 

@@ -95,6 +95,14 @@ def _tune(runs: dict, ds, table, k: int, fraction: float, seed: int):
     return held, subset(held_rows), tuning
 
 
+def encoding_line(e: dict) -> str:
+    """How the version's passages and questions were encoded, in one line of the report."""
+    return (f"Encoding: {e.get('pooling')} pooling, {e.get('dim')} dimensions"
+            f"{' (Matryoshka truncation)' if e.get('matryoshka') else ''}, max {e.get('max_length')} tokens; "
+            f"input {e.get('input_template')!r}; query prompt {e.get('query_prompt', '')!r}; passage prompt "
+            f"{e.get('passage_prompt', '')!r}.")
+
+
 def report_markdown(report: dict) -> str:
     metrics = list(next(iter(report["retrievers"].values())).keys())
     lines = [f"# Retrieval evaluation: {report['dataset']}", "",
@@ -104,7 +112,7 @@ def report_markdown(report: dict) -> str:
              f"{report['index']['recall_k']} vs exact {report['index']['recall']}); hybrid = "
              f"{report['hybrid']['fusion']}"
              f"{' k=60, the label-free default' if report['hybrid'].get('rrf_k') == 60 else ''}; "
-             f"{report['seconds']} s.", "",
+             f"{report['seconds']} s.", "", encoding_line(report.get("encoding") or {}), "",
              "| retriever | " + " | ".join(metrics) + " |",
              "|---|" + "---:|" * len(metrics)]
     for name, m in report["retrievers"].items():
@@ -154,7 +162,7 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     read and checked, so bad input fails before a JVM starts)."""
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import encode_passages
-    from dpr_lib.encoder import get_encoder, resolve_spec
+    from dpr_lib.encoder import describe, get_encoder, resolve_spec
     from dpr_lib.index import build_index
     from dpr_lib.index_ops import recall_at_k
     from dpr_lib.search import Searcher
@@ -226,6 +234,7 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
         "retrievers": {name: s["metrics"] for name, s in scored.items()},
         "encoder": manifest.encoder,
         "question_encoder": manifest.question_encoder,
+        "encoding": describe(manifest.encoder, manifest.question_encoder),
         "index": {"version": manifest.version, "factory": manifest.factory, "nprobe": searcher.index.nprobe,
                   "recall_k": 10, "recall": round(ivf_recall, 4)},
         "hybrid": {"fusion": fusion, "of": ["bm25", "dense_ivf"],

@@ -4,23 +4,25 @@
 :data:`BLOCK` postings. A block stores its rows as gaps (the first one from the previous block's
 last row + 1, the others minus 1) and its ``tf - 1`` values, each bit-packed at the block's own
 width into one run of uint32 words. Per block: the last row (skipping needs no decoding), the word
-offset, the count, the two widths, the largest tf and the smallest document length among its
-postings (the score bound), and a 32-bit FNV-1a checksum of its words (a corrupted block is refused
-when it is decoded, naming the file). Per term: its first block (``term_blocks``).
+offset, the count, the two widths, its largest term weight ``tf / (tf + k1 (1 - b + b dl / A))``
+at the shard's own average length A (``block_smax``), its largest tf and smallest document length
+(``block_tfmax``, ``block_dlmin``), and a 32-bit FNV-1a checksum of its words (a corrupted block
+is refused when it is decoded, naming the file). Per term: its first block (``term_blocks``).
 
-**Safe bounds across deltas.** A block stores no score, only ``tf_max`` and ``dl_min``; its bound
-``w * tf_max / (tf_max + k1 (1 - b + b dl_min / avgdl))`` is computed at query time from the
-version's *current* statistics (df, N, avgdl). BM25's term weight grows with tf and shrinks with
-the document length, so the bound holds for every posting of the block under any statistics: a
-delta that changes N, df or avgdl never makes a stored bound unsafe, and nothing is recomputed.
+**Safe bounds across deltas.** A bound is ``idf x count x block weight``, computed at query time
+from the version's *current* statistics: idf and count are multipliers, and the stored weight is
+scaled by :func:`bound_scale` (max(1, A_now / A_built)), which bounds how far any posting's weight
+can move when a delta changes the average length. Nothing stored is recomputed when a delta lands,
+and no bound becomes unsafe. A file built with another k1 or b falls back to the tf/length bound.
 
-**Exactness.** The pruned scorer (MaxScore: terms sorted by their upper bound; the terms whose
-bounds together cannot reach the current k-th score are only probed, by block skipping and block
-bounds, for documents the others found) computes each contribution exactly as the exhaustive
-scorer does (float32 ``w tf / (tf + norm)``), sums a document's contributions in query-term order
-in float64 and rounds to float32, and breaks ties by row (= pid order in a shard). A document is
-skipped only when its bound, inflated by :data:`SLACK`, is below the k-th score: the top k equal
-the exhaustive scorer's, ties included.
+**The scorer** (:func:`topk_pruned`) goes term at a time, heaviest bound first, into per-shard
+accumulators. Once the bounds of the terms still to come cannot lift an untouched row to the k-th
+accumulator (MaxScore's split of essential and non-essential terms), only the touched rows they
+could still lift there stay candidates, and the remaining terms update those alone, decoding only
+the blocks holding one. **Exactness:** the rows near the k-th accumulator are rescored exactly as
+the exhaustive scorer scores (float32 ``w tf / (tf + norm)`` per term, summed in query-term order
+in float64, rounded to float32), ties broken by row (= pid order in a shard); every bound is
+inflated by :data:`SLACK`: the top k equal the exhaustive scorer's, ties included.
 """
 
 from __future__ import annotations
@@ -32,14 +34,13 @@ BLOCK = 128
 SLACK = 1.0 + 1e-5
 """Relative margin on every bound: float32 contributions and float64 sums in another order can
 exceed a float64 bound by ~1e-7 relative; a skipped document is below the k-th score by more."""
-BIG = np.int64(1) << 40
 BLOCK_ARRAYS = ("term_blocks", "block_last", "block_words", "block_n", "block_wrow", "block_wtf",
-                "block_tfmax", "block_dlmin", "block_check", "packed")
+                "block_tfmax", "block_dlmin", "block_check", "packed", "block_smax")
 
 # ---------------------------------------------------------------- bit packing
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bits(x):
     n = 0
     while x > 0:
@@ -48,7 +49,7 @@ def _bits(x):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _put(packed, bitpos, value, width):
     if width == 0:
         return
@@ -59,18 +60,7 @@ def _put(packed, bitpos, value, width):
         packed[word + 1] |= np.uint32(v >> np.uint64(32 - off))
 
 
-@njit(cache=True)
-def _get(packed, bitpos, width):
-    if width == 0:
-        return np.int64(0)
-    word, off = bitpos >> 5, bitpos & 31
-    v = np.uint64(packed[word]) >> np.uint64(off)
-    if off + width > 32:
-        v |= np.uint64(packed[word + 1]) << np.uint64(32 - off)
-    return np.int64(v & ((np.uint64(1) << np.uint64(width)) - np.uint64(1)))
-
-
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _checksum(packed, w0, w1, last, n):
     """FNV-1a (32 bit) over a block's words, its last row and its count."""
     mask, prime = np.uint64(0xFFFFFFFF), np.uint64(16777619)
@@ -84,7 +74,7 @@ def _checksum(packed, w0, w1, last, n):
 # ---------------------------------------------------------------- encoding
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _plan(offsets, rows, tf, doc_len, out):
     """Per block: count, last row, widths, tf max, dl min, word offset (``out``'s arrays)."""
     term_blocks, block_last, block_words, block_n, wrow, wtf, tfmax, dlmin = out
@@ -112,7 +102,7 @@ def _plan(offsets, rows, tf, doc_len, out):
     return words
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _pack(offsets, rows, tf, term_blocks, block_words, block_n, wrow, wtf, block_last, packed, check):
     for t in range(len(offsets) - 1):
         start = offsets[t]
@@ -128,9 +118,11 @@ def _pack(offsets, rows, tf, term_blocks, block_words, block_n, wrow, wtf, block
             start += n
 
 
-def encode(offsets: np.ndarray, rows: np.ndarray, tf: np.ndarray, doc_len: np.ndarray) -> dict[str, np.ndarray]:
+def encode(offsets: np.ndarray, rows: np.ndarray, tf: np.ndarray, doc_len: np.ndarray, k1: float, b: float,
+           avgdl: float) -> dict[str, np.ndarray]:
     """An uncompressed inverted index (``offsets`` [terms + 1], ``rows``, ``tf`` >= 1) -> the block
-    arrays of the module doc."""
+    arrays of the module doc; ``block_smax`` is each block's largest BM25 term weight (without idf)
+    under k1, b and ``avgdl`` (the shard's own: see :func:`bound_scale`)."""
     offsets, rows = np.asarray(offsets, np.int64), np.asarray(rows, np.int64)
     tf, doc_len = np.asarray(tf, np.int64), np.asarray(doc_len)
     nterms = len(offsets) - 1
@@ -143,15 +135,28 @@ def encode(offsets: np.ndarray, rows: np.ndarray, tf: np.ndarray, doc_len: np.nd
     words = _plan(offsets, rows, np.minimum(tf, 65535), doc_len.astype(np.int64), out)
     packed, check = np.zeros(words + 1, np.uint32), np.zeros(nblocks, np.uint32)  # +1: a read may touch one past
     _pack(offsets, rows, tf, out[0], out[2], out[3], out[4], out[5], out[1], packed, check)
+    t = np.minimum(tf, 65535).astype(np.float64)
+    weight = t / (t + k1 * (1.0 - b + b * doc_len[rows].astype(np.float64) / max(avgdl, 1e-9)))
+    starts = np.cumsum(out[3].astype(np.int64)) - out[3]
+    smax = (np.maximum.reduceat(weight, starts) if nblocks else np.zeros(0)) * (1.0 + 1e-6)
     names = ("term_blocks", "block_last", "block_words", "block_n", "block_wrow", "block_wtf", "block_tfmax",
              "block_dlmin")
-    return {**dict(zip(names, out)), "block_check": check, "packed": packed}
+    return {**dict(zip(names, out)), "block_check": check, "packed": packed, "block_smax": smax.astype(np.float32)}
+
+
+def bound_scale(built_avgdl: float, avgdl: float) -> float:
+    """What turns a block's stored largest weight (at the shard's ``built_avgdl``) into a bound at
+    the version's ``avgdl`` now. A term weight tf / (tf + k1 (1 - b) + k1 b dl / A) moves with A by
+    the factor (tf + k1 (1 - b) + k1 b dl / A) / (tf + k1 (1 - b) + k1 b dl / A'), at most
+    max(1, A' / A) for every tf and dl: a bound that stays safe whatever a delta does to the
+    average length, and tight while it moves little."""
+    return max(1.0, float(avgdl) / max(float(built_avgdl), 1e-9))
 
 
 # ---------------------------------------------------------------- decoding
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _decode(j, first, packed, block_words, block_n, wrow, wtf, block_last, check, out_rows, out_tf):
     """Block ``j`` (``first``: whether it is its term's first) into the buffers; False when its
     checksum or its last row disagree with the block table (corruption)."""
@@ -160,16 +165,32 @@ def _decode(j, first, packed, block_words, block_n, wrow, wtf, block_last, check
     if n < 1 or n > BLOCK or w1 < w0 or w1 + 1 > len(packed) or \
             _checksum(packed, w0, w1, block_last[j], n) != np.uint64(check[j]):
         return False
-    bit = w0 * 32
+    # one pass over the words: a 64-bit reader refilled 32 bits at a time
+    acc, have, at = np.uint64(0), np.int64(0), w0
+    mask_r = (np.uint64(1) << np.uint64(wr)) - np.uint64(1)
     row = np.int64(-1) if first else np.int64(block_last[j - 1])
     for p in range(n):
-        row += _get(packed, bit + p * wr, wr) + 1
+        if have < wr:
+            acc |= np.uint64(packed[at]) << np.uint64(have)
+            at += 1
+            have += 32
+        row += np.int64(acc & mask_r) + 1
+        acc >>= np.uint64(wr)
+        have -= wr
         out_rows[p] = row
-        out_tf[p] = _get(packed, bit + n * wr + p * wt, wt) + 1
+    mask_t = (np.uint64(1) << np.uint64(wt)) - np.uint64(1)
+    for p in range(n):
+        if have < wt:
+            acc |= np.uint64(packed[at]) << np.uint64(have)
+            at += 1
+            have += 32
+        out_tf[p] = np.int64(acc & mask_t) + 1
+        acc >>= np.uint64(wt)
+        have -= wt
     return row == block_last[j]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def decode_terms(term_pos, blocks, rows, tfs):
     """Every posting of the given terms (positions in the term table; ``blocks``: the arrays of
     :data:`BLOCK_ARRAYS`), in order, into ``rows``/``tfs``; returns -1, or the corrupted block."""
@@ -190,7 +211,7 @@ def decode_terms(term_pos, blocks, rows, tfs):
 # ---------------------------------------------------------------- scoring
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def _contrib(w32, tf, dl, k1, omb, bavg):
     """One posting's BM25 term score, in float32 as the exhaustive scorer computes it."""
     t = np.float32(tf)
@@ -198,170 +219,202 @@ def _contrib(w32, tf, dl, k1, omb, bavg):
     return (w32 * t) / (t + norm)
 
 
-@njit(cache=True)
-def _block_bound(j, w, blocks, k1, omb, bavg):
+@njit(cache=True, error_model="numpy", inline="always")
+def _block_bound(j, w, blocks, k1, omb, bavg, scale):
+    """Block ``j``'s largest possible contribution: its stored largest weight times ``scale``
+    (:func:`bound_scale`), or, with ``scale`` 0 (k1 or b not those the file was built with), the
+    bound from its largest tf and smallest length, safe under any statistics."""
+    if scale > 0:
+        return w * np.float64(blocks[10][j]) * scale
     tfmax, dlmin = np.float64(blocks[6][j]), np.float64(blocks[7][j])
     return w * tfmax / (tfmax + k1 * (omb + bavg * dlmin))
 
 
-@njit(cache=True)
-def term_bounds(term_pos, weights, blocks, k1, omb, bavg):
+@njit(cache=True, error_model="numpy")
+def term_bounds(term_pos, weights, blocks, k1, omb, bavg, scale):
     """Per query term: the largest block bound over its postings (float64, statistics of now)."""
     out = np.zeros(len(term_pos), np.float64)
     for i in range(len(term_pos)):
         for j in range(blocks[0][term_pos[i]], blocks[0][term_pos[i] + 1]):
-            out[i] = max(out[i], _block_bound(j, np.float64(weights[i]), blocks, k1, omb, bavg))
+            out[i] = max(out[i], _block_bound(j, np.float64(weights[i]), blocks, k1, omb, bavg, scale))
     return out
 
 
-@njit(cache=True)
-def _load(i, j, first, blocks, dec, bufr, buft):
-    if dec[i] == j:
-        return True
-    dec[i] = j
-    return _decode(j, first, blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1], blocks[8],
-                   bufr[i], buft[i])
+@njit(cache=True, error_model="numpy")
+def _or_term(t, w32, blocks, doc_len, acc, touched, n, k1, omb, bavg, bufr, buft):
+    """Every posting of term ``t`` added to the accumulators, new rows appended to ``touched``.
+    Returns (touched count, corrupted block or -1)."""
+    for j in range(blocks[0][t], blocks[0][t + 1]):
+        if not _decode(j, j == blocks[0][t], blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1],
+                       blocks[8], bufr, buft):
+            return n, np.int64(j)
+        for p in range(np.int64(blocks[3][j])):
+            r = bufr[p]
+            if acc[r] == 0.0:  # every contribution is > 0: 0 means untouched
+                touched[n] = r
+                n += 1
+            acc[r] += np.float64(_contrib(w32, buft[p], doc_len[r], k1, omb, bavg))
+    return n, np.int64(-1)
 
 
-@njit(cache=True)
-def _worse(s1, r1, s2, r2):
-    return s1 < s2 or (s1 == s2 and r1 > r2)
+@njit(cache=True, error_model="numpy")
+def _and_term(t, w32, blocks, doc_len, acc, cand, k1, omb, bavg, bufr, buft):
+    """Term ``t``'s contributions to the candidate rows ``cand`` (ascending) only: blocks without a
+    candidate are passed by their last rows, never decoded. Returns the corrupted block or -1."""
+    j, jend, dec, p = np.int64(blocks[0][t]), np.int64(blocks[0][t + 1]), np.int64(-1), 0
+    for r in cand:
+        while j < jend and blocks[1][j] < r:
+            j += 1
+        if j == jend:
+            break
+        if dec != j:
+            if not _decode(j, j == blocks[0][t], blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1],
+                           blocks[8], bufr, buft):
+                return j
+            dec, p = j, 0
+        while bufr[p] < r:
+            p += 1
+        if bufr[p] == r:
+            acc[r] += np.float64(_contrib(w32, buft[p], doc_len[r], k1, omb, bavg))
+    return np.int64(-1)
 
 
-@njit(cache=True)
-def _push(hs, hr, size, s, r):
-    """Min-heap of the k best (root: the worst kept); returns the new size."""
-    k = len(hs)
-    if size == k:
-        if not _worse(hs[0], hr[0], s, r):
-            return size
-        i = 0
-        while True:  # sift the new entry down from the root
+@njit(cache=True, error_model="numpy")
+def _kth(vals, k):
+    """The k-th largest of ``vals`` (-inf when fewer than k): one pass keeping the k largest in a
+    min-heap (most values compare once with its root)."""
+    heap, size = np.full(k, -np.inf), 0
+    for v in vals:
+        if size == k and v <= heap[0]:
+            continue
+        if size < k:  # sift up
+            i = size
+            size += 1
+            while i > 0 and heap[(i - 1) // 2] > v:
+                heap[i] = heap[(i - 1) // 2]
+                i = (i - 1) // 2
+            heap[i] = v
+            continue
+        i = 0  # replace the root, sift down
+        while True:
             c = 2 * i + 1
             if c >= k:
                 break
-            if c + 1 < k and _worse(hs[c + 1], hr[c + 1], hs[c], hr[c]):
+            if c + 1 < k and heap[c + 1] < heap[c]:
                 c += 1
-            if not _worse(hs[c], hr[c], s, r):
+            if heap[c] >= v:
                 break
-            hs[i], hr[i] = hs[c], hr[c]
+            heap[i] = heap[c]
             i = c
-        hs[i], hr[i] = s, r
-        return size
-    i = size
-    while i > 0 and _worse(s, r, hs[(i - 1) // 2], hr[(i - 1) // 2]):
-        hs[i], hr[i] = hs[(i - 1) // 2], hr[(i - 1) // 2]
-        i = (i - 1) // 2
-    hs[i], hr[i] = s, r
-    return size + 1
+        heap[i] = v
+    return heap[0] if size == k else -np.inf
 
 
-@njit(cache=True)
-def _probe(i, d, tb0, cb, end, dec, pos, bufr, buft, blocks):
-    """Non-essential term ``i``: the block that may hold row ``d`` (skipping by last rows, no
-    decoding), or -1 past the end."""
-    while cb[i] < end[i] and blocks[1][cb[i]] < d:
-        cb[i] += 1
-    return cb[i] if cb[i] < end[i] else -1
+@njit(cache=True, error_model="numpy")
+def _gather(acc, rows, n, dead, reset):
+    """The live rows among ``rows[:n]`` and their accumulators, compactly (``reset``: zero the
+    accumulators on the way, saving a second pass over scattered memory)."""
+    out_r, out_v, m = np.empty(n, np.int64), np.empty(n, np.float64), 0
+    for x in range(n):
+        r = rows[x]
+        v = acc[r]
+        if reset:
+            acc[r] = 0.0
+        if len(dead) == 0 or dead[r] == 0:
+            out_r[m], out_v[m] = r, v
+            m += 1
+    return out_r[:m], out_v[:m]
 
 
-@njit(cache=True)
-def _find(i, d, j, tb0, dec, pos, bufr, buft, blocks):
-    """Row ``d`` in block ``j`` of term ``i``: its position or -1 (-2: a corrupted block)."""
-    if dec[i] != j:
-        if not _load(i, j, j == tb0[i], blocks, dec, bufr, buft):
-            return -2
-        pos[i] = 0
-    while bufr[i, pos[i]] < d:
-        pos[i] += 1
-    return pos[i] if bufr[i, pos[i]] == d else -1
+@njit(cache=True, error_model="numpy")
+def _exact(r, term_pos, weights, blocks, doc_len, k1, omb, bavg, bufr, buft):
+    """Row ``r``'s score exactly as the exhaustive scorer sums it (query-term order, float64, then
+    float32), each term's block found by binary search on the blocks' last rows. Returns (score,
+    corrupted block or -1)."""
+    total = 0.0
+    for i in range(len(term_pos)):
+        t = term_pos[i]
+        j0, j1 = np.int64(blocks[0][t]), np.int64(blocks[0][t + 1])
+        j = j0 + np.searchsorted(blocks[1][j0:j1], r)
+        if j == j1:
+            continue
+        if not _decode(j, j == j0, blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1], blocks[8],
+                       bufr, buft):
+            return np.float32(0), np.int64(j)
+        for p in range(np.int64(blocks[3][j])):
+            if bufr[p] == r:
+                total += np.float64(_contrib(weights[i], buft[p], doc_len[r], k1, omb, bavg))
+                break
+    return np.float32(total), np.int64(-1)
 
 
-@njit(cache=True)
-def _next(i, tb0, cb, end, dec, pos, cur, bufr, buft, blocks):
-    """Move essential term ``i`` to its next posting; False on a corrupted block."""
-    pos[i] += 1
-    if pos[i] == blocks[3][cb[i]]:
-        cb[i] += 1
-        pos[i] = 0
-        if cb[i] == end[i]:
-            cur[i] = BIG
-            return True
-        if not _load(i, cb[i], False, blocks, dec, bufr, buft):
-            return False
-    cur[i] = bufr[i, pos[i]]
-    return True
+@njit(cache=True, error_model="numpy")
+def _select(rows, vals, k, term_pos, weights, blocks, doc_len, k1, omb, bavg, bufr, buft):
+    """The k best of the candidate ``rows``: those within 1e-5 of the k-th accumulator (more than a
+    float32 step, so no row left out can tie) rescored exactly, sorted by score then row."""
+    theta = _kth(vals, k)
+    out_r, out_s, c = np.empty(len(rows), np.int64), np.empty(len(rows), np.float32), 0
+    for x in range(len(rows)):
+        if vals[x] >= theta * (1.0 - 1e-5):
+            score, bad = _exact(rows[x], term_pos, weights, blocks, doc_len, k1, omb, bavg, bufr, buft)
+            if bad >= 0:
+                return out_r[:0], out_s[:0], bad
+            out_r[c], out_s[c] = rows[x], score
+            c += 1
+    idx = np.argsort(out_r[:c], kind="mergesort")  # rows ascending, then scores descending (stable)
+    idx = idx[np.argsort(-out_s[:c][idx], kind="mergesort")][:k]
+    return out_r[:c][idx], out_s[:c][idx], np.int64(-1)
 
 
-@njit(cache=True)
-def topk_pruned(term_pos, weights, blocks, doc_len, dead, k, k1, omb, bavg):
-    """The k best rows of one shard for one question (MaxScore over blocks, see the module doc).
+@njit(cache=True, error_model="numpy")
+def _still_possible(acc, touched, n, dead, k, remaining):
+    """At the switch to candidates only: the touched rows that the terms still to come could lift
+    to the k-th accumulator (sorted), or an empty array while an untouched row could still enter
+    the top k (the bounds of the terms to come reach the k-th accumulator)."""
+    rows, vals = _gather(acc, touched, n, dead, False)
+    theta = _kth(vals, k)
+    if not remaining * SLACK < theta:
+        return np.empty(0, np.int64)
+    keep = (vals + remaining) * SLACK >= theta
+    return np.sort(rows[keep])
 
-    ``term_pos``: the question's terms' positions in the shard's term table, in query-term order,
-    ``weights`` their float32 weights (count x idf); ``dead``: uint8 per row (1 = tombstoned) or
-    empty; ``k1``/``omb``/``bavg``: float32 k1, 1 - b and b / avgdl. Returns (scores float32, rows,
-    count, bad block or -1)."""
-    m = len(term_pos)
-    hs, hr = np.full(k, -np.inf, np.float32), np.full(k, -1, np.int64)
-    b64 = (np.float64(k1), np.float64(omb), np.float64(bavg))
-    ms = term_bounds(term_pos, weights, blocks, b64[0], b64[1], b64[2])
-    order = np.argsort(ms, kind="mergesort")  # ascending bounds: the first terms become non-essential
-    tb0, cb, end = np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64)
-    dec, pos, cur = np.full(m, -1, np.int64), np.zeros(m, np.int64), np.empty(m, np.int64)
-    bufr, buft = np.empty((m, BLOCK), np.int64), np.empty((m, BLOCK), np.int64)
-    prefix, w32 = np.cumsum(ms[order]), weights[order]
-    for i in range(m):
-        tb0[i] = cb[i] = blocks[0][term_pos[order[i]]]
-        end[i] = blocks[0][term_pos[order[i]] + 1]
-        if not _load(i, cb[i], True, blocks, dec, bufr, buft):
-            return hs, hr, 0, cb[i]
-        cur[i] = bufr[i, 0]
-    vals, hit = np.zeros(m, np.float32), np.zeros(m, np.bool_)
-    theta, e, size = -np.inf, 0, 0
-    while e < m:
-        d = BIG
-        for i in range(e, m):
-            d = min(d, cur[i])
-        if d >= BIG:
+
+@njit(cache=True, error_model="numpy")
+def topk_pruned(term_pos, weights, blocks, doc_len, dead, k, k1, omb, bavg, scale, acc, touched):
+    """The k best rows of one shard for one question, equal to the exhaustive scorer's.
+
+    Term at a time, heaviest bound first, into ``acc`` (float64 per row, all 0 on entry and on
+    return; ``touched``: int64 scratch of the same length). Once the bounds of the terms still to
+    come cannot lift an untouched row to the k-th accumulator, only the touched rows they could
+    still lift there stay candidates, and the rest of the terms update those alone, decoding only
+    the blocks that hold one (skipped by their last rows). The candidates near the k-th are
+    rescored exactly (:func:`_select`). ``term_pos``: the question's terms' positions in the shard's
+    term table in query-term order, ``weights`` their float32 weights; ``dead``: uint8 per row (1 =
+    tombstoned) or empty; ``k1``/``omb``/``bavg``: float32 k1, 1 - b and b / avgdl; ``scale``: see
+    :func:`_block_bound`. Returns (scores, rows, corrupted block or -1)."""
+    ms = term_bounds(term_pos, weights, blocks, np.float64(k1), np.float64(omb), np.float64(bavg), scale)
+    order = np.argsort(-ms, kind="mergesort")
+    bufr, buft = np.empty(BLOCK, np.int64), np.empty(BLOCK, np.int64)
+    remaining, n, bad = ms.sum(), np.int64(0), np.int64(-1)
+    cand = np.empty(0, np.int64)
+    for s in range(len(order)):
+        t, w = term_pos[order[s]], weights[order[s]]
+        if not len(cand) and n >= k and blocks[0][t + 1] - blocks[0][t] > 8:
+            cand = _still_possible(acc, touched, n, dead, k, remaining)
+        if len(cand):
+            bad = _and_term(t, w, blocks, doc_len, acc, cand, k1, omb, bavg, bufr, buft)
+        else:
+            n, bad = _or_term(t, w, blocks, doc_len, acc, touched, n, k1, omb, bavg, bufr, buft)
+        if bad >= 0:
             break
-        partial = 0.0
-        for i in range(e, m):
-            if cur[i] == d:
-                c = _contrib(w32[i], buft[i, pos[i]], doc_len[d], k1, omb, bavg)
-                vals[order[i]], hit[order[i]] = c, True
-                partial += c
-                if not _next(i, tb0, cb, end, dec, pos, cur, bufr, buft, blocks):
-                    return hs, hr, 0, cb[i]
-        alive = True
-        for i in range(e - 1, -1, -1):
-            if (partial + prefix[i]) * SLACK < theta:
-                alive = False
-                break
-            j = _probe(i, d, tb0, cb, end, dec, pos, bufr, buft, blocks)
-            if j < 0:
-                continue
-            rest = prefix[i - 1] if i > 0 else 0.0
-            if (partial + _block_bound(j, np.float64(w32[i]), blocks, b64[0], b64[1], b64[2]) + rest) * SLACK < theta:
-                alive = False
-                break
-            p = _find(i, d, j, tb0, dec, pos, bufr, buft, blocks)
-            if p == -2:
-                return hs, hr, 0, j
-            if p >= 0:
-                c = _contrib(w32[i], buft[i, p], doc_len[d], k1, omb, bavg)
-                vals[order[i]], hit[order[i]] = c, True
-                partial += c
-        if alive and (len(dead) == 0 or dead[d] == 0):
-            s = 0.0
-            for q in range(m):  # query-term order, as the exhaustive scorer sums
-                if hit[q]:
-                    s += np.float64(vals[q])
-            size = _push(hs, hr, size, np.float32(s), d)
-            if size == k:
-                theta = np.float64(hs[0])
-                while e < m and prefix[e] * SLACK < theta:
-                    e += 1
-        hit[:] = False
-    idx = np.argsort(hr[:size], kind="mergesort")  # rows ascending, then scores descending (stable)
-    idx = idx[np.argsort(-hs[:size][idx], kind="mergesort")]
-    return hs[:size][idx], hr[:size][idx], size, -1
+        remaining -= ms[order[s]]
+    if len(cand):
+        rows, vals = _gather(acc, cand, len(cand), dead, False)
+        for x in range(n):
+            acc[touched[x]] = 0.0
+    else:
+        rows, vals = _gather(acc, touched, n, dead, True)
+    if bad >= 0:
+        return np.empty(0, np.float32), np.empty(0, np.int64), bad
+    rows, scores, bad = _select(rows, vals, k, term_pos, weights, blocks, doc_len, k1, omb, bavg, bufr, buft)
+    return scores, rows, bad

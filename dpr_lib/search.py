@@ -426,15 +426,19 @@ class Searcher:
             ("dense" if mode == "auto" else mode)
         if self.mode != "dense" and self.index.sparse is None:
             self.index.require_sparse()
-        spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question",
-                            storage_options=storage_options)
         expected = self.index.manifest.question_encoder or self.index.manifest.encoder or {}
+        # The question prompt and the dimensions come from the version (keys left to auto).
+        spec = resolve_spec(encoder_cfg or EncoderConfig(), cache_dir or self.index.cache.dir, role="question",
+                            storage_options=storage_options, recorded=expected)
         got = spec.fingerprint()
         if expected.get("id") != got["id"]:
+            differ = sorted(k for k in set(expected) | set(got) if k not in ("id", "note", "chosen_by")
+                            and expected.get(k) != got.get(k))
             raise IncompatibleIndexError(
                 f"the configured question encoder ({got['model_id']}, fingerprint {got['id']}) is not the one "
-                f"this index was built for ({expected.get('model_id')}, fingerprint {expected.get('id')}); "
-                "set encoder.model / encoder.question_model to match the manifest")
+                f"this index was built for ({expected.get('model_id')}, fingerprint {expected.get('id')}); they differ "
+                f"in {', '.join(differ)}: set encoder.model / encoder.question_model (and encoder.query_prompt, "
+                "encoder.dimensions, encoder.pooling if set) to match the manifest")
         self.encoder = get_encoder(spec)
 
     def retrieve(self, questions: list[str], k: int, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:

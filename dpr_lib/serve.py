@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 from dpr_lib import storage
 from dpr_lib.config import Config, join_url
+from dpr_lib.encoder import describe
 from dpr_lib.errors import DprError, InputError
 from dpr_lib.serve_http import (
     Refusal,
@@ -443,6 +444,8 @@ def health_body(holder: IndexHolder) -> dict:
             "modes": (["dense", "bm25", "hybrid"] if loaded.searcher.index.sparse is not None else ["dense"])
             if loaded else [],
             "segments": len(loaded.searcher.index.manifest.all_segments()) if loaded else 0,
+            "encoder": describe(loaded.searcher.index.manifest.encoder or {},
+                                loaded.searcher.index.manifest.question_encoder) if loaded else None,
             "loaded": {"downloaded_bytes": loaded.downloaded_bytes, "reused_shards": loaded.reused_shards,
                        "seconds": loaded.load_seconds} if loaded else None,
             "downloaded_bytes_total": holder.downloaded_bytes,

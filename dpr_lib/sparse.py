@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from typing import Iterator
 
@@ -151,15 +152,21 @@ def inverted(pids: np.ndarray, lens: np.ndarray, nterms: np.ndarray, terms: np.n
             "doc_len": lens.astype(np.uint16 if (len(lens) == 0 or lens.max() < 65536) else np.int32)}
 
 
+def shard_avgdl(inv: dict[str, np.ndarray]) -> float:
+    return float(inv["doc_len"].astype(np.float64).mean()) if len(inv["doc_len"]) else 1.0
+
+
 def shard_file(inv: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """An :func:`inverted` index -> the arrays of a shard file (postings compressed)."""
+    """An :func:`inverted` index -> the arrays of a shard file (postings compressed; block bounds
+    at the shard's own average length, see :func:`dpr_lib.postings.bound_scale`)."""
     return {"terms": inv["terms"], "df": np.diff(inv["offsets"]).astype(np.uint32),
-            **postings.encode(inv["offsets"], inv["rows"], inv["tf"], inv["doc_len"]),
+            **postings.encode(inv["offsets"], inv["rows"], inv["tf"], inv["doc_len"], K1, B, shard_avgdl(inv)),
             "pids": inv["pids"], "doc_len": inv["doc_len"]}
 
 
-def shard_meta(shard: int) -> dict:
-    return {"kind": "bm25-shard", "shard": shard, "analyzer": ANALYZER, "postings": POSTINGS}
+def shard_meta(shard: int, inv: dict[str, np.ndarray]) -> dict:
+    return {"kind": "bm25-shard", "shard": shard, "analyzer": ANALYZER, "postings": POSTINGS,
+            "bounds": {"k1": K1, "b": B, "avgdl": shard_avgdl(inv)}}
 
 
 # ---------------------------------------------------------------- searching
@@ -183,6 +190,24 @@ class SparseIndex:
                           np.isin(np.asarray(f["pids"]), d).astype(np.uint8)
                           for f, d in zip(self.shards, dead or [None] * len(self.shards))]
         self._f32 = (np.float32(k1), np.float32(1.0 - b), np.float32(b / max(self.avgdl, 1e-9)))
+        self.scales = [self._scale(f) for f in self.shards]
+        self._locks = [threading.Lock() for _ in self.shards]
+        self._scratches: list[tuple | None] = [None] * len(self.shards)
+
+    def _scratch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The pruned scorer's accumulators of shard ``i`` (16 B per passage, made on first use)."""
+        if self._scratches[i] is None:
+            n = len(self.shards[i]["pids"])
+            self._scratches[i] = (np.zeros(n, np.float64), np.zeros(n, np.int64))
+        return self._scratches[i]
+
+    def _scale(self, f: ArrayFile) -> float:
+        """The factor of the file's stored block weights at this index's statistics; 0 (the bound
+        from tf and length) when the file's k1 or b are not this index's."""
+        built = f.meta.get("bounds") or {}
+        if built.get("k1") != self.k1 or built.get("b") != self.b:
+            return 0.0
+        return postings.bound_scale(built["avgdl"], self.avgdl)
 
     @staticmethod
     def _blocks(path: str, f: ArrayFile) -> tuple | None:
@@ -196,7 +221,7 @@ class SparseIndex:
             blocks = tuple(np.asarray(f[n]) for n in postings.BLOCK_ARRAYS)
             nterms, nblocks = len(f["terms"]), len(blocks[1])
             ok = (len(blocks[0]) == nterms + 1 and len(f["df"]) == nterms and len(blocks[2]) == nblocks + 1
-                  and all(len(a) == nblocks for a in blocks[3:9]) and (nblocks == 0 or (
+                  and all(len(a) == nblocks for a in blocks[3:9] + blocks[10:]) and (nblocks == 0 or (
                       int(blocks[0][-1]) == nblocks and int(blocks[2][-1]) < len(blocks[9])
                       and int(blocks[4].max()) <= 32 and int(blocks[5].max()) <= 32)))
         except KeyError as exc:
@@ -252,11 +277,14 @@ class SparseIndex:
             order = np.lexsort((cand_pids, -vals))[:k]
             out_s[:len(order)], out_p[:len(order)] = vals[order], cand_pids[order]
             return out_s, out_p
-        vals, rows, n, bad = postings.topk_pruned(pos[found].astype(np.int64), weights[found], self.blocks[i],
-                                                  np.asarray(shard["doc_len"]), self.dead_rows[i], k, *self._f32)
+        with self._locks[i]:  # one question at a time per shard: the accumulators are shared
+            acc, touched = self._scratch(i)
+            vals, rows, bad = postings.topk_pruned(pos[found].astype(np.int64), weights[found], self.blocks[i],
+                                                   np.asarray(shard["doc_len"]), self.dead_rows[i], k, *self._f32,
+                                                   self.scales[i], acc, touched)
         if bad >= 0:
             raise self._corrupted(i, bad)
-        out_s[:n], out_p[:n] = vals, np.asarray(shard["pids"])[rows]
+        out_s[:len(vals)], out_p[:len(vals)] = vals, np.asarray(shard["pids"])[rows]
         return out_s, out_p
 
     def _corrupted(self, i: int, block: int) -> IndexIntegrityError:
@@ -380,7 +408,7 @@ def build_sparse(spark, cfg: Config, vurl: str, num_shards: int, assign=None, pi
             parts.setdefault(int(shard), []).append(row)
         for s, rows in parts.items():
             inv = inverted(*unpack_docs(rows))
-            meta = write_array_file(shard_file(inv), shard_meta(s), urls[s], opts, retries)
+            meta = write_array_file(shard_file(inv), shard_meta(s, inv), urls[s], opts, retries)
             df = np.diff(inv["offsets"]).astype(np.int64)
             result = {**meta, "shard": s, "docs": len(inv["pids"]), "terms": len(inv["terms"]),
                       "postings": len(inv["rows"]), "doc_len_sum": int(inv["doc_len"].astype(np.int64).sum())}
@@ -445,7 +473,7 @@ def build_local(out_dir: str, pids: np.ndarray, texts: list[str], shard_of_pid=N
     for row in pack_docs(pids, shards, analyzed):
         inv = inverted(*unpack_docs([row]))
         path = os.path.join(out_dir, f"sparse-{row['shard']:05d}.bm25")
-        ArrayFile.write(path, shard_file(inv), shard_meta(row["shard"]))
+        ArrayFile.write(path, shard_file(inv), shard_meta(row["shard"], inv))
         paths.append(path)
         df_terms.append(inv["terms"])
         df_counts.append(np.diff(inv["offsets"]))

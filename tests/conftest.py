@@ -155,3 +155,64 @@ def wait_until_serving(client, proc, log_path, timeout: float = 120) -> None:
             proc.kill()
             pytest.fail("dpr-serve did not become ready:\n" + open(log_path).read()[-3000:])
         time.sleep(0.3)
+
+
+# ---------------------------------------------------------------- sentence-transformers models
+
+PASSAGES = [("Eiffel Tower", "The tower was built by Gustave Eiffel's company for the 1889 World's Fair in Paris."),
+            ("", "A passage without a title: the template leaves no leading space."),
+            ("Mount Everest", "Earth's highest mountain above sea level, in the Himalayas, on the border of Nepal."),
+            ("Braces {text}", "Curly braces in a title are kept as they are, {title} too.")]
+QUESTIONS = ["who built the eiffel tower", "what is the highest mountain", "where is the louvre"]
+WORDS = sorted({w for t, x in PASSAGES for w in (t + " " + x).lower().replace(".", " ").replace(",", " ").split()}
+               | {w for q in QUESTIONS for w in q.split()} | {"query:", "passage:", "represent", "this", "for",
+                                                               "searching", "relevant", "passages:", "question:"})
+
+
+def _bert(path: str, seed: int) -> int:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from dpr_lib.encoder import default_model_dir
+
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128, initializer_range=0.5)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(path)
+    return 32
+
+
+def _qwen(path: str, seed: int) -> int:
+    """A 2-layer Qwen3 decoder with a word-level tokenizer that appends <|endoftext|>, as
+    Qwen3-Embedding's does (its last token is what last-token pooling reads)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                       special_tokens=[("<|endoftext|>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", model_input_names=["input_ids", "attention_mask"])
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    Qwen3Model(Qwen3Config(vocab_size=len(vocab) + 6, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                           initializer_range=0.5)).save_pretrained(path)
+    return 32
+
+
+def st_model_dir(root, kind: str, pooling: str, prompts: dict, normalize: bool = True, seed: int = 0) -> str:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    hf = os.path.join(root, f"{kind}-hf")
+    dim = (_bert if kind == "bert" else _qwen)(hf, seed)
+    out = os.path.join(root, f"{kind}-{pooling}")
+    modules = [Transformer(hf, max_seq_length=64), Pooling(dim, pooling)] + ([Normalize()] if normalize else [])
+    SentenceTransformer(modules=modules, prompts=prompts, device="cpu").save(out)
+    return out
+
+

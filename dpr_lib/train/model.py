@@ -43,9 +43,9 @@ class Side:
         forward 8.6 s vs 2.9 s sorted)."""
         import torch
 
-        from dpr_lib.encoder import length_batches, model_inputs, pool, tokenize
+        from dpr_lib.encoder import length_batches, model_inputs, model_inputs_text, pool, tokenize
 
-        ids, types, _ = tokenize(self.tokenizer, titles, texts, max_length)
+        ids, types, _ = tokenize(self.tokenizer, *model_inputs_text(self.spec, titles, texts), max_length)
         lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
         token_budget = token_budget or (1024 if torch.device(self.device).type == "cpu" else 65536)
         chunks = length_batches(lengths, token_budget)
@@ -53,6 +53,7 @@ class Side:
         for c in chunks:
             kwargs = model_inputs(self.tokenizer, [ids[i] for i in c], [types[i] for i in c], self.device,
                                   self.spec.family == "dpr")
-            parts.append(pool(self.model(**kwargs), kwargs["attention_mask"], self.spec.pooling, self.spec.normalize))
+            parts.append(pool(self.model(**kwargs), kwargs["attention_mask"], self.spec.pooling, self.spec.normalize,
+                              self.spec.truncate_dim))
         order = torch.from_numpy(np.concatenate(chunks)).to(parts[0].device)
         return torch.cat(parts)[torch.argsort(order)]
