@@ -50,7 +50,7 @@ from dpr_lib.fusion import (
     fusion_candidates,
     tuning_metrics,
 )
-from dpr_lib.metrics import per_question, qa_metrics, qrels_metrics, split_questions
+from dpr_lib.metrics import per_question, qa_metrics, qrels_metrics, split_questions, write_trec_run
 
 log = logging.getLogger("dpr_lib.evaluate")
 
@@ -222,6 +222,8 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     scored = {name: (qa_metrics(table, ds.questions, pids, k) if ds.kind == "qa"
                      else qrels_metrics(table, ds, pids, k)) for name, (_, pids) in runs.items()}
     timings["score"] = round(time.time() - t, 1)
+    if ds.kind != "qa":  # judged queries: each retriever's top-10 documents, for other tools
+        write_runs(os.path.join(out_dir, "runs"), runs, table, [q.qid for q in ds.questions])
     report = {
         "dataset": ds.name,
         "dataset_path": os.path.abspath(dataset),
@@ -250,6 +252,13 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     write_report(out_dir, report, f"{ds.name}: {len(ds.questions)} questions")
     log.info("evaluation written to %s (%.1fs)", out_dir, report["seconds"])
     return report
+
+
+def write_runs(out_dir: str, runs: dict, table, qids: list[str]) -> None:
+    """Each retriever's top-10 documents per query as a TREC run file: ``<out_dir>/<retriever>.trec``."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, (_, pids) in runs.items():
+        write_trec_run(os.path.join(out_dir, f"{name}.trec"), table, qids, pids, name)
 
 
 def _retriever_runs(spark, cfg: Config, searcher, table, texts: list[str], qvecs: np.ndarray, k: int, dim: int,

@@ -65,6 +65,16 @@ def doc_run(doc_of, qids: list[str], pids: np.ndarray) -> dict[str, dict[str, fl
     return run
 
 
+def write_trec_run(path: str, passages: Passages, qids: list[str], pids: np.ndarray, tag: str, depth: int = 10) -> None:
+    """A retriever's document ranking of each query in TREC run format (``qid Q0 doc rank score
+    tag``), its top ``depth``: for trec_eval, ir_measures, or a comparison with another system."""
+    run = doc_run(passages.doc_id, qids, pids)
+    with open(path, "w", encoding="utf-8") as fh:
+        for qid in qids:
+            ranked = sorted(run.get(qid, {}).items(), key=lambda kv: -kv[1])[:depth]
+            fh.writelines(f"{qid} Q0 {doc} {rank} {score:g} {tag}\n" for rank, (doc, score) in enumerate(ranked, 1))
+
+
 def qrels_metrics(passages: Passages, ds: Dataset, pids: np.ndarray, k_max: int) -> dict:
     import pytrec_eval
 

@@ -212,11 +212,16 @@ def decode_terms(term_pos, blocks, rows, tfs):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _contrib(w32, tf, dl, k1, omb, bavg):
-    """One posting's BM25 term score, in float32 as the exhaustive scorer computes it."""
+def _contrib(w32, tf, norm):
+    """One posting's BM25 term score, in float32 as the exhaustive scorer computes it (``norm``:
+    the row's float32 k1 (1 - b + b dl / avgdl), see :func:`norms`)."""
     t = np.float32(tf)
-    norm = k1 * (omb + bavg * np.float32(dl))
     return (w32 * t) / (t + norm)
+
+
+def norms(doc_len: np.ndarray, k1: np.float32, omb: np.float32, bavg: np.float32) -> np.ndarray:
+    """Per row, the length part of BM25 in float32, computed as the exhaustive scorer computes it."""
+    return k1 * (omb + bavg * np.asarray(doc_len).astype(np.float32))
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -241,7 +246,7 @@ def term_bounds(term_pos, weights, blocks, k1, omb, bavg, scale):
 
 
 @njit(cache=True, error_model="numpy")
-def _or_term(t, w32, blocks, doc_len, acc, touched, n, k1, omb, bavg, bufr, buft):
+def _or_term(t, w32, blocks, norm, acc, touched, n, bufr, buft):
     """Every posting of term ``t`` added to the accumulators, new rows appended to ``touched``.
     Returns (touched count, corrupted block or -1)."""
     for j in range(blocks[0][t], blocks[0][t + 1]):
@@ -253,12 +258,12 @@ def _or_term(t, w32, blocks, doc_len, acc, touched, n, k1, omb, bavg, bufr, buft
             if acc[r] == 0.0:  # every contribution is > 0: 0 means untouched
                 touched[n] = r
                 n += 1
-            acc[r] += np.float64(_contrib(w32, buft[p], doc_len[r], k1, omb, bavg))
+            acc[r] += np.float64(_contrib(w32, buft[p], norm[r]))
     return n, np.int64(-1)
 
 
 @njit(cache=True, error_model="numpy")
-def _and_term(t, w32, blocks, doc_len, acc, cand, k1, omb, bavg, bufr, buft):
+def _and_term(t, w32, blocks, norm, acc, cand, bufr, buft):
     """Term ``t``'s contributions to the candidate rows ``cand`` (ascending) only: blocks without a
     candidate are passed by their last rows, never decoded. Returns the corrupted block or -1."""
     j, jend, dec, p = np.int64(blocks[0][t]), np.int64(blocks[0][t + 1]), np.int64(-1), 0
@@ -275,7 +280,7 @@ def _and_term(t, w32, blocks, doc_len, acc, cand, k1, omb, bavg, bufr, buft):
         while bufr[p] < r:
             p += 1
         if bufr[p] == r:
-            acc[r] += np.float64(_contrib(w32, buft[p], doc_len[r], k1, omb, bavg))
+            acc[r] += np.float64(_contrib(w32, buft[p], norm[r]))
     return np.int64(-1)
 
 
@@ -327,7 +332,7 @@ def _gather(acc, rows, n, dead, reset):
 
 
 @njit(cache=True, error_model="numpy")
-def _exact(r, term_pos, weights, blocks, doc_len, k1, omb, bavg, bufr, buft):
+def _exact(r, term_pos, weights, blocks, norm, bufr, buft):
     """Row ``r``'s score exactly as the exhaustive scorer sums it (query-term order, float64, then
     float32), each term's block found by binary search on the blocks' last rows. Returns (score,
     corrupted block or -1)."""
@@ -343,20 +348,20 @@ def _exact(r, term_pos, weights, blocks, doc_len, k1, omb, bavg, bufr, buft):
             return np.float32(0), np.int64(j)
         for p in range(np.int64(blocks[3][j])):
             if bufr[p] == r:
-                total += np.float64(_contrib(weights[i], buft[p], doc_len[r], k1, omb, bavg))
+                total += np.float64(_contrib(weights[i], buft[p], norm[r]))
                 break
     return np.float32(total), np.int64(-1)
 
 
 @njit(cache=True, error_model="numpy")
-def _select(rows, vals, k, term_pos, weights, blocks, doc_len, k1, omb, bavg, bufr, buft):
+def _select(rows, vals, k, term_pos, weights, blocks, norm, bufr, buft):
     """The k best of the candidate ``rows``: those within 1e-5 of the k-th accumulator (more than a
     float32 step, so no row left out can tie) rescored exactly, sorted by score then row."""
     theta = _kth(vals, k)
     out_r, out_s, c = np.empty(len(rows), np.int64), np.empty(len(rows), np.float32), 0
     for x in range(len(rows)):
         if vals[x] >= theta * (1.0 - 1e-5):
-            score, bad = _exact(rows[x], term_pos, weights, blocks, doc_len, k1, omb, bavg, bufr, buft)
+            score, bad = _exact(rows[x], term_pos, weights, blocks, norm, bufr, buft)
             if bad >= 0:
                 return out_r[:0], out_s[:0], bad
             out_r[c], out_s[c] = rows[x], score
@@ -369,8 +374,8 @@ def _select(rows, vals, k, term_pos, weights, blocks, doc_len, k1, omb, bavg, bu
 @njit(cache=True, error_model="numpy")
 def _still_possible(acc, touched, n, dead, k, remaining):
     """At the switch to candidates only: the touched rows that the terms still to come could lift
-    to the k-th accumulator (sorted), or an empty array while an untouched row could still enter
-    the top k (the bounds of the terms to come reach the k-th accumulator)."""
+    to the k-th best score (sorted), or an empty array while an untouched row could still enter
+    the top k (the bounds of the terms to come reach it)."""
     rows, vals = _gather(acc, touched, n, dead, False)
     theta = _kth(vals, k)
     if not remaining * SLACK < theta:
@@ -380,7 +385,7 @@ def _still_possible(acc, touched, n, dead, k, remaining):
 
 
 @njit(cache=True, error_model="numpy")
-def topk_pruned(term_pos, weights, blocks, doc_len, dead, k, k1, omb, bavg, scale, acc, touched):
+def topk_pruned(term_pos, weights, blocks, norm, dead, k, k1, omb, bavg, scale, acc, touched):
     """The k best rows of one shard for one question, equal to the exhaustive scorer's.
 
     Term at a time, heaviest bound first, into ``acc`` (float64 per row, all 0 on entry and on
@@ -389,8 +394,9 @@ def topk_pruned(term_pos, weights, blocks, doc_len, dead, k, k1, omb, bavg, scal
     still lift there stay candidates, and the rest of the terms update those alone, decoding only
     the blocks that hold one (skipped by their last rows). The candidates near the k-th are
     rescored exactly (:func:`_select`). ``term_pos``: the question's terms' positions in the shard's
-    term table in query-term order, ``weights`` their float32 weights; ``dead``: uint8 per row (1 =
-    tombstoned) or empty; ``k1``/``omb``/``bavg``: float32 k1, 1 - b and b / avgdl; ``scale``: see
+    term table in query-term order, ``weights`` their float32 weights; ``norm``: per row,
+    :func:`norms`; ``dead``: uint8 per row (1 = tombstoned) or empty; ``k1``/``omb``/``bavg``:
+    float32 k1, 1 - b and b / avgdl (for the bounds' fallback); ``scale``: see
     :func:`_block_bound`. Returns (scores, rows, corrupted block or -1)."""
     ms = term_bounds(term_pos, weights, blocks, np.float64(k1), np.float64(omb), np.float64(bavg), scale)
     order = np.argsort(-ms, kind="mergesort")
@@ -402,9 +408,9 @@ def topk_pruned(term_pos, weights, blocks, doc_len, dead, k, k1, omb, bavg, scal
         if not len(cand) and n >= k and blocks[0][t + 1] - blocks[0][t] > 8:
             cand = _still_possible(acc, touched, n, dead, k, remaining)
         if len(cand):
-            bad = _and_term(t, w, blocks, doc_len, acc, cand, k1, omb, bavg, bufr, buft)
+            bad = _and_term(t, w, blocks, norm, acc, cand, bufr, buft)
         else:
-            n, bad = _or_term(t, w, blocks, doc_len, acc, touched, n, k1, omb, bavg, bufr, buft)
+            n, bad = _or_term(t, w, blocks, norm, acc, touched, n, bufr, buft)
         if bad >= 0:
             break
         remaining -= ms[order[s]]
@@ -416,5 +422,5 @@ def topk_pruned(term_pos, weights, blocks, doc_len, dead, k, k1, omb, bavg, scal
         rows, vals = _gather(acc, touched, n, dead, True)
     if bad >= 0:
         return np.empty(0, np.float32), np.empty(0, np.int64), bad
-    rows, scores, bad = _select(rows, vals, k, term_pos, weights, blocks, doc_len, k1, omb, bavg, bufr, buft)
+    rows, scores, bad = _select(rows, vals, k, term_pos, weights, blocks, norm, bufr, buft)
     return scores, rows, bad

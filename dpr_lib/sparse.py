@@ -193,6 +193,14 @@ class SparseIndex:
         self.scales = [self._scale(f) for f in self.shards]
         self._locks = [threading.Lock() for _ in self.shards]
         self._scratches: list[tuple | None] = [None] * len(self.shards)
+        self._norms: list[np.ndarray | None] = [None] * len(self.shards)
+
+    def _norm(self, i: int) -> np.ndarray:
+        """Per passage of shard ``i``, the length part of BM25 at this index's statistics (float32,
+        4 B per passage, made on first use)."""
+        if self._norms[i] is None:
+            self._norms[i] = postings.norms(self.shards[i]["doc_len"], *self._f32)
+        return self._norms[i]
 
     def _scratch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The pruned scorer's accumulators of shard ``i`` (16 B per passage, made on first use)."""
@@ -280,7 +288,7 @@ class SparseIndex:
         with self._locks[i]:  # one question at a time per shard: the accumulators are shared
             acc, touched = self._scratch(i)
             vals, rows, bad = postings.topk_pruned(pos[found].astype(np.int64), weights[found], self.blocks[i],
-                                                   np.asarray(shard["doc_len"]), self.dead_rows[i], k, *self._f32,
+                                                   self._norm(i), self.dead_rows[i], k, *self._f32,
                                                    self.scales[i], acc, touched)
         if bad >= 0:
             raise self._corrupted(i, bad)
@@ -313,9 +321,7 @@ class SparseIndex:
         the reference the pruned scorer equals. Returns candidate rows and their float32 scores, the
         k best and everything tied with the k-th."""
         tf = tf.astype(np.float32)
-        dl = np.asarray(self.shards[i]["doc_len"])[rows].astype(np.float32)
-        k1, omb, bavg = self._f32
-        contrib = w * tf / (tf + k1 * (omb + bavg * dl))
+        contrib = w * tf / (tf + self._norm(i)[rows])
         n = len(self.shards[i]["pids"])
         if len(rows) * 8 > n:  # accumulate densely
             acc = np.bincount(rows, contrib, minlength=n)

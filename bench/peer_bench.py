@@ -1,0 +1,84 @@
+"""`BENCH_ONLY=peer`: sentence-transformers as the judge of the product's dense retrieval.
+
+The BEIR-format MS MARCO subset (5,000 passages, judged queries), documents kept whole
+(``corpus.words=200``: the longest has 185 words), the bundled all-MiniLM-L6-v2 in fp32 with its
+own conventions (``title + " " + text``, no prompt, mean pooling, normalised): the product's
+evaluation job (Spark corpus stage, encode job, exact dense top-k) against sentence-transformers'
+own ``InformationRetrievalEvaluator`` on the same documents and queries. Figures: both nDCG@10,
+their difference, and the share of queries whose top-10 documents are the same set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from common import QUICK, REPO, WORK, log
+
+BEIR = os.path.join(os.path.dirname(REPO), "shared", "data", "beir", "msmarco")
+OUT = os.path.join(WORK, "peer")
+PEER_KEYS = frozenset({"encode.peer_ndcg10_diff", "encode.peer_top10_agreement", "encode.peer_ndcg10_ours",
+                       "encode.peer_ndcg10_sentence_transformers"})
+
+
+def read_beir() -> tuple[dict, dict, dict]:
+    corpus = {d["_id"]: d for d in map(json.loads, open(os.path.join(BEIR, "corpus.jsonl"), encoding="utf-8"))}
+    queries = {d["_id"]: d["text"] for d in map(json.loads, open(os.path.join(BEIR, "queries.jsonl"), encoding="utf-8"))}
+    qrels: dict[str, dict[str, int]] = {}
+    for line in open(os.path.join(BEIR, "qrels", "test.tsv"), encoding="utf-8"):
+        parts = line.split()
+        if len(parts) == 3 and parts[2].lstrip("-").isdigit():
+            qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
+    return corpus, {q: t for q, t in queries.items() if q in qrels}, qrels
+
+
+def trec_top10(path: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in open(path, encoding="utf-8"):
+        qid, _, doc, rank, _, _ = line.split()
+        out.setdefault(qid, []).append(doc)
+    return out
+
+
+def bench_peer(spark, results: dict, details: dict) -> None:
+    if not os.path.isdir(BEIR):
+        log(f"peer: {BEIR} not found; skipped")
+        return
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    from dpr_lib.config import load_config
+    from dpr_lib.encoder import default_model_dir
+    from dpr_lib.evaluate import evaluate
+
+    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
+        "encoder.backend=torch", "encoder.dtype=fp32", "corpus.words=200", f"paths.cache_dir={OUT}/cache"])
+    report = evaluate(spark, cfg, BEIR, "beir", os.path.join(OUT, "eval"), k_max=10)
+    ours = trec_top10(os.path.join(OUT, "eval", "runs", "dense_exact.trec"))
+    corpus, queries, qrels = read_beir()
+    st = SentenceTransformer(default_model_dir(), device="cpu")
+    docs = {i: (d.get("title", "") + " " + d["text"]).strip() for i, d in corpus.items()}
+    evaluator = InformationRetrievalEvaluator(queries, docs, {q: {d for d, r in rel.items() if r > 0}
+                                                             for q, rel in qrels.items()},
+                                              ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[10],
+                                              precision_recall_at_k=[10], map_at_k=[10], show_progress_bar=False,
+                                              batch_size=64, name="msmarco")
+    scores = evaluator(st)
+    st_ndcg = float(next(v for key, v in scores.items() if key.endswith("cosine_ndcg@10")))
+    # sentence-transformers' top-10 of each query, exactly as its evaluator ranks (cosine, exact)
+    ids = list(docs)
+    dvec = st.encode([docs[i] for i in ids], batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    qids = list(queries)
+    qvec = st.encode([queries[q] for q in qids], normalize_embeddings=True, convert_to_numpy=True)
+    top = np.argsort(-(qvec @ dvec.T), axis=1)[:, :10]
+    same = [set(ours.get(q, [])) == {ids[j] for j in top[n]} for n, q in enumerate(qids)]
+    our_ndcg = report["retrievers"]["dense_exact"]["ndcg@10"]
+    results.update({"encode.peer_ndcg10_ours": our_ndcg, "encode.peer_ndcg10_sentence_transformers": round(st_ndcg, 4),
+                    "encode.peer_ndcg10_diff": round(abs(our_ndcg - st_ndcg), 4),
+                    "encode.peer_top10_agreement": round(float(np.mean(same)), 4)})
+    details["peer"] = {"queries": len(qids), "documents": len(docs), "encoding": report.get("encoding"),
+                       "st_scores": {k: round(float(v), 4) for k, v in scores.items()}, "quick": QUICK,
+                       "disagreeing_queries": [q for q, s in zip(qids, same) if not s][:20]}
+    log(f"peer: nDCG@10 ours {our_ndcg} vs sentence-transformers {st_ndcg:.4f}; same top-10 for "
+        f"{results['encode.peer_top10_agreement']:.3f} of {len(qids)} queries")
