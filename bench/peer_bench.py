@@ -1,6 +1,7 @@
 """`BENCH_ONLY=peer`: sentence-transformers as the judge of the product's dense retrieval.
 
-The BEIR-format MS MARCO subset (5,000 passages, judged queries), documents kept whole
+The BEIR-format MS MARCO subset (5,000 passages, 43 judged queries, judgments made binary as the
+evaluator reads them), documents kept whole
 (``corpus.words=200``: the longest has 185 words), the bundled all-MiniLM-L6-v2 in fp32 with its
 own conventions (``title + " " + text``, no prompt, mean pooling, normalised): the product's
 evaluation job (Spark corpus stage, encode job, exact dense top-k) against sentence-transformers'
@@ -33,6 +34,20 @@ def read_beir() -> tuple[dict, dict, dict]:
     return corpus, {q: t for q, t in queries.items() if q in qrels}, qrels
 
 
+def binary_copy(dest: str) -> str:
+    """The subset with its judgments made binary (relevance > 0 -> 1): corpus and queries linked."""
+    os.makedirs(os.path.join(dest, "qrels"), exist_ok=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        if not os.path.exists(os.path.join(dest, name)):
+            os.symlink(os.path.join(BEIR, name), os.path.join(dest, name))
+    with open(os.path.join(dest, "qrels", "test.tsv"), "w", encoding="utf-8") as fh:
+        for line in open(os.path.join(BEIR, "qrels", "test.tsv"), encoding="utf-8"):
+            q, d, r = line.split()
+            if int(r) > 0:
+                fh.write(f"{q}\t{d}\t1\n")
+    return dest
+
+
 def trec_top10(path: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for line in open(path, encoding="utf-8"):
@@ -54,7 +69,10 @@ def bench_peer(spark, results: dict, details: dict) -> None:
 
     cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
         "encoder.backend=torch", "encoder.dtype=fp32", "corpus.words=200", f"paths.cache_dir={OUT}/cache"])
-    report = evaluate(spark, cfg, BEIR, "beir", os.path.join(OUT, "eval"), k_max=10)
+    # sentence-transformers' evaluator judges by sets of relevant documents: both sides get the
+    # subset's graded judgments (1-3) as binary ones, so the two nDCG@10 measure the same thing
+    report = evaluate(spark, cfg, binary_copy(os.path.join(OUT, "msmarco-binary")), "beir", os.path.join(OUT, "eval"),
+                      k_max=10)
     ours = trec_top10(os.path.join(OUT, "eval", "runs", "dense_exact.trec"))
     corpus, queries, qrels = read_beir()
     st = SentenceTransformer(default_model_dir(), device="cpu")

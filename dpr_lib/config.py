@@ -633,12 +633,21 @@ def _set_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part} is not a section")
-    # YAML parsing gives numbers, booleans and {a: b} maps; type checks happen in _build.
+    # YAML parsing gives numbers, booleans and {a: b} maps; type checks happen in _build. A text
+    # key keeps the text as typed (a prompt such as "query: " is not a map).
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    node[parts[-1]] = raw if isinstance(value, str) else value
+    node[parts[-1]] = raw if isinstance(value, str) or _is_text_key(parts) else value
+
+
+def _is_text_key(parts: list[str]) -> bool:
+    """Whether section.name is a field typed str (its --set value is never parsed as YAML)."""
+    section = typing.get_type_hints(Config).get(parts[0])
+    if len(parts) != 2 or not dataclasses.is_dataclass(section):
+        return False
+    return typing.get_type_hints(section).get(parts[1]) is str
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

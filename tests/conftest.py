@@ -164,7 +164,7 @@ PASSAGES = [("Eiffel Tower", "The tower was built by Gustave Eiffel's company fo
             ("Mount Everest", "Earth's highest mountain above sea level, in the Himalayas, on the border of Nepal."),
             ("Braces {text}", "Curly braces in a title are kept as they are, {title} too.")]
 QUESTIONS = ["who built the eiffel tower", "what is the highest mountain", "where is the louvre"]
-WORDS = sorted({w for t, x in PASSAGES for w in (t + " " + x).lower().replace(".", " ").replace(",", " ").split()}
+ST_WORDS = sorted({w for t, x in PASSAGES for w in (t + " " + x).lower().replace(".", " ").replace(",", " ").split()}
                | {w for q in QUESTIONS for w in q.split()} | {"query:", "passage:", "represent", "this", "for",
                                                                "searching", "relevant", "passages:", "question:"})
 
@@ -189,7 +189,7 @@ def _qwen(path: str, seed: int) -> int:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
-    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(ST_WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
     tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",

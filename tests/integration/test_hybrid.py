@@ -67,8 +67,10 @@ def _check_sparse_matches_dense(manifest, vurl: str, passages: int):
         sparse = next(e for e in sp["shards"] if e["index"] == dense.index)
         f = ArrayFile(os.path.join(vurl, sparse["path"]))
         np.testing.assert_array_equal(np.asarray(f["pids"]), _dense_ids(os.path.join(vurl, dense.path)))
-        postings += len(f["rows"])
-        assert np.all(np.diff(np.asarray(f["terms"])) > 0) and f["offsets"][-1] == len(f["rows"])
+        df = np.asarray(f["df"]).astype(np.int64)
+        postings += int(df.sum())
+        assert np.all(np.diff(np.asarray(f["terms"])) > 0) and int(np.asarray(f["block_n"]).astype(np.int64).sum()) \
+            == int(df.sum()) == sparse["postings"]
     vocab = ArrayFile(os.path.join(vurl, sp["vocab"]["path"]))
     assert int(np.asarray(vocab["df"]).sum()) == postings  # df summed over shards = every posting once
 
