@@ -6,7 +6,8 @@ evaluator reads them), documents kept whole
 own conventions (``title + " " + text``, no prompt, mean pooling, normalised): the product's
 evaluation job (Spark corpus stage, encode job, exact dense top-k) against sentence-transformers'
 own ``InformationRetrievalEvaluator`` on the same documents and queries. Figures: both nDCG@10,
-their difference, and the share of queries whose top-10 documents are the same set.
+their difference, and the share of queries whose top-10 documents are the same set. Then, on
+SQuAD dev part a, the top-20 cost of the input template and of a Matryoshka truncation to 256.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from common import QUICK, REPO, WORK, log
 BEIR = os.path.join(os.path.dirname(REPO), "shared", "data", "beir", "msmarco")
 OUT = os.path.join(WORK, "peer")
 PEER_KEYS = frozenset({"encode.peer_ndcg10_diff", "encode.peer_top10_agreement", "encode.peer_ndcg10_ours",
-                       "encode.peer_ndcg10_sentence_transformers"})
+                       "encode.peer_ndcg10_sentence_transformers", "encode.matryoshka_bytes_ratio",
+                       "encode.matryoshka_top20_retention", "encode.template_top20_vs_pair"})
+SQUAD_DEV = os.path.join(os.path.dirname(REPO), "shared", "data", "squad", "dev-v1.1-part-a.json")
 
 
 def read_beir() -> tuple[dict, dict, dict]:
@@ -100,3 +103,29 @@ def bench_peer(spark, results: dict, details: dict) -> None:
                        "disagreeing_queries": [q for q, s in zip(qids, same) if not s][:20]}
     log(f"peer: nDCG@10 ours {our_ndcg} vs sentence-transformers {st_ndcg:.4f}; same top-10 for "
         f"{results['encode.peer_top10_agreement']:.3f} of {len(qids)} queries")
+    bench_settings(spark, results, details)
+
+
+def bench_settings(spark, results: dict, details: dict) -> None:
+    """What the new encoder settings cost on SQuAD dev part a with the bundled model: the input
+    template (the sentence-transformers convention, now auto's pick, against DPR's pair) and a
+    Matryoshka truncation to 256 of 384 dimensions (all-MiniLM-L6-v2 was not trained for it)."""
+    from dpr_lib.config import load_config
+    from dpr_lib.evaluate import evaluate
+
+    if not os.path.exists(SQUAD_DEV):
+        return
+    runs = {"pair": ["encoder.input_template=pair"], "template": [], "template_256": ["encoder.dimensions=256"]}
+    top20, dims = {}, {}
+    for name, sets in runs.items():
+        cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
+            "encoder.backend=torch", "encoder.dtype=fp32", f"paths.cache_dir={OUT}/cache", *sets])
+        report = evaluate(spark, cfg, SQUAD_DEV, "squad", os.path.join(OUT, f"squad-{name}"), k_max=100)
+        top20[name] = report["retrievers"]["dense_exact"]["top20"]
+        dims[name] = report["encoding"]["dim"]
+    results.update({"encode.matryoshka_bytes_ratio": round(dims["template_256"] / dims["template"], 4),
+                    "encode.matryoshka_top20_retention": round(top20["template_256"] / top20["template"], 4),
+                    "encode.template_top20_vs_pair": round(top20["template"] / top20["pair"], 4)})
+    details["encoder_settings"] = {"squad_dev_top20": top20, "dims": dims}
+    log(f"peer: SQuAD dev top-20 pair {top20['pair']}, title+text {top20['template']}, truncated to 256 "
+        f"{top20['template_256']}")

@@ -357,11 +357,20 @@ def model_inputs_text(spec: EncoderSpec, titles: list[str] | None, texts: list[s
     return None, [p + fill_template(spec.template, ti, te) for ti, te in zip(titles, texts)]
 
 
-def describe(passage_fp: dict, question_fp: dict | None = None) -> dict:
+def describe(passage_fp: dict, question_fp: dict | None = None, public: bool = False) -> dict:
     """What decides a version's vectors, from its manifest's fingerprints, for people (/health,
-    the evaluation report): models, pooling, prompts, input template, dimensions."""
+    the evaluation report): models, pooling, prompts, input template, dimensions. ``public``: a
+    model given as a path or URL is named by its last component (a service tells clients no
+    paths of its machine or bucket)."""
     q = question_fp or {}
-    return {"model": passage_fp.get("model_id"), "question_model": q.get("model_id", passage_fp.get("model_id")),
+
+    def name(model):
+        if public and isinstance(model, str) and (model.startswith(("/", ".", "~")) or "://" in model):
+            return model.rstrip("/").rsplit("/", 1)[-1]
+        return model
+
+    return {"model": name(passage_fp.get("model_id")),
+            "question_model": name(q.get("model_id", passage_fp.get("model_id"))),
             "pooling": passage_fp.get("pooling"), "normalize": passage_fp.get("normalize"),
             "query_prompt": q.get("prompt", ""), "passage_prompt": passage_fp.get("prompt", ""),
             "input_template": passage_fp.get("input_template", "pair"), "dim": passage_fp.get("dim"),

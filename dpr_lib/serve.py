@@ -445,7 +445,7 @@ def health_body(holder: IndexHolder) -> dict:
             if loaded else [],
             "segments": len(loaded.searcher.index.manifest.all_segments()) if loaded else 0,
             "encoder": describe(loaded.searcher.index.manifest.encoder or {},
-                                loaded.searcher.index.manifest.question_encoder) if loaded else None,
+                                loaded.searcher.index.manifest.question_encoder, public=True) if loaded else None,
             "loaded": {"downloaded_bytes": loaded.downloaded_bytes, "reused_shards": loaded.reused_shards,
                        "seconds": loaded.load_seconds} if loaded else None,
             "downloaded_bytes_total": holder.downloaded_bytes,

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_config, synthetic_docs, write_jsonl
+from conftest import make_config, st_model_dir, synthetic_docs, write_jsonl
 
 from dpr_lib import backends, runtimes, storage
 from dpr_lib.config import load_config
@@ -86,6 +86,26 @@ def test_exported_fp32_backend_gives_the_torch_vectors(spark, corpus, tmp_path, 
     again = encode_passages(spark, cfg)
     assert again["fingerprint"]["id"] == fp["id"] and again["files_skipped"] == again["files"]
     assert os.path.getmtime(meta_url) == mtime, "the export is made once"
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_exports_honour_prompt_template_pooling_and_dimensions(spark, corpus, tmp_path, backend):
+    """A sentence-transformers model with a passage prompt, max pooling and a Matryoshka cut: the
+    exported backend gives the torch encoder's vectors (prompt and template apply before the
+    tokenizer, pooling and the cut after the exported graph)."""
+    model = st_model_dir(str(tmp_path), "bert", "max", {"query": "query: ", "document": "passage: "})
+    cfg = with_backend(corpus, tmp_path, backend, model=model, **{"encoder.dimensions": 16})
+    fp = encode_passages(spark, cfg)["fingerprint"]
+    assert (fp["pooling"], fp["prompt"], fp["input_template"], fp["dimensions"], fp["dim"]) == \
+        ("max", "passage: ", "{title} {text}", 16, 16)
+    spec = resolve_spec(load_config(None, [f"encoder.model={model}", "encoder.dtype=fp32", "encoder.dimensions=16"]
+                                    ).encoder, cfg.path("cache_dir"))
+    enc, want = Encoder(spec), {}
+    for f in storage.list_files(corpus.path("passages"), ".parquet"):
+        t = pq.read_table(f)
+        want.update(zip(t.column("pid").to_pylist(), enc.encode(t.column("title").to_pylist(),
+                                                              t.column("text").to_pylist())))
+    assert cosines(vectors(cfg), want).min() > 0.9999
 
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
