@@ -23,9 +23,11 @@ Files of a version (each a :class:`ArrayFile`, memory-mapped by the loader):
   Meta ``postings: "blocks-128"``. Files written before it hold the postings uncompressed
   (``offsets``, ``rows``, ``tf``): they are still read, and scored exhaustively.
 
-Search is pruned by default (:func:`dpr_lib.postings.topk_pruned`: MaxScore with block skipping;
-the top k equal the exhaustive scorer's, ties included); ``search.sparse_exact`` scores every
-posting of every query term instead (the reference the tests compare with).
+Search is pruned by default (:func:`dpr_lib.postings.topk_pruned`: term at a time with MaxScore's
+split, then candidates only, with block skipping; the top k equal the exhaustive scorer's, ties
+included). It keeps 12 B per passage of accumulators and 4 B of length norms per loaded shard, made
+on a shard's first question. ``search.sparse_exact`` scores every posting of every query term
+instead (the reference the tests compare with).
 """
 
 from __future__ import annotations
@@ -203,10 +205,10 @@ class SparseIndex:
         return self._norms[i]
 
     def _scratch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """The pruned scorer's accumulators of shard ``i`` (16 B per passage, made on first use)."""
+        """The pruned scorer's accumulators of shard ``i`` (12 B per passage, made on first use)."""
         if self._scratches[i] is None:
             n = len(self.shards[i]["pids"])
-            self._scratches[i] = (np.zeros(n, np.float64), np.zeros(n, np.int64))
+            self._scratches[i] = (np.zeros(n, np.float64), np.zeros(n, np.int32))
         return self._scratches[i]
 
     def _scale(self, f: ArrayFile) -> float:
