@@ -131,8 +131,8 @@ def measure(files: dict, questions: list[str]) -> dict:
     return out
 
 
-def serve_modes(cfg, questions: list[str]) -> dict:
-    """dpr-serve over the big version: 1 and 16 clients, dense then hybrid."""
+def serve_modes(cfg, qfile: str) -> dict:
+    """dpr-serve over the big version: 1 and 16 clients, dense then hybrid (questions: ``qfile``)."""
     import socket
 
     from serve_bench import loadgen
@@ -140,9 +140,6 @@ def serve_modes(cfg, questions: list[str]) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    qfile = os.path.join(OUT, "questions.txt")
-    with open(qfile, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(q.replace("\n", " ") for q in questions))
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "dpr-serve"), "--index",
                              cfg.path("index_root"), "--port", str(port), "--conf",
                              os.path.join(REPO, "conf", "local.yaml"), "--set", f"paths.cache_dir={OUT}/serve-cache"],
@@ -166,7 +163,7 @@ def bench_sparse(spark, results: dict, details: dict) -> None:
     os.makedirs(OUT, exist_ok=True)
     questions = squad_questions("dev-v1.1-part-a.json", 100 if QUICK else 1000)
     qfile = os.path.join(OUT, "recall_questions.txt")
-    with open(qfile, "w") as fh:
+    with open(qfile, "w", encoding="utf-8") as fh:  # the recall questions, and the service's load
         fh.writelines(q.replace("\n", " ") + "\n" for q in questions)
     cfg, version = big_version(spark, qfile)
     big = big_sparse(cfg, version)
@@ -187,7 +184,7 @@ def bench_sparse(spark, results: dict, details: dict) -> None:
     # the same postings uncompressed (the layout before blocks): 8 B term + 8 B offset per shard
     # term, 6 B per posting (row int32 + tf uint16), pid + doc_len per passage, and the vocabulary
     old = (16 * big["shard_terms"] + 6 * big["postings"] + 10 * big["docs"] + 12 * big["terms"]) / big["docs"]
-    served = serve_modes(cfg, questions)
+    served = serve_modes(cfg, qfile)
     results["serve.hybrid_qps_ratio_1m"] = round(served["hybrid"][16]["qps"] / served["dense"][16]["qps"], 3)
     results["serve.hybrid_p99_ratio_1m"] = round(served["hybrid"][16]["p99_ms"] / served["dense"][16]["p99_ms"], 3)
     growth = b[10]["pruned"]["p50_ms"] / s[10]["pruned"]["p50_ms"]

@@ -254,8 +254,9 @@ def st_settings(path: str) -> dict:
         out["passage_prompt"] = next((prompts[n] for n in ("document", "passage", "corpus") if n in prompts), default)
     sb_cfg = os.path.join(path, "sentence_bert_config.json")
     tok_cfg = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(sb_cfg) and _read_json(sb_cfg).get("max_seq_length"):
-        out["max_length"] = int(_read_json(sb_cfg)["max_seq_length"])
+    sb_limit = _read_json(sb_cfg).get("max_seq_length") if os.path.exists(sb_cfg) else None
+    if sb_limit:
+        out["max_length"] = int(sb_limit)
     elif out.get("st") and os.path.exists(tok_cfg):  # sentence-transformers >= 6 keeps it with the tokenizer
         limit = _read_json(tok_cfg).get("model_max_length")
         if isinstance(limit, int) and 0 < limit < 1_000_000:  # transformers writes ~1e30 for "unset"

@@ -124,7 +124,7 @@ def encode(offsets: np.ndarray, rows: np.ndarray, tf: np.ndarray, doc_len: np.nd
     arrays of the module doc; ``block_smax`` is each block's largest BM25 term weight (without idf)
     under k1, b and ``avgdl`` (the shard's own: see :func:`bound_scale`)."""
     offsets, rows = np.asarray(offsets, np.int64), np.asarray(rows, np.int64)
-    tf, doc_len = np.asarray(tf, np.int64), np.asarray(doc_len)
+    tf, doc_len = np.minimum(np.asarray(tf, np.int64), 65535), np.asarray(doc_len)  # tf is stored in 16 bits
     nterms = len(offsets) - 1
     nblocks = int(((np.diff(offsets) + BLOCK - 1) // BLOCK).sum())
     out = (np.zeros(nterms + 1, np.uint32), np.zeros(nblocks, np.int32), np.zeros(nblocks + 1, np.int64),
@@ -132,10 +132,10 @@ def encode(offsets: np.ndarray, rows: np.ndarray, tf: np.ndarray, doc_len: np.nd
            np.zeros(nblocks, np.uint16), np.zeros(nblocks, doc_len.dtype))
     if len(rows) >= 2**32 or nblocks >= 2**32:
         raise ValueError(f"a sparse shard of {len(rows)} postings is beyond this format (2^32): use more shards")
-    words = _plan(offsets, rows, np.minimum(tf, 65535), doc_len.astype(np.int64), out)
+    words = _plan(offsets, rows, tf, doc_len.astype(np.int64), out)
     packed, check = np.zeros(words + 1, np.uint32), np.zeros(nblocks, np.uint32)  # +1: a read may touch one past
     _pack(offsets, rows, tf, out[0], out[2], out[3], out[4], out[5], out[1], packed, check)
-    t = np.minimum(tf, 65535).astype(np.float64)
+    t = tf.astype(np.float64)
     weight = t / (t + k1 * (1.0 - b + b * doc_len[rows].astype(np.float64) / max(avgdl, 1e-9)))
     starts = np.cumsum(out[3].astype(np.int64)) - out[3]
     smax = (np.maximum.reduceat(weight, starts) if nblocks else np.zeros(0)) * (1.0 + 1e-6)
@@ -190,6 +190,13 @@ def _decode(j, first, packed, block_words, block_n, wrow, wtf, block_last, check
     return row == block_last[j]
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _read_block(j, first, blocks, out_rows, out_tf):
+    """:func:`_decode` of block ``j`` of ``blocks`` (the arrays of :data:`BLOCK_ARRAYS`)."""
+    return _decode(j, first, blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1], blocks[8], out_rows,
+                   out_tf)
+
+
 @njit(cache=True, error_model="numpy")
 def decode_terms(term_pos, blocks, rows, tfs):
     """Every posting of the given terms (positions in the term table; ``blocks``: the arrays of
@@ -198,8 +205,7 @@ def decode_terms(term_pos, blocks, rows, tfs):
     at = 0
     for t in term_pos:
         for j in range(blocks[0][t], blocks[0][t + 1]):
-            if not _decode(j, j == blocks[0][t], blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1],
-                           blocks[8], buf_r, buf_t):
+            if not _read_block(j, j == blocks[0][t], blocks, buf_r, buf_t):
                 return np.int64(j)
             n = blocks[3][j]
             rows[at:at + n] = buf_r[:n]
@@ -250,8 +256,7 @@ def _or_term(t, w32, blocks, norm, acc, touched, n, bufr, buft):
     """Every posting of term ``t`` added to the accumulators, new rows appended to ``touched``.
     Returns (touched count, corrupted block or -1)."""
     for j in range(blocks[0][t], blocks[0][t + 1]):
-        if not _decode(j, j == blocks[0][t], blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1],
-                       blocks[8], bufr, buft):
+        if not _read_block(j, j == blocks[0][t], blocks, bufr, buft):
             return n, np.int64(j)
         for p in range(np.int64(blocks[3][j])):
             r = bufr[p]
@@ -273,8 +278,7 @@ def _and_term(t, w32, blocks, norm, acc, cand, bufr, buft):
         if j == jend:
             break
         if dec != j:
-            if not _decode(j, j == blocks[0][t], blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1],
-                           blocks[8], bufr, buft):
+            if not _read_block(j, j == blocks[0][t], blocks, bufr, buft):
                 return j
             dec, p = j, 0
         while bufr[p] < r:
@@ -343,8 +347,7 @@ def _exact(r, term_pos, weights, blocks, norm, bufr, buft):
         j = j0 + np.searchsorted(blocks[1][j0:j1], r)
         if j == j1:
             continue
-        if not _decode(j, j == j0, blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1], blocks[8],
-                       bufr, buft):
+        if not _read_block(j, j == j0, blocks, bufr, buft):
             return np.float32(0), np.int64(j)
         for p in range(np.int64(blocks[3][j])):
             if bufr[p] == r:

@@ -262,8 +262,9 @@ class SparseIndex:
             if not len(terms):
                 continue
             per_s, per_p = [], []
+            w32 = weights.astype(np.float32)
             for i in range(len(self.shards)):
-                s, p = self._shard_topk(i, terms, weights.astype(np.float32), k)
+                s, p = self._shard_topk(i, terms, w32, k)
                 per_s.append(s[None, :])
                 per_p.append(p[None, :])
             ms, mp = merge_topk(per_s, per_p, k)
