@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONF ?= conf/local.yaml
 # The extras `make install` adds: the jobs (spark), the service (serve), evaluation (eval), the test
-# tools (dev) and the onnx / openvino encoder backends (the tests run them). A search node needs only
+# tools (dev), the docs site (docs) and the onnx / openvino encoder backends (the tests run them). A search node needs only
 # `pip install dpr_lib[serve]` (no pyspark); EXTRAS=spark,serve,eval,dev leaves the backends out.
-EXTRAS ?= spark,serve,eval,dev,onnx,openvino
+EXTRAS ?= spark,serve,eval,dev,docs,onnx,openvino
 # The encoder backends packed for executors by `make package` (e.g. PACKAGE_EXTRAS=onnx).
 PACKAGE_EXTRAS ?=
 export HF_HUB_OFFLINE := 1
@@ -17,10 +17,10 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit lint bench eval train train-eval package cluster-test clean
+.PHONY: help install run test test-unit lint docs bench eval train train-eval package cluster-test clean
 SQUAD_DEV ?= ../shared/data/squad/dev-v1.1-part-a.json
 SQUAD_TRAIN ?= ../shared/data/squad/train-v1.1-subset.json
-# The recipe of `make train` (measured in README "Training"); any train.* key can be added with TRAIN_SET.
+# The recipe of `make train` (measured in docs/training.md); any train.* key can be added with TRAIN_SET.
 TRAIN_SET ?= --set train.shared_encoder=true --set train.lr=3e-5 --set train.warmup_steps=35 \
              --set train.val_every=120 --set train.checkpoint_every=120
 
@@ -65,6 +65,10 @@ train-eval:  ## evaluate the `make train` checkpoint on SQuAD dev part a -> work
 	  --fusion linear \
 	  --set encoder.model=work/train/model/final/passage_encoder \
 	  --set encoder.question_model=work/train/model/final/question_encoder
+
+docs:  ## the docs site -> work/site (generated pages checked, then MkDocs strict: a broken link fails)
+	$(PY) -m dpr_lib.docgen --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir work/site
 
 bench:  ## benchmarks with ratios against baselines -> bench/results/latest.json
 	$(PY) bench/run.py

@@ -12,7 +12,7 @@ cache once, checked against the sha256 the driver fingerprinted.
   fingerprint's dtype (OpenVINO's precision hint: f32, or bf16 where the CPU has it natively).
 - ``onnx`` + ``int8``: ONNX Runtime's dynamic quantisation of the MatMul weights to int8 per
   output channel; activations are quantised per batch at run time (ONNX Runtime's static QDQ
-  graphs measured slower and less faithful on CPUs, see the README's encoder table).
+  graphs measured slower and less faithful on CPUs, see the table in docs/encoders.md).
 
 Only passages go through these backends: questions are encoded one at a time in services, where
 torch's latency is lower, and the manifest's ``question_encoder`` says so.

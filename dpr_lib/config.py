@@ -44,6 +44,7 @@ class SparkConfig:
     master: str = "local[*]"
     """Spark master URL; ``local[*]`` is the embedded default. Ignored under spark-submit if set there."""
     app_name: str = "dpr-index"
+    """Spark application name (shown in the Spark UI and history server)."""
     conf: dict = field(default_factory=dict)
     """Extra Spark properties, passed to the SparkSession builder as strings."""
 
@@ -148,7 +149,7 @@ class EncoderConfig:
 @dataclass
 class IndexConfig:
     factory: str = "auto"
-    """FAISS index_factory string, or auto (rule in docs/index.md)."""
+    """FAISS index_factory string, or auto (rule in docs/stages.md#index-rule)."""
     num_shards: int = non_negative(2)
     """Smallest number of shards; more are made when the vectors exceed num_shards x
     max_vectors_per_shard (0 = from max_vectors_per_shard alone)."""
@@ -215,6 +216,7 @@ class IndexConfig:
     add_batch: int = positive(8192)
     """Vectors added to FAISS per call on executors."""
     seed: int = 1234
+    """Seed of the training sample, the recall queries and k-means: a rebuild of the same vectors gives the same index."""
 
 
 @dataclass
@@ -244,11 +246,13 @@ class PublishConfig:
 @dataclass
 class SearchConfig:
     k: int = positive(10)
+    """Passages returned per question when a request does not say."""
     nprobe: int = non_negative(0)
     """0 = the manifest's recommended nprobe."""
     mmap: bool = False
     """Memory-map shards instead of reading them into RAM."""
     max_k: int = positive(1000)
+    """Largest k the loader and dpr-search accept."""
     k_factor: int = non_negative(0)
     """0 = the manifest's recommended re-rank factor (versions with a re-rank store)."""
     docstore_cache_mb: float = non_negative(64)
@@ -267,7 +271,9 @@ class SearchConfig:
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
+    """Address dpr-serve listens on (127.0.0.1: this machine only; 0.0.0.0: every interface)."""
     port: int = positive(8080)
+    """TCP port of dpr-serve."""
     poll_s: float = positive(30.0)
     """How often the service reads LATEST for a new version (seconds)."""
     max_batch: int = positive(64)
@@ -353,15 +359,19 @@ class TrainConfig:
     hard_negatives: int = non_negative(1)
     """Hard negatives per question in a batch, drawn from the top hard_negative_pool of each question."""
     hard_negative_pool: int = positive(5)
+    """Hard negatives are drawn from this many of each question's first-ranked mined negatives."""
     epochs: float = positive(1.0)
     """Passes over the training questions (fractions allowed)."""
     max_steps: int = non_negative(0)
     """Stop after this many optimizer steps (0 = epochs decide)."""
     lr: float = positive(2e-5)
+    """Peak learning rate of AdamW (after warm-up)."""
     warmup_steps: int = non_negative(100)
     """Linear warm-up, then linear decay to 0 at the last step."""
     weight_decay: float = non_negative(0.0)
+    """AdamW weight decay."""
     max_grad_norm: float = positive(2.0)
+    """Gradients are clipped to this L2 norm."""
     similarity: str = choice("auto", "cosine", "dot")
     """dot | cosine | auto (cosine when the encoder L2-normalises its vectors, as the index then does)."""
     scale: float = positive(20.0)
@@ -371,7 +381,9 @@ class TrainConfig:
     dtype: str = choice("fp32", "bf16")
     """fp32 | bf16 (autocast)."""
     max_question_length: int = positive(64)
+    """Max tokens per question (longer ones are truncated)."""
     seed: int = 42
+    """Seed of the weights' random init, shuffling, hard-negative draws and the validation split."""
     val_fraction: float = 0.05
     """Held-out questions for validation (average rank and top-k of the positive among their passages)."""
     val_every: int = non_negative(200)
@@ -379,7 +391,9 @@ class TrainConfig:
     checkpoint_every: int = non_negative(500)
     """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = positive(2)
+    """Periodic checkpoints kept (older ones are removed once a newer one is complete)."""
     log_every: int = positive(10)
+    """Log the loss every this many steps."""
     num_processes: int = positive(1)
     """Training processes under TorchDistributor (DDP over gloo on CPU); passage embeddings are
     all-gathered so every question sees the whole global batch as negatives."""

@@ -9,7 +9,7 @@ reference. A candidate qualifies when its vectors' cosine to the reference is at
 ``encoder.auto_min_cosine`` on average and at most 0.03 below it at the worst passage; the fastest
 qualifying one wins. bf16 candidates are measured only where the CPU has native bf16 (avx512_bf16
 or AMX) and ``encoder.dtype`` allows them. ONNX Runtime fp32 is left out: it measured slower than
-torch fp32 on every CPU tried (README, encoder backends).
+torch fp32 on every CPU tried (docs/encoders.md#encoder-backends-and-int8-which-configuration-on-which-hardware).
 
 Backends give slightly different vectors, so the choice is made once per (model, work dir) and
 written to ``<work_dir>/encoders/auto-<model key>.json``; every later run, the nightly job

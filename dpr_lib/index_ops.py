@@ -3,7 +3,7 @@ top-k merging, exact re-ranking, the re-rank store and recall. Pure functions of
 FAISS indexes, tested without Spark; :mod:`dpr_lib.index` runs them on a cluster, and
 :mod:`dpr_lib.search` in a search service.
 
-- ``choose_factory`` / ``rule_table``: the automatic index rule (README, "Index rule").
+- ``choose_factory`` / ``rule_table``: the automatic index rule (docs/stages.md#index-rule).
 - ``train_quantizer`` (flat or two-level k-means): a trained, empty IVF from a sample.
 - ``merge_topk`` / ``topk_block``: exact merges of per-shard (or per-batch) top-k lists.
 - ``rerank`` / ``RerankStoreWriter``: exact re-scoring of candidates against stored vectors.
@@ -87,7 +87,7 @@ def choose_factory(n: int, dim: int, bytes_per_vector: int = 0, train_per_list: 
                    exact_below: int = 0, max_train_sample: int = 0, coarse: str = "flat",
                    train_method: str = "auto", large_nlist: int = 4096,
                    budget_key: str = "index.max_train_bytes") -> IndexPlan:
-    """The index rule (README, "Index parameters"), for n vectors of dimension d.
+    """The index rule (docs/stages.md#index-rule), for n vectors of dimension d.
 
     - The training sample holds at most ``max_train_bytes`` of float32 vectors (and
       ``max_train_sample`` vectors if > 0): ``cap`` vectors.
@@ -179,7 +179,7 @@ RULE_TABLE_N = (10_000, 100_000, 1_000_000, 10_000_000, 21_000_000, 100_000_000,
 
 def rule_table(dim: int, max_train_bytes: int, bytes_per_vector: int = 0, exact_below: int = 10_000,
                ns: tuple[int, ...] = RULE_TABLE_N) -> list[dict]:
-    """The auto rule at each n (README "Index parameters"): factory, nlist, sample, driver bytes
+    """The auto rule at each n (docs/stages.md#index-rule): factory, nlist, sample, driver bytes
     of the sample, estimated training FLOPs and training points per list."""
     rows = []
     for n in ns:

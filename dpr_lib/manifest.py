@@ -253,7 +253,7 @@ class Segment:
 
 @dataclass
 class Manifest:
-    """What a version holds and how to search it (README, "Index version layout")."""
+    """What a version holds and how to search it (docs/reference/index-format.md)."""
 
     version: str
     encoder: dict

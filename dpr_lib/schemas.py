@@ -1,4 +1,4 @@
-"""The data contracts between stages (README, "The stages" and "Index version layout"), defined once
+"""The data contracts between stages (docs/stages.md and docs/reference/index-format.md), defined once
 and imported everywhere."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The shared bad-input corpus: every class of bad record the product must survive, with the
 outcome each one must have (a counted reject with its reason, a cleaned document, or a clear
-error). Used by tests/unit/test_corpus_unit.py and tests/integration/test_bad_input.py; the README's
-reliability table lists the same classes."""
+error). Used by tests/unit/test_corpus_unit.py and tests/integration/test_bad_input.py; the failure
+table of docs/reliability.md lists the same classes."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def _write_conf(path: str, work: str, index_root: str, endpoint: str, docs: int)
 
 
 def cluster_command(archive: str, conf: str) -> list[str]:
-    """The spark-submit command line (README "Running on a cluster" shows it)."""
+    """The spark-submit command line (docs/operations/cluster.md shows it)."""
     return [os.path.join(os.path.dirname(sys.executable), "spark-submit"),
             "--master", "local-cluster[2,1,2048]",
             "--archives", f"{archive}#env",
