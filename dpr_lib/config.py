@@ -191,7 +191,10 @@ class IndexConfig:
     below this many vectors with exact codes: a scan of 10k vectors costs about what probing an IVF
     does there, and an IVF on so few vectors loses recall. 0 = always the IVF rule."""
     recall_k: int = positive(10)
-    """k of the recall check."""
+    """k of the recall check: nprobe is chosen for recall@recall_k, so set it to the deepest k the
+    version's services ask for (e.g. 100 when a re-ranker takes the top 100)."""
+    recall_report_k: int = non_negative(100)
+    """A second depth recall is measured and recorded at (manifest recall.at_depth); 0 = none."""
     recall_target: float = 0.95
     """Recommended nprobe is the smallest reaching this recall@k."""
     recall_queries: int = positive(256)

@@ -504,6 +504,15 @@ def check_finite(vectors: np.ndarray, pids: np.ndarray, block: int = 65536) -> N
                                "in the Embeddings table")
 
 
+def pad_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-d lists [q, d] (d <= k) widened to [q, k]: score -inf, pid -1 for the missing hits."""
+    pad = k - scores.shape[1]
+    if pad <= 0:
+        return scores, ids
+    return (np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32),
+            np.pad(ids, ((0, 0), (0, pad)), constant_values=-1).astype(np.int64))
+
+
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard results (each float32/int64 [q, k_i]) into the global top-k [q, k].
 

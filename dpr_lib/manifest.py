@@ -79,8 +79,10 @@ class DeltaRecall(TypedDict):
 
 
 class RecallSection(TypedDict, total=False):
-    """Recall@k of the served nprobe against exact search, measured when the version was built
-    (a delta carries its base's figures, ``carried_from``, and adds ``delta_segment``)."""
+    """Recall@k of the served nprobe against exact search, measured when the version was built. A
+    delta on a version with recall ``lists`` measures its own (``measured``, ``uncertain_queries``,
+    ``rule``); on one without, it carries its base's figures (``carried_from``). Both add
+    ``delta_segment``."""
 
     k: int
     target: float
@@ -90,6 +92,13 @@ class RecallSection(TypedDict, total=False):
     by_nprobe: dict[str, float]
     at_nprobe: float | None
     reached_target: bool
+    at_depth: dict[str, float | None]                     # depth -> recall at the served nprobe
+    by_nprobe_at_depth: dict[str, dict[str, float | None]]  # deeper depth -> {nprobe: recall}
+    base_nprobe: int           # the nprobe of the last full build (what nightly.max_nprobe_growth scales)
+    lists: dict                # file entry of recall-lists.npz (versions without a re-rank store)
+    measured: str
+    uncertain_queries: int
+    rule: str | None           # what the delta did when it missed the target (nprobe raised)
     carried_from: str
     delta_segment: DeltaRecall
 

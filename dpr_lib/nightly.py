@@ -458,8 +458,9 @@ class NightlyRun:
             return None, (f"vector count grew from {prev.totals['vectors']} to {self.total}"
                           f" (> nightly.retrain_growth={ncfg.retrain_growth})")
         trained = storage.read_bytes(join_url(version_url(root, prev_version), "trained.faiss"), opts)
+        base = int((prev.recall or {}).get("base_nprobe") or prev.nprobe)  # not one a delta raised
         return Reuse(trained, prev, "same encoder, growth within nightly.retrain_growth",
-                     ncfg.max_nprobe_growth * prev.nprobe, "nightly.max_nprobe_growth"), None
+                     ncfg.max_nprobe_growth * base, "nightly.max_nprobe_growth"), None
 
     def publish(self) -> dict:
         reuse, reason = self.reuse()
@@ -473,9 +474,15 @@ class NightlyRun:
                   "rejects": self.corpus["rejects"], "corpus_passages": total, "embedded": encoded["encoded"],
                   "reused": (total - encoded["encoded"] if self.changes else diff["unchanged"])
                   if self.same_encoder else 0}
+        from dpr_lib.index import DeltaRecallMiss
+
         full_why = compaction_reason(self.cfg, reuse.manifest, diff, total, self.compact) if reuse else reason
         if reuse and full_why is None:
-            return self.publish_delta(reuse, counts, extra)
+            try:
+                return self.publish_delta(reuse, counts, extra)
+            except DeltaRecallMiss as why:  # the rule of docs/operations/nightly.md: compact instead
+                log.warning("%s: compacting", why)
+                full_why = f"the delta missed the recall target: {why}"
         return self.publish_full(reuse, full_why, counts, extra)
 
     def publish_full(self, reuse, why: str, counts: dict, extra: dict) -> dict:

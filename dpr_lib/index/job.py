@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import numpy as np
@@ -26,11 +27,14 @@ from dpr_lib.config import Config
 from dpr_lib.errors import InputError
 from dpr_lib.fusion import DEFAULT_FUSION
 from dpr_lib.index.recall import (
+    RECALL_LISTS,
+    RecallLists,
     RecallQueries,
     choose_nprobe,
     encode_recall_questions,
     question_fingerprint,
     stale_quantizer,
+    sweep_plan,
 )
 from dpr_lib.index.sample import check_disjoint_files, driver_spill_dir, sample_files, sample_vectors
 from dpr_lib.index.shards import file_layout, plan_pieces
@@ -241,13 +245,22 @@ def _write(w: VersionWriter, source: Source, extra: dict, plan: ops.IndexPlan, n
     with_store = ops.wants_rerank(plan.factory, icfg.rerank)
     k_factors = ([icfg.k_factor] if icfg.k_factor else list(ops.K_FACTORS)) if with_store else None
     nprobes = [p for p in ops.NPROBES if p <= max(1, plan.nlist)]
-    # A shard's sweep stops once its own recall is within a tenth of the target's shortfall of 1.0
-    # (0.995 for 0.95): the merged recall the target is judged by is then well above it.
+    search_k, combos = sweep_plan(k, icfg.recall_report_k, queries, k_factors)
+    # A shard's sweep stops once its own recall@k is within a tenth of the target's shortfall of 1.0
+    # (0.995 for 0.95): the merged recall the target is judged by is then well above it. Deeper
+    # depths and the recall lists at larger nprobes then repeat the last hits (lower bounds), except
+    # for the steps up to nightly.max_nprobe_growth x, the nprobes a delta may raise to.
     shards = w.build_shards(source.files if source.files is not None else source.df, num_shards, dim,
-                            queries.vectors, queries.k_search(k), nprobes, k_factors, pieces,
-                            1.0 - (1.0 - icfg.recall_target) / 10)
+                            queries.vectors, search_k, nprobes, combos, pieces,
+                            (1.0 - (1.0 - icfg.recall_target) / 10, queries.k_search(k),
+                             0 if with_store else math.ceil(math.log2(max(1.0, cfg.nightly.max_nprobe_growth)))))
     with w.timed("recall"):
-        choice = choose_nprobe(shards, nprobes, k_factors, k, queries, icfg)
+        choice = choose_nprobe(shards, nprobes, combos, k, queries, icfg, icfg.recall_report_k)
+        recall = choice.section(k, icfg.recall_target, queries)
+        if not with_store:  # what a nightly delta measures its own recall from
+            lists = RecallLists.of_shards(shards, nprobes, queries, search_k)
+            recall["lists"] = dataclasses.asdict(w.write_file(RECALL_LISTS, lists.to_bytes()))
+        recall["base_nprobe"] = choice.nprobe
     if reuse:
         why = stale_quantizer(reuse.manifest, reuse.max_nprobe, reuse.max_nprobe_key, choice, k, icfg)
         if why:
@@ -277,7 +290,7 @@ def _write(w: VersionWriter, source: Source, extra: dict, plan: ops.IndexPlan, n
                 "flat_float32_bytes_per_passage": 4 * dim,
                 **({"sparse_disk_bytes_per_passage": sparse["disk_bytes_per_passage"]} if sparse else {})},
         sparse=sparse, fusion=dict(DEFAULT_FUSION) if sparse else {},
-        recall=choice.section(k, icfg.recall_target, queries),
+        recall=recall,
         source={"passages": cfg.path("passages"), "embeddings": cfg.path("embeddings")},
         counts={"embeddings": source.n, "vectors_published": vectors},
         accounting=accounting.check(ledger, "merge job"),

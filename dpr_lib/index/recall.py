@@ -160,12 +160,14 @@ class RecallQueries:
 
 @dataclasses.dataclass
 class RecallChoice:
-    """The served nprobe and k_factor and the recall@k measured at each (k_factor 0 = no re-rank)."""
+    """The served nprobe and k_factor and the recall@k measured at each (k_factor 0 = no re-rank),
+    and at the other depths recall is reported at."""
 
     nprobe: int
     k_factor: int
     by: dict            # (nprobe, k_factor) -> recall@k
     by_nprobe: dict     # nprobe -> recall@k at the chosen k_factor
+    by_depth: dict = dataclasses.field(default_factory=dict)   # depth -> {nprobe: recall} at the chosen k_factor
 
     def section(self, k: int, target: float, queries: RecallQueries) -> RecallSection:
         """The manifest's ``recall`` section."""
@@ -174,30 +176,74 @@ class RecallChoice:
                 **({"questions_file": queries.source} if queries.source else {}),
                 "by_nprobe": {str(p): r for p, r in self.by_nprobe.items()},
                 "at_nprobe": self.by_nprobe.get(self.nprobe),
-                "reached_target": self.by_nprobe.get(self.nprobe, 0) >= target}
+                "reached_target": self.by_nprobe.get(self.nprobe, 0) >= target,
+                "at_depth": {str(d): by.get(self.nprobe) for d, by in sorted(self.by_depth.items())},
+                "by_nprobe_at_depth": {str(d): {str(p): r for p, r in by.items()}
+                                       for d, by in sorted(self.by_depth.items()) if d != k}}
 
 
-def choose_nprobe(shards, nprobes: list[int], k_factors: list[int] | None, k: int, queries: RecallQueries,
-                  icfg) -> RecallChoice:
+DEEP_K_FACTOR_MAX = 4
+"""Re-rank versions measure recall at the deeper reported depth only for k_factors up to this (a
+depth of 100 at k_factor 32 would re-rank 3,200 candidates per query in the sweep)."""
+LIST_MARGIN = 10
+"""Hits kept per recall query beyond the deepest depth, so a delta that tombstones a few of a
+query's hits still knows its top k exactly (:func:`merge_lists`)."""
+
+
+def sweep_plan(k: int, report_k: int, queries: RecallQueries, k_factors: list[int] | None):
+    """(search depth of the shard tasks, their k_factors) for recall at ``k`` and ``report_k``: with
+    a re-rank store each (k_factor, depth) is searched as a service would search for that depth;
+    without, one search at the deepest depth plus :data:`LIST_MARGIN` serves every depth."""
+    depths = sorted({queries.k_search(d) for d in (k, report_k) if d})
+    if not k_factors:
+        return depths[-1] + LIST_MARGIN, None
+    combos = [(kf, depths[0]) for kf in k_factors]
+    combos += [(kf, d) for d in depths[1:] for kf in k_factors if kf <= DEEP_K_FACTOR_MAX]
+    return depths[-1], combos
+
+
+def _combo(k_factors, kf: int, depth: int) -> int | None:
+    """Index of (kf, depth) among the shard tasks' k_factors (0 without re-rank), None if not swept."""
+    if not k_factors:
+        return 0
+    return next((f for f, c in enumerate(k_factors) if tuple(c) == (kf, depth)), None)
+
+
+def merged_hits(shards, nprobe_at: int, combo: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shards' hits at one swept (nprobe, k_factor) merged into the version's top ``depth``."""
+    hits = [s.hits(nprobe_at, combo) for s in shards]
+    return merge_topk([h[0][:, :depth] for h in hits], [h[1][:, :depth] for h in hits], depth)
+
+
+def choose_nprobe(shards, nprobes: list[int], k_factors: list | None, k: int, queries: RecallQueries,
+                  icfg, report_k: int = 0) -> RecallChoice:
     """Merge the shards' hits per (nprobe, k_factor), measure recall@k against the merged exact
     top-k, and pick the smallest nprobe, then the smallest k_factor, reaching ``index.recall_target``
-    (``index.nprobe`` forces nprobe); none reaching it: the largest swept."""
-    k_search = queries.k_search(k)
-    _, exact_i = merge_topk([s.exact_scores for s in shards], [s.exact_ids for s in shards], k_search)
-    exact_i = drop_ids(exact_i, queries.pids, k)
-    by = {}
-    for j, p in enumerate(nprobes):
-        for f, kf in enumerate(k_factors or [0]):
-            hits = [s.hits(j, f) for s in shards]
-            _, found = merge_topk([h[0] for h in hits], [h[1] for h in hits], k_search)
-            by[(p, kf)] = round(recall_at_k(drop_ids(found, queries.pids, k), exact_i), 4)
+    (``index.nprobe`` forces nprobe); none reaching it: the largest swept. Recall at ``report_k``
+    is measured too (``by_depth``). ``k_factors``: as :func:`sweep_plan` gives them."""
+    kfs = sorted({c[0] for c in k_factors}) if k_factors else [0]
+    depths = [d for d in dict.fromkeys((k, report_k)) if d]
+    by_depth: dict[int, dict] = {}
+    for d in depths:
+        d_search = queries.k_search(d)
+        _, exact_i = merge_topk([s.exact_scores[:, :d_search] for s in shards],
+                                [s.exact_ids[:, :d_search] for s in shards], d_search)
+        exact_i = drop_ids(exact_i, queries.pids, d)
+        for j, p in enumerate(nprobes):
+            for kf in kfs:
+                f = _combo(k_factors, kf, d_search)
+                if f is not None:
+                    found = merged_hits(shards, j, f, d_search)[1]
+                    by_depth.setdefault(d, {})[(p, kf)] = round(recall_at_k(drop_ids(found, queries.pids, d), exact_i), 4)
+    by = by_depth[k]
     candidates = [(p, kf) for (p, kf) in by if not icfg.nprobe or p == icfg.nprobe]
     reaching = sorted(c for c in candidates if by[c] >= icfg.recall_target)
     nprobe, k_factor = reaching[0] if reaching else (
-        max(candidates) if candidates else (icfg.nprobe, max(k_factors) if k_factors else 0))
+        max(candidates) if candidates else (icfg.nprobe, max(kfs)))
     if icfg.nprobe:
         nprobe = icfg.nprobe
-    return RecallChoice(nprobe, k_factor, by, {p: by[(p, kf)] for (p, kf) in by if kf == k_factor})
+    return RecallChoice(nprobe, k_factor, by, {p: by[(p, kf)] for (p, kf) in by if kf == k_factor},
+                        {d: {p: r for (p, kf), r in bd.items() if kf == k_factor} for d, bd in by_depth.items()})
 
 
 def stale_quantizer(prev, max_nprobe: float, max_nprobe_key: str, choice: RecallChoice, k: int, icfg) -> str | None:
@@ -212,7 +258,8 @@ def stale_quantizer(prev, max_nprobe: float, max_nprobe_key: str, choice: Recall
     if max_nprobe and not icfg.nprobe and choice.nprobe > max_nprobe:
         return (f"the reused quantizer of version {prev.version} needs nprobe {choice.nprobe} to reach "
                 f"index.recall_target {icfg.recall_target}, over the limit of {max_nprobe:g} "
-                f"({max_nprobe_key} x the nprobe {prev.nprobe} that version served with)")
+                f"({max_nprobe_key} x the nprobe {(getattr(prev, 'recall', None) or {}).get('base_nprobe') or prev.nprobe} of the "
+                "last full build)")
     return None
 
 
@@ -227,3 +274,92 @@ def probe_queries(layout: list[dict], dim: int, n: int) -> np.ndarray:
             break
     q = np.concatenate(out)[:n] if out else np.zeros((1, dim), np.float32)
     return np.ascontiguousarray(q, np.float32)
+
+
+# ---------------------------------------------------------------- recall lists: a delta's own recall
+
+RECALL_LISTS = "recall-lists.npz"
+
+
+@dataclasses.dataclass
+class RecallLists:
+    """What a version keeps so that a delta on it can measure its own recall in proportion to the
+    change: the recall queries, and their exact and approximate (per swept nprobe) top ``depth``
+    over the version's live vectors (versions without a re-rank store). A delta searches only its
+    own segment with the same queries and merges (:func:`merge_lists`)."""
+
+    queries: np.ndarray        # float32 [q, d]
+    pids: np.ndarray | None    # stored-vector queries' own pids (excluded from both lists), None for questions
+    source: str
+    nprobes: list[int]
+    exact: tuple[np.ndarray, np.ndarray]          # scores float32, ids int64 [q, depth]
+    hits: list[tuple[np.ndarray, np.ndarray]]     # per nprobe, the same shapes
+
+    @property
+    def depth(self) -> int:
+        return int(self.exact[1].shape[1])
+
+    def recall_queries(self) -> RecallQueries:
+        return RecallQueries(self.queries, self.pids, self.source)
+
+    @classmethod
+    def of_shards(cls, shards, nprobes: list[int], queries: RecallQueries, depth: int) -> RecallLists:
+        exact = merge_topk([s.exact_scores for s in shards], [s.exact_ids for s in shards], depth)
+        return cls(queries.vectors, queries.pids, queries.source, list(nprobes), exact,
+                   [merged_hits(shards, j, 0, depth) for j in range(len(nprobes))])
+
+    def to_bytes(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, queries=self.queries, pids=np.zeros(0, np.int64) if self.pids is None else self.pids,
+                 self_excluded=np.array(self.pids is not None), source=np.array(self.source),
+                 nprobes=np.array(self.nprobes, np.int64), exact_scores=self.exact[0], exact_ids=self.exact[1],
+                 hit_scores=np.stack([h[0] for h in self.hits]), hit_ids=np.stack([h[1] for h in self.hits]))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RecallLists:
+        import io
+
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(z["queries"], z["pids"] if bool(z["self_excluded"]) else None, str(z["source"]),
+                       [int(p) for p in z["nprobes"]], (z["exact_scores"], z["exact_ids"]),
+                       list(zip(z["hit_scores"], z["hit_ids"])))
+
+
+def merge_lists(old: tuple[np.ndarray, np.ndarray], dead: np.ndarray, new: tuple[np.ndarray, np.ndarray],
+                depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A version's top-``depth`` lists after a delta: ``old`` (the previous version's lists) without
+    the ``dead`` pids (sorted), merged with ``new`` (the delta segment's own lists, same queries).
+
+    Returns (scores, ids, certain): ``certain`` [q] is how many of the first hits are known to be
+    the new version's true top hits: a hit ranked below an old or new list's last entry could be
+    missing from the truncated lists, so only the hits scoring above both lists' last scores (of
+    those that were full) are certain."""
+    o_s, o_i = old
+    o_i = np.where(np.isin(o_i, dead), -1, o_i)
+    o_s = np.where(o_i < 0, -np.inf, o_s).astype(np.float32)
+    scores, ids = merge_topk([o_s, new[0]], [o_i, new[1]], depth)
+
+    def floor(s, i):  # the last score of a full list; -inf where the list holds every candidate
+        return np.where(old[1][:, -1] >= 0, old[0][:, -1], -np.inf) if s is None else \
+            np.where(i[:, -1] >= 0, s[:, -1], -np.inf)
+
+    bound = np.maximum(floor(None, None), floor(*new))
+    certain = ((scores > bound[:, None]) & (ids >= 0)).sum(axis=1)
+    certain = np.where(np.isneginf(bound), depth, certain)
+    return scores, ids, certain
+
+
+def recall_of_lists(exact: tuple, hits: tuple, pids: np.ndarray | None, k: int,
+                    certain: np.ndarray | None = None) -> tuple[float | None, int]:
+    """(recall@k of ``hits`` against ``exact`` over the queries whose top k are certain, how many
+    were not). ``certain``: per query, the certain prefix of both lists (the smaller); None = all."""
+    need = k + (0 if pids is None else 1)
+    keep = np.ones(len(exact[1]), bool) if certain is None else certain >= need
+    if not keep.any():
+        return None, int(len(keep))
+    qp = None if pids is None else pids[keep]
+    r = recall_at_k(drop_ids(hits[1][keep][:, :need], qp, k), drop_ids(exact[1][keep][:, :need], qp, k))
+    return round(r, 4), int((~keep).sum())

@@ -27,6 +27,7 @@ from dpr_lib.index_ops import (
     check_finite,
     deserialize,
     merge_topk,
+    pad_topk,
     peak_rss,
     recall_at_k,
     rerank,
@@ -137,8 +138,8 @@ class ShardResult:
 
 def build_shards(spark, source, trained: bytes, num_shards: int, dim: int, out_url_of,
                  queries: np.ndarray, k: int, nprobes: list[int], add_batch: int,
-                 storage_options: dict, retries: int, k_factors: list[int] | None = None,
-                 pieces: list[list[dict]] | None = None, stop_recall: float = 1.0) -> list[ShardResult]:
+                 storage_options: dict, retries: int, k_factors: list | None = None,
+                 pieces: list[list[dict]] | None = None, stop_recall: float | tuple = 1.0) -> list[ShardResult]:
     """Build every shard on executors; return a :class:`ShardResult` per shard, in shard order.
 
     Two ways to feed the shard tasks:
@@ -151,11 +152,15 @@ def build_shards(spark, source, trained: bytes, num_shards: int, dim: int, out_u
     ``out_url_of(shard)`` names where a shard is written (``.faiss``; its re-rank store beside it
     as ``.pids.npy`` and ``.vectors.npy`` when ``k_factors`` is given). ``hit_scores``/``hit_ids``
     hold the shard's top-k of the recall queries at each nprobe and k_factor (float32 / int64
-    [P, F, q, k]; without re-rank F = 1 and the scores are the index's); ``exact_scores``/
+    [P, F, q, k]; without re-rank F = 1 and the scores are the index's). A k_factor may be given
+    as (k_factor, depth): the top ``depth`` of ``depth x k_factor`` candidates re-ranked, as a
+    search for ``depth`` hits gets them (padded to k with pid -1). ``exact_scores``/
     ``exact_ids`` its brute-force top-k ([q, k]); ``rerank`` a JSON {pids: {path, bytes, sha256},
     vectors: {...}} or "".
 
-    ``stop_recall``: an exact-code shard stops its nprobe sweep once its own recall@k against its
+    ``stop_recall`` (or (stop_recall, depth, more steps): recall at that depth, default k, then that
+    many more nprobes searched, default 0): an exact-code shard stops its nprobe sweep once its
+    own recall@k against its
     exact top-k reaches this; the larger nprobes repeat the last results (a lower bound of theirs:
     with exact codes more probes never lose a neighbour).
     """
@@ -209,7 +214,8 @@ class ShardTask:
         self.bc_index, self.bc_queries, self.urls = bc_index, bc_queries, urls
         self.dim, self.k, self.nprobes, self.add_batch = dim, k, nprobes, add_batch
         self.storage_options, self.retries, self.k_factors = storage_options, retries, k_factors
-        self.stop_recall = stop_recall
+        self.stop_recall, self.stop_k, self.stop_after = (tuple(stop_recall) + (k, 0))[:3] \
+            if isinstance(stop_recall, tuple) else (stop_recall, k, 0)
 
     def _upload(self, local: str, url: str) -> dict:
         storage.upload_file_atomic(local, url, self.storage_options, attempts=self.retries)
@@ -234,7 +240,8 @@ class ShardTask:
         # FAISS's OpenMP would start one thread per core in every concurrent task: oversubscribed,
         # its spinning threads slow everything down. One task = its spark.task.cpus threads.
         faiss.omp_set_num_threads(max(1, int(ctx.cpus()) if ctx is not None and hasattr(ctx, "cpus") else 1))
-        q, k, k_factors = self.bc_queries.value, self.k, self.k_factors
+        q, k = self.bc_queries.value, self.k
+        k_factors = [kf if isinstance(kf, (tuple, list)) else (kf, k) for kf in self.k_factors or []]
         shards: dict[int, dict] = {}
         try:
             for s, p, v in chunks:
@@ -282,8 +289,12 @@ class ShardTask:
                 # results instead of scanning up to half the shard per query. (Lossy codes could let
                 # a newly scanned vector overtake; they are searched at every nprobe.)
                 exact_codes = st["store"] is None and type(faiss.downcast_index(idx)) is faiss.IndexIVFFlat
-                for nprobe in self.nprobes:
-                    if exact_codes and all_i and recall_at_k(all_i[-1][0], st["exact"][1]) >= self.stop_recall:
+                reached = None  # the sweep step at which this shard's own recall reached stop_recall
+                for step, nprobe in enumerate(self.nprobes):
+                    if exact_codes and all_i and reached is None and recall_at_k(
+                            all_i[-1][0][:, :self.stop_k], st["exact"][1][:, :self.stop_k]) >= self.stop_recall:
+                        reached = step - 1
+                    if reached is not None and step > reached + self.stop_after:
                         all_s.append(all_s[-1])
                         all_i.append(all_i[-1])
                         continue
@@ -293,9 +304,9 @@ class ShardTask:
                         all_s.append([sc])
                         all_i.append([ids])
                         continue
-                    _, cand = idx.search(q, k * max(k_factors))
-                    per_kf = [rerank(q, np.ascontiguousarray(cand[:, :k * kf]), store_pids, store_vecs, k)
-                              for kf in k_factors]
+                    _, cand = idx.search(q, max(d * kf for kf, d in k_factors))
+                    per_kf = [pad_topk(*rerank(q, np.ascontiguousarray(cand[:, :d * kf]), store_pids, store_vecs, d), k)
+                              for kf, d in k_factors]
                     all_s.append([r[0] for r in per_kf])
                     all_i.append([r[1] for r in per_kf])
                 yield pa.RecordBatch.from_pylist([{

@@ -101,7 +101,7 @@ class VersionWriter:
     # ------------------------------------------------------------ the version's files
 
     def build_shards(self, source, num_shards: int, dim: int, queries, k: int, nprobes: list[int],
-                     k_factors: list[int] | None, pieces=None, stop_recall: float = 1.0) -> list[ShardResult]:
+                     k_factors: list | None, pieces=None, stop_recall: float | tuple = 1.0) -> list[ShardResult]:
         """The shards on executors (:func:`~dpr_lib.index.shards.build_shards`), written into this version."""
         from dpr_lib.spark import task_errors
 

@@ -75,6 +75,53 @@ def test_the_change_is_a_delta_segment_with_tombstones(chain):
     assert json.load(open(os.path.join(version_url(root, v2["version"]), MANIFEST)))["format_version"] == 3
 
 
+# ---------------------------------------------------------------- a delta knows its own recall
+
+
+def _fresh_recall(cfg, version: str, lists, nprobe: int, exact_version: str, k: int) -> float:
+    """Recall@k of ``version`` at ``nprobe`` on the recall lists' queries, measured from scratch:
+    its shards searched by the loader against exact search (every list probed) of ``exact_version``,
+    which holds the same live vectors."""
+    from dpr_lib.index_ops import drop_ids, recall_at_k
+
+    root = cfg.path("index_root")
+    need = k + (0 if lists.pids is None else 1)
+
+    def search(v, p):
+        ix = ShardedIndex(os.path.join(version_url(root, v), MANIFEST), cache_dir=str(cfg.path("cache_dir")), nprobe=p)
+        return ix.search(lists.queries, need)[1]
+
+    exact = search(exact_version, 4)  # IVF4: four lists probed = exact search
+    return recall_at_k(drop_ids(search(version, nprobe), lists.pids, k), drop_ids(exact, lists.pids, k))
+
+
+def _lists(cfg, version: str):
+    from dpr_lib.index.recall import RecallLists
+
+    m = read_manifest(os.path.join(version_url(cfg.path("index_root"), version), MANIFEST))
+    with open(os.path.join(version_url(cfg.path("index_root"), version), m.recall["lists"]["path"]), "rb") as fh:
+        return m, RecallLists.from_bytes(fh.read())
+
+
+def test_a_delta_measures_its_own_recall_as_a_fresh_measurement_would(chain):
+    """The delta's recall, merged from v1's recall lists and its own segment's, equals recall
+    measured from scratch on the delta version (v3 holds the same live vectors), at every nprobe
+    and at both depths; the full builds record both depths too."""
+    cfg = chain["cfg"]
+    m2, lists = _lists(cfg, chain["v2"]["version"])
+    assert m2.recall["measured"].startswith("delta") and "carried_from" not in m2.recall
+    assert m2.recall["uncertain_queries"] == 0 and m2.recall["rule"] is None
+    for k, by in ((10, m2.recall["by_nprobe"]), (100, m2.recall["by_nprobe_at_depth"]["100"])):
+        for p, claimed in by.items():
+            fresh = _fresh_recall(cfg, chain["v2"]["version"], lists, int(p), chain["v3"]["version"], k)
+            # Above the nprobe where a shard's sweep stopped, the lists repeat its last hits: lower bounds.
+            assert claimed <= fresh + 1e-4, (k, p, claimed, fresh)
+            if int(p) <= m2.nprobe:
+                assert abs(claimed - fresh) < 1e-4, (k, p, claimed, fresh)
+    m3 = read_manifest(os.path.join(version_url(cfg.path("index_root"), chain["v3"]["version"]), MANIFEST))
+    assert set(m3.recall["at_depth"]) == {"10", "100"} and m3.recall["at_depth"]["10"] == m3.recall["at_nprobe"]
+
+
 @pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
 def test_a_deleted_pid_is_never_returned_and_a_changed_passage_only_with_its_new_text(chain, mode):
     s = _searcher(chain, chain["v2"]["version"], mode)
@@ -298,3 +345,35 @@ def test_a_swap_to_a_delta_under_load_fails_no_request(spark, tmp_path, tiny_ber
         versions = [v for v, _ in runs]
         assert set(versions) <= {v1, v2["version"]} and versions[-1] == v2["version"]
         assert all(not (pids & gone) for v, pids in runs if v == v2["version"]), "a deleted pid after the swap"
+
+
+def _strict_run(spark, tmp, tiny_bert_dir, growth: float) -> dict:
+    """v1 built at recall target 0.5 (a small nprobe), then one document rewritten and published
+    with target 1.0 and ``nightly.max_nprobe_growth=growth``."""
+    docs = synthetic_docs(100, words_per_doc=150, seed=22)
+    snapshot = write_jsonl(tmp / "snapshot.jsonl", docs)
+    v1 = run_nightly(spark, cfg_for(tmp, tiny_bert_dir, snapshot, "index.recall_target=0.5"))
+    docs[3]["text"] = NEW_TEXT
+    write_jsonl(snapshot, docs)
+    cfg = cfg_for(tmp, tiny_bert_dir, snapshot, "index.recall_target=1.0", f"nightly.max_nprobe_growth={growth}")
+    return {"cfg": cfg, "v1": v1, "v2": run_nightly(spark, cfg)}
+
+
+def test_a_delta_below_the_recall_target_raises_nprobe_within_the_limit(spark, tmp_path, tiny_bert_dir):
+    run = _strict_run(spark, tmp_path, tiny_bert_dir, 8)
+    v1, v2 = run["v1"], run["v2"]
+    assert v1["nprobe"] < 4, "the base needs fewer than every list for recall 0.5"
+    assert v2["kind"] == "delta" and v2["nprobe"] > v1["nprobe"]
+    m, lists = _lists(run["cfg"], v2["version"])
+    assert m.recall["rule"].startswith(f"recall@10 {m.recall['by_nprobe'][str(v1['nprobe'])]} at nprobe {v1['nprobe']}")
+    assert m.recall["at_nprobe"] == 1.0 and m.recall["base_nprobe"] == v1["nprobe"]
+    assert m.nprobe == v2["nprobe"] and abs(_fresh_recall(run["cfg"], v2["version"], lists, v2["nprobe"],
+                                                          v2["version"], 10) - 1.0) < 1e-9
+
+
+def test_a_delta_below_the_recall_target_compacts_past_the_limit(spark, tmp_path, tiny_bert_dir):
+    run = _strict_run(spark, tmp_path, tiny_bert_dir, 1)
+    v2 = run["v2"]
+    assert v2["kind"] == "full", "nprobe may not grow past 1 x the base: the job compacted instead"
+    assert v2["compaction_reason"].startswith("the delta missed the recall target: recall@10"), v2["compaction_reason"]
+    assert v2["recall_at_nprobe"] >= 1.0

@@ -286,3 +286,31 @@ def test_stale_quantizer_rule():
     forced = SimpleNamespace(recall_target=0.95, nprobe=64)
     assert stale_quantizer(prev, 16.0, key, at(64), 10, forced) is None
     assert stale_quantizer(SimpleNamespace(version="v1", nprobe=1), 0, key, at(64), 10, icfg) is None  # no limit
+
+
+def test_merged_recall_lists_equal_the_lists_of_the_new_state_where_certain():
+    """merge_lists: the previous top-L without the dead pids, merged with a delta's own top-L,
+    equals the top-L of the new live set on every hit it calls certain (property over seeds)."""
+    from dpr_lib.index.recall import merge_lists
+    from dpr_lib.index_ops import merge_topk, topk_block
+
+    seen = []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        old_v, new_v = rng.normal(size=(300, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
+        old_p = rng.choice(10**6, 300, replace=False).astype(np.int64)
+        dead = np.sort(rng.choice(old_p, int(rng.integers(0, 120)), replace=False))
+        new_p = np.concatenate([dead[:20], np.arange(10**7, 10**7 + 40 - len(dead[:20]))])  # changed ones keep their pid
+        q, depth = rng.normal(size=(16, 8)).astype(np.float32), 25
+        old = topk_block(q @ old_v.T, old_p, depth)
+        new = topk_block(q @ new_v.T, new_p, depth)
+        live = ~np.isin(old_p, dead)
+        truth = merge_topk([topk_block(q @ old_v[live].T, old_p[live], depth)[0], new[0]],
+                           [topk_block(q @ old_v[live].T, old_p[live], depth)[1], new[1]], depth)
+        s, i, certain = merge_lists(old, dead, new, depth)
+        assert ((certain >= 0) & (certain <= depth)).all()
+        for r in range(len(q)):
+            c = int(certain[r])
+            assert i[r, :c].tolist() == truth[1][r, :c].tolist(), (seed, r, c)
+        seen += certain.tolist()
+    assert min(seen) < 25 <= max(seen), "both certain and truncated lists occur, so the check above can fail"
