@@ -18,7 +18,11 @@ import numpy as np
 
 
 async def run(url: str, questions: list[str], clients: int, seconds: float, batch: int, k: int,
-              mode: str = "") -> dict:
+              mode: str = "", pause: float = 0.0, stop_file: str = "") -> dict:
+    """``pause``: seconds each client waits between requests (0: closed loop, as fast as served);
+    ``stop_file``: stop early once this file exists (a steady load for as long as a soak runs)."""
+    import os
+
     lat: list[float] = []
     failed = 0
     extra = {"mode": mode} if mode else {}
@@ -27,7 +31,7 @@ async def run(url: str, questions: list[str], clients: int, seconds: float, batc
     async def client(i: int, c: httpx.AsyncClient) -> None:
         nonlocal failed
         n = i
-        while time.perf_counter() < stop:
+        while time.perf_counter() < stop and not (stop_file and os.path.exists(stop_file)):
             qs = [questions[(n + j) % len(questions)] for j in range(batch)]
             n += batch * clients
             t = time.perf_counter()
@@ -38,6 +42,8 @@ async def run(url: str, questions: list[str], clients: int, seconds: float, batc
                 ok = False
             lat.append((time.perf_counter() - t) * 1000)
             failed += not ok
+            if pause:
+                await asyncio.sleep(pause)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
@@ -59,9 +65,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--mode", default="", help="dense, bm25 or hybrid (default: the service's)")
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds between a client's requests (0: closed loop)")
+    ap.add_argument("--stop-file", default="", help="stop once this file exists")
     args = ap.parse_args()
     questions = [q.strip() for q in open(args.questions, encoding="utf-8") if q.strip()]
-    print(json.dumps(asyncio.run(run(args.url, questions, args.clients, args.seconds, args.batch, args.k, args.mode))))
+    print(json.dumps(asyncio.run(run(args.url, questions, args.clients, args.seconds, args.batch, args.k, args.mode,
+                                     args.pause, args.stop_file))))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Writes bench/results/latest.json (flat dotted keys, numbers; encode.config names a configuration), latest.md and ratios.png.
 BENCH_QUICK=1 shrinks every size for a smoke run (CI) that only proves the harness works;
-BENCH_ONLY=encode|index|nightly|nightly_scale|nightly_changefeed|serve|scale|sparse|peer|cluster runs one part and merges it into the last
+BENCH_ONLY=encode|index|nightly|nightly_scale|nightly_changefeed|serve|scale|sparse|peer|choice|soak|cluster runs one part and merges it into the last
 results. The parts: encode_bench, index_bench, nightly_bench, serve_bench, scale, sparse_bench,
-peer_bench, cluster_bench (what they share: common).
+peer_bench, choice_bench, soak_bench, cluster_bench (what they share: common).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+from choice_bench import CHOICE_KEYS, bench_choice
 from cluster_bench import bench_cluster
 from common import OUT, QUICK, REPO, SQUAD, log, machine
 from encode_bench import bench_encode
@@ -23,6 +24,7 @@ from nightly_scale import NIGHTLY_CHANGEFEED_KEYS, NIGHTLY_SCALE_KEYS, bench_nig
 from peer_bench import PEER_KEYS, bench_peer
 from scale import bench_scale
 from serve_bench import bench_serve
+from soak_bench import SOAK_KEYS, bench_soak
 from sparse_bench import SPARSE_KEYS, bench_sparse
 
 # ---------------------------------------------------------------- report
@@ -31,7 +33,8 @@ ONLY = os.environ.get("BENCH_ONLY", "")  # serve / index / nightly / scale / clu
 
 
 PART_KEYS = {"nightly_scale": NIGHTLY_SCALE_KEYS, "nightly_changefeed": NIGHTLY_CHANGEFEED_KEYS,
-             "sparse": SPARSE_KEYS, "peer": PEER_KEYS}
+             "sparse": SPARSE_KEYS, "peer": PEER_KEYS, "choice": CHOICE_KEYS,
+             "soak": SOAK_KEYS}
 """Parts whose figures share another part's key prefix (``nightly.``, ``serve.``): the keys each one writes."""
 
 
@@ -148,7 +151,8 @@ def main() -> int:
                                     ["spark.conf={spark.ui.enabled: 'false', spark.driver.memory: 6g}"]))
     # parts that need nothing from encode
     standalone = {"scale": bench_scale, "nightly": bench_nightly, "nightly_scale": bench_nightly_scale,
-                  "nightly_changefeed": bench_nightly_changefeed, "sparse": bench_sparse, "peer": bench_peer}
+                  "nightly_changefeed": bench_nightly_changefeed, "sparse": bench_sparse, "peer": bench_peer,
+                  "choice": bench_choice, "soak": bench_soak}
     if ONLY in standalone:
         standalone[ONLY](spark, results, details)
         spark.stop()
@@ -168,6 +172,8 @@ def main() -> int:
             bench_nightly_scale(spark, results, details)
             bench_sparse(spark, results, details)  # ~15 min: BM25 over 1.08M and 270k passages
             bench_peer(spark, results, details)  # ~5 min: sentence-transformers as the judge, msmarco
+            bench_choice(spark, results, details)  # ~3 min: the served retriever's choice on 43 queries
+            bench_soak(spark, results, details)  # ~30 min: 30 nights on 100k passages under load
         bench_scale(spark, results, details)
     if ONLY == "index":
         bench_index(spark, enc_cfg, emb, results, details)

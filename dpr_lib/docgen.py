@@ -163,6 +163,9 @@ GROUPS = {
     "search": "The loader's batch and single-question search.",
     "serve": "`dpr-serve`: q/s and p99 with concurrent clients, hybrid against dense, swaps, memory.",
     "sparse": "BM25 with pruning against the exhaustive scorer (`BENCH_ONLY=sparse`).",
+    "eval": "The served retriever's choice on a small validation set: held-out nDCG@10 of the choice minus the "
+            "better single retriever's, over seeded splits (`BENCH_ONLY=choice`).",
+    "soak": "Thirty nights in a row while `dpr-serve` answers a steady load (`BENCH_ONLY=soak`).",
 }
 
 

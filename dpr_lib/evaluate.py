@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+import typing
 
 import numpy as np
 
@@ -60,7 +61,7 @@ LABELS = {"bm25": "BM25", "dense_exact": "dense, exact search", "dense_ivf": "de
           "hybrid": "hybrid (BM25 + dense IVF)"}
 
 
-def _tune(runs: dict, ds, table, k: int, fraction: float, seed: int):
+def tune_on_split(runs: dict, ds, table, k: int, fraction: float, seed: int):
     """Choose what a version should serve (dense, bm25 or a fusion and its parameters) on a seeded
     random ``fraction`` of the questions, then keep only the other questions: every figure the
     report gives (including ``recommended``, the choice) is measured on questions it never saw."""
@@ -85,9 +86,10 @@ def _tune(runs: dict, ds, table, k: int, fraction: float, seed: int):
               "scored_on": len(held_rows), "choice": {"name": best, **candidates[best][0]},
               "rule": f"the better of bm25 and dense unless another candidate's worst-case margin over it across "
                       f"the metrics is above 0 at {CONFIDENCE:.0%} confidence (paired bootstrap over the questions, "
-                      f"{BOOTSTRAP_SAMPLES} samples); among those, the largest worst-case margin, then the best mean",
+                      f"{BOOTSTRAP_SAMPLES} samples); among those, the largest worst-case margin, then the best mean; "
+                      f"when bm25 and dense themselves are not told apart, the largest worst-case margin",
               "plain_choice": chosen["plain"], "safe_choice": chosen["safe"], "warning": chosen["warning"],
-              "intervals": chosen["intervals"], "on_tune": on_tune}
+              "intervals": chosen["intervals"], "singles_interval": chosen["singles_interval"], "on_tune": on_tune}
     if chosen["warning"]:
         log.warning("tuning: %s", chosen["warning"])
     log.info("tuned on %d questions: %s (%s on them: %s); every figure below is on the other %d",
@@ -152,26 +154,40 @@ def plot_curves(curves: dict[str, list[float]], path: str, title: str, ylabel: s
 
 # ------------------------------------------------------------------ the job
 
-def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages: str | None = None,
-             qrels: str | None = None, fusion: str = "rrf", rrf_k: int = 60, alpha: float = 0.5,
-             k_max: int = 100, tune_fraction: float = 0.0) -> dict:
-    """Build a closed corpus from ``dataset``, run the stages on it, score every retriever and
-    write report.json, report.md and topk.png to ``out_dir``. Returns the report.
+@dataclasses.dataclass
+class EvaluationRuns:
+    """Every retriever's ranked lists over one dataset's closed corpus, before scoring."""
+
+    ds: typing.Any                 # the dataset (questions, kind, qrels)
+    table: Passages
+    runs: dict                     # retriever -> (scores [q, k], pids [q, k])
+    k: int
+    manifest: typing.Any
+    searcher: typing.Any
+    corpus_stats: dict
+    encode_stats: dict
+    timings: dict
+    work: str
+
+
+def evaluation_runs(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages: str | None = None,
+                    qrels: str | None = None, fusion: str = "rrf", rrf_k: int = 60, alpha: float = 0.5,
+                    k_max: int = 100) -> EvaluationRuns:
+    """Build a closed corpus from ``dataset``, run the stages on it (corpus, encode, merge job) and
+    every retriever over it: bm25, dense_exact, dense_ivf and the fixed ``fusion`` (``hybrid``).
 
     ``spark`` is a SparkSession or a function returning one (called once the dataset has been
     read and checked, so bad input fails before a JVM starts)."""
     from dpr_lib.corpus import shard_corpus
     from dpr_lib.encode import encode_passages
-    from dpr_lib.encoder import describe, get_encoder, resolve_spec
+    from dpr_lib.encoder import get_encoder, resolve_spec
     from dpr_lib.index import build_index
-    from dpr_lib.index_ops import recall_at_k
     from dpr_lib.search import Searcher
 
     if fusion not in FUSIONS:
         raise InputError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"--alpha must be in [0, 1], got {alpha}")
-    t0 = time.time()
     out_dir = os.path.abspath(out_dir)
     work = os.path.join(out_dir, "work")
     os.makedirs(work, exist_ok=True)
@@ -213,12 +229,30 @@ def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages:
     runs = _retriever_runs(spark, cfg, searcher, table, texts, qvecs, k, manifest.dim, timings)
     weights = [1.0 - alpha, alpha] if fusion == "linear" else [1.0, 1.0]
     runs["hybrid"] = fuse([runs["bm25"], runs["dense_ivf"]], k, fusion, rrf_k, weights)
+    return EvaluationRuns(ds, table, runs, k, manifest, searcher, corpus_stats, encode_stats, timings, work)
 
+
+def evaluate(spark, cfg: Config, dataset: str, fmt: str, out_dir: str, passages: str | None = None,
+             qrels: str | None = None, fusion: str = "rrf", rrf_k: int = 60, alpha: float = 0.5,
+             k_max: int = 100, tune_fraction: float = 0.0) -> dict:
+    """Build a closed corpus from ``dataset``, run the stages on it, score every retriever and
+    write report.json, report.md and topk.png to ``out_dir``. Returns the report.
+
+    ``spark`` is a SparkSession or a function returning one (called once the dataset has been
+    read and checked, so bad input fails before a JVM starts)."""
+    from dpr_lib.encoder import describe
+    from dpr_lib.index_ops import recall_at_k
+
+    t0 = time.time()
+    out_dir = os.path.abspath(out_dir)
+    ev = evaluation_runs(spark, cfg, dataset, fmt, out_dir, passages, qrels, fusion, rrf_k, alpha, k_max)
+    ds, table, runs, k, manifest, searcher = ev.ds, ev.table, ev.runs, ev.k, ev.manifest, ev.searcher
+    corpus_stats, encode_stats, timings, work = ev.corpus_stats, ev.encode_stats, ev.timings, ev.work
     t = time.time()
     ivf_recall = recall_at_k(runs["dense_ivf"][1][:, :10], runs["dense_exact"][1][:, :10])
     tuning = None
     if tune_fraction:
-        runs, ds, tuning = _tune(runs, ds, table, k, tune_fraction, cfg.index.seed)
+        runs, ds, tuning = tune_on_split(runs, ds, table, k, tune_fraction, cfg.index.seed)
     scored = {name: (qa_metrics(table, ds.questions, pids, k) if ds.kind == "qa"
                      else qrels_metrics(table, ds, pids, k)) for name, (_, pids) in runs.items()}
     timings["score"] = round(time.time() - t, 1)

@@ -193,7 +193,8 @@ def validate_version(cfg: Config, manifest_url: str, data: Validation) -> tuple[
                   "fetch_k_factor": DEFAULT_FUSION["fetch_k_factor"], "source": "tuned", "metric": metric,
                   "chosen_by": list(values["dense"]), "questions": len(data), "figures": values,
                   "plain_choice": evidence["plain"], "safe_choice": evidence["safe"],
-                  "intervals": evidence["intervals"], "warning": evidence["warning"]}
+                  "intervals": evidence["intervals"], "singles_interval": evidence["singles_interval"],
+                  "warning": evidence["warning"]}
         figures["by_mode"] = {"dense": values["dense"][main], "bm25": values["bm25"][main],
                               "hybrid": values[best_hybrid][main]}
     figures.update({"questions": len(data), "source": cfg.index.validation_questions,

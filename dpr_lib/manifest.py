@@ -141,7 +141,8 @@ class FusionSection(TypedDict, total=False):
     plain_choice: str          # what the plain rule (largest worst-case margin) would have chosen
     safe_choice: str           # the better single retriever
     intervals: dict[str, list[float]]   # candidate -> [mean, low, high] of its worst-case margin over safe_choice
-    warning: str | None        # the questions could not separate plain_choice from safe_choice
+    singles_interval: list[float] | None  # [mean, low, high] of safe_choice's worst-case margin over the other single
+    warning: str | None        # the questions could not separate plain_choice from safe_choice (or the singles)
 
 
 class SoftwareSection(TypedDict):

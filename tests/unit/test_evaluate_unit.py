@@ -240,3 +240,18 @@ def test_too_few_questions_keep_the_safe_choice_and_warn_how_many_would_do():
     assert got["plain"] == "rrf_k60" and got["name"] == got["safe"] == "dense"
     assert got["warning"].startswith("8 questions cannot separate rrf_k60") and "questions would separate" in got["warning"]
     assert got["intervals"]["rrf_k60"][1] <= 0 < got["intervals"]["rrf_k60"][0]
+
+
+def test_when_neither_single_is_told_apart_the_plain_choice_serves_with_a_warning():
+    """9 questions on which dense and BM25 trade places: no single retriever is the safe one, so
+    the best on them (the plain rule) serves, and the warning says which could not be separated."""
+    from dpr_lib.fusion import choose_with_evidence
+
+    rng = np.random.default_rng(4)
+    per_q = _figures(rng, 9, {"dense": {"ndcg@10": 0.5}, "bm25": {"ndcg@10": 0.5}, "rrf_k60": {"ndcg@10": 0.5}})
+    per_q["bm25"]["ndcg@10"] = per_q["dense"]["ndcg@10"][::-1].copy()
+    per_q["rrf_k60"]["ndcg@10"] = (per_q["dense"]["ndcg@10"] + per_q["bm25"]["ndcg@10"]) / 2 + 0.01
+    got = choose_with_evidence(per_q, seed=0)
+    assert got["plain"] == "rrf_k60" and got["name"] == "rrf_k60"
+    assert got["singles_interval"][1] <= 0
+    assert got["warning"].startswith(f"9 questions cannot separate {got['safe']}") and "neither is the safe" in got["warning"]
