@@ -12,8 +12,8 @@ every version published.
 - `dpr-serve` (its own process, polling LATEST) answers 2 clients throughout (bench/loadgen.py,
   a steady paced load); after each night the bench waits for it to serve the new version.
 - Measured every night: the service's RSS and open file descriptors, bytes under the index root
-  (against what the `publish.keep_versions` newest versions reference) and in the service's shard
-  cache, and recall@10 at the served nprobe against exact search (every list probed) on 1,000
+  (against the version directories `publish.keep_versions` allows: the newest ones and those whose
+  segments they reference) and in the service's shard cache, and recall@10 at the served nprobe against exact search (every list probed) on 1,000
   held-apart SQuAD questions, beside the recall the manifest claims (measured on other questions,
   `index.recall_questions`).
 """
@@ -84,22 +84,33 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def needed_bytes(root: str, keep: int) -> int:
-    """Bytes of the files the ``keep`` newest published versions reference (their segments' files
-    in older versions included, each counted once), their manifests and their own small files."""
+def allowed_bytes(root: str, keep: int) -> tuple[int, int]:
+    """(bytes of the version directories ``publish.keep_versions`` allows: the ``keep`` newest
+    published versions and the older ones whose segments they reference; of those, the bytes of
+    files no kept version references: an older version's own manifest, quantizer, vocabulary and
+    recall lists, kept with its segments)."""
     from dpr_lib.config import join_url
     from dpr_lib.manifest import MANIFEST, REJECTED, list_versions, read_manifest, version_url
 
-    files: dict[tuple[str, str], int] = {}
     kept = [v for v in list_versions(root) if os.path.exists(join_url(version_url(root, v), MANIFEST))
             and not os.path.exists(join_url(version_url(root, v), REJECTED))][-keep:]
+    referenced: set[tuple[str, str]] = set()
+    versions = set(kept)
     for v in kept:
         m = read_manifest(join_url(version_url(root, v), MANIFEST))
-        for version, f in m.files_by_version():
-            files[(version, f.path)] = f.bytes
-        for extra in [m.trained.path, MANIFEST] + ([m.recall["lists"]["path"]] if m.recall.get("lists") else []):
-            files[(v, extra)] = os.path.getsize(join_url(version_url(root, v), extra))
-    return sum(files.values())
+        versions |= m.referenced_versions()
+        referenced |= {(version, f.path) for version, f in m.files_by_version()}
+        referenced |= {(v, p) for p in [m.trained.path, MANIFEST] + ([m.recall["lists"]["path"]]
+                                                                     if m.recall.get("lists") else [])}
+    total = unreferenced = 0
+    for v in versions:
+        base = version_url(root, v)
+        for d, _, fs in os.walk(base):
+            for f in fs:
+                size = os.path.getsize(os.path.join(d, f))
+                total += size
+                unreferenced += size if (v, os.path.relpath(os.path.join(d, f), base)) not in referenced else 0
+    return total, unreferenced
 
 
 def measured_recall(cfg, version: str, qvecs: np.ndarray) -> tuple[float, dict]:
@@ -212,8 +223,8 @@ def bench_soak(spark, results: dict, details: dict) -> None:
                 "nprobe": m.nprobe, "claimed": m.recall.get("at_nprobe"), "measured": round(recall, 4),
                 "target": m.recall.get("target"), "rule": m.recall.get("rule"),
                 "recall_source": m.recall.get("measured") or ("carried" if m.recall.get("carried_from") else "built"),
-                "rss": mem, "fds": proc.num_fds(), "root_bytes": dir_bytes(os.path.join(root, "versions")),
-                "needed_bytes": needed_bytes(root, keep), "cache_bytes": dir_bytes(serve_cache)}
+                "rss": mem, "fds": proc.num_fds(), "root_bytes": dir_bytes(root), "cache_bytes": dir_bytes(serve_cache)}
+            night_row["allowed_bytes"], night_row["unreferenced_bytes"] = allowed_bytes(root, keep)
             nights.append(night_row)
             log(f"soak: night {night}: {json.dumps({k: v for k, v in night_row.items() if k != 'version'})}")
     finally:
@@ -229,7 +240,7 @@ def bench_soak(spark, results: dict, details: dict) -> None:
         "soak.failed_requests": int(load_report["failed"]), "soak.requests": int(load_report["requests"]),
         "soak.serve_rss_growth": round(last["rss"] / third["rss"], 3),
         "soak.open_fds_growth": round(last["fds"] / third["fds"], 3),
-        "soak.index_root_bytes_ratio": round(last["root_bytes"] / last["needed_bytes"], 4),
+        "soak.index_root_bytes_ratio": round(last["root_bytes"] / last["allowed_bytes"], 4),
         "soak.max_recall_claim_error": round(max(n["claimed"] - n["measured"] for n in nights), 4),
         "soak.min_recall_margin": round(min(n["measured"] - n["target"] for n in nights), 4),
         "soak.compactions": sum(n["kind"] == "full" for n in nights), "soak.refused_nights": refused})

@@ -342,23 +342,26 @@ class ShardedIndex:
 
         for i, file_pids in by_file.items():
             entry = entries[i]
-            pf = self._docstore_files.get(entry.sha256)
-            if pf is None:
+            # (local path, footer): the file is opened only to read a row group missing from the
+            # LRU, then closed, so a service holding many segments keeps no descriptor per file.
+            known = self._docstore_files.get(entry.sha256)
+            if known is None:
                 local = self.cache.fetch(join_url(surl, _safe_relpath(entry.path)), entry.sha256, ".parquet")
-                pf = self._docstore_files[entry.sha256] = pq.ParquetFile(local)
+                known = self._docstore_files[entry.sha256] = (local, pq.read_metadata(local))
+            local, meta = known
             tables = []
-            for g in range(pf.metadata.num_row_groups):
-                st = pf.metadata.row_group(g).column(0).statistics
+            for g in range(meta.num_row_groups):
+                st = meta.row_group(g).column(0).statistics
                 lo, hi = (st.min, st.max) if st is not None and st.has_min_max else (None, None)
                 if lo is None or any(lo <= p <= hi for p in file_pids):
-                    tables.append(self._row_group(pf, entry.sha256, g))
+                    tables.append(self._row_group(local, meta, entry.sha256, g))
             table = pa.concat_tables(tables)
             # Only the wanted rows become Python objects (a row group holds publish.docstore_row_group rows).
             hit = table.filter(pc.is_in(table.column("pid"), value_set=pa.array(file_pids, type=pa.int64())))
             for row in hit.to_pylist():
                 out[row["pid"]] = {"doc_id": row["doc_id"], "title": row["title"], "text": row["text"]}
 
-    def _row_group(self, pf, path: str, group: int):
+    def _row_group(self, local: str, meta, path: str, group: int):
         """A decoded docstore row group, from a bounded LRU (``docstore_cache_bytes``): decompressing
         a whole row group for ten hits was most of a lookup; hot groups are read once."""
         key = (path, group)
@@ -366,7 +369,10 @@ class ShardedIndex:
         if table is not None:
             self._groups.move_to_end(key)
             return table
-        table = pf.read_row_group(group, columns=["pid", "doc_id", "title", "text"])
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(local, metadata=meta) as pf:
+            table = pf.read_row_group(group, columns=["pid", "doc_id", "title", "text"])
         if table.nbytes <= self.docstore_cache_bytes:
             self._groups[key] = table
             self._groups_bytes += table.nbytes

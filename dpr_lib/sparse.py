@@ -51,6 +51,9 @@ from dpr_lib.manifest import relative_to
 log = logging.getLogger("dpr_lib.sparse")
 
 MAGIC = b"DPRARR1\x00"
+MMAP_MIN_BYTES = 4 << 20
+"""Array files at least this large are memory-mapped; smaller ones are read (Python's mmap holds a
+file descriptor per mapping, and a month of nightly deltas makes many small files)."""
 ALIGN = 64
 VOCAB = "sparse-vocab.bm25"
 POSTINGS = "blocks-128"
@@ -80,26 +83,36 @@ class ArrayFile:
             fh.truncate(start + offset)
 
     def __init__(self, path: str, mmap: bool = True):
+        """``mmap``: one read-only mapping of the whole file, every array a view of it (one file
+        descriptor per file, whatever its number of arrays); files under :data:`MMAP_MIN_BYTES`
+        (a nightly delta's) and ``mmap=False`` read into memory instead, so a service holding many
+        segments keeps no descriptor for each. Arrays are read-only either way."""
+        import mmap as mmap_module
+
         with open(path, "rb") as fh:
             head = fh.read(len(MAGIC) + 8)
             if head[:len(MAGIC)] != MAGIC:
                 raise InputError(f"{path} is not a dpr_lib array file (bad magic)")
             n = int.from_bytes(head[len(MAGIC):], "little")
             header = json.loads(fh.read(n))
+            fh.seek(0)
+            size = os.fstat(fh.fileno()).st_size
+            mapped = mmap and size >= MMAP_MIN_BYTES
+            buf = mmap_module.mmap(fh.fileno(), 0, access=mmap_module.ACCESS_READ) if mapped else fh.read()
         self.meta = header["meta"]
         start = -(-(len(MAGIC) + 8 + n) // ALIGN) * ALIGN
         self.arrays: dict[str, np.ndarray] = {}
+        self.offsets = {name: start + e["offset"] for name, e in header["arrays"].items()}
+        """Where each array starts in the file (bytes)."""
         for name, e in header["arrays"].items():
             dtype, shape = np.dtype(e["dtype"]), tuple(e["shape"])
             count = int(np.prod(shape)) if shape else 1
             if count == 0:
                 self.arrays[name] = np.zeros(shape, dtype)
-            elif mmap:
-                self.arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + e["offset"], shape=shape)
-            else:
-                with open(path, "rb") as fh:
-                    fh.seek(start + e["offset"])
-                    self.arrays[name] = np.frombuffer(fh.read(count * dtype.itemsize), dtype).reshape(shape)
+                continue
+            if start + e["offset"] + count * dtype.itemsize > size:
+                raise IndexIntegrityError(f"{path}: array {name} runs past the end of the file (truncated)")
+            self.arrays[name] = np.frombuffer(buf, dtype, count, start + e["offset"]).reshape(shape)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]

@@ -187,7 +187,7 @@ def test_a_corrupted_postings_block_is_refused_naming_the_file(tmp_path):
     t = int(np.searchsorted(f["terms"], term))
     block = int(f["term_blocks"][t])
     word = int(f["block_words"][block])
-    offset = f["packed"].offset + 4 * word
+    offset = f.offsets["packed"] + 4 * word
     del f
     raw = bytearray(open(path, "rb").read())
     raw[offset] ^= 0x10
@@ -220,3 +220,29 @@ def test_shards_written_before_compression_are_still_read(tmp_path):
     b = SparseIndex(built["vocab"], [old], built["docs"], built["avg_doc_len"]).search(QUESTIONS, 5)
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_an_array_file_holds_one_descriptor_whatever_its_arrays(tmp_path, monkeypatch):
+    """Memory-mapped as one mapping: a shard file of 15 arrays costs a service one open file, not 15."""
+    import os
+
+    texts = CORPUS * 30
+    built = build_local(str(tmp_path), np.arange(len(texts), dtype=np.int64), texts)
+    from dpr_lib import sparse
+
+    before = len(os.listdir("/proc/self/fd"))
+    small = [ArrayFile(built["shards"][0]) for _ in range(5)]  # under MMAP_MIN_BYTES: read, no descriptor
+    assert len(os.listdir("/proc/self/fd")) == before
+    monkeypatch.setattr(sparse, "MMAP_MIN_BYTES", 0)
+    files = [ArrayFile(built["shards"][0]) for _ in range(5)]
+    assert len(files[0].arrays) >= 10
+    assert len(os.listdir("/proc/self/fd")) - before == 5
+    for f in (small[0], files[0]):
+        assert all(not a.flags.writeable for a in f.arrays.values() if a.size)
+        assert all(np.array_equal(f[n], small[0][n]) for n in f.arrays)
+    # a truncated file is refused naming it
+    raw = open(built["shards"][0], "rb").read()
+    short = tmp_path / "short.bm25"
+    short.write_bytes(raw[: len(raw) - 64])
+    with pytest.raises(IndexIntegrityError, match="short.bm25: array .* runs past the end of the file"):
+        ArrayFile(str(short))
