@@ -154,6 +154,20 @@ class MicroBatcher:
             at += len(qs)
 
 
+def release_memory() -> None:
+    """Collect the released version's objects and hand the allocator's free pages back to the
+    system (glibc's malloc_trim): without it a swap to a version that shares nothing (a compaction)
+    left the service's RSS at two versions' worth (the soak bench: +12% for the rest of the run)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
+
+
 class IndexHolder:
     """The version being served, and the loader thread that replaces it."""
 
@@ -169,6 +183,7 @@ class IndexHolder:
         self.failures = 0
         self.downloaded_bytes = 0  # over every load since start
         self._released: list[frozenset] = []
+        self._trim_due = False  # a version was released: return its freed memory at the next poll
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -200,6 +215,10 @@ class IndexHolder:
     def poll_once(self) -> bool:
         """Load and swap to LATEST if it is new; True when a swap happened."""
         from dpr_lib.manifest import read_latest
+
+        if self._trim_due:  # a poll interval after a swap: requests on the old version have ended
+            self._trim_due = False
+            release_memory()
 
         try:
             latest = read_latest(self.root, self.opts)
@@ -248,6 +267,7 @@ class IndexHolder:
         """Forget the old version (requests still on it keep it alive until they end) and remove
         cache files of the version released before it that neither live version uses."""
         self._released.append(old.blobs)
+        self._trim_due = True
         if len(self._released) < 2:
             return
         stale = self._released.pop(0) - old.blobs - new.blobs
