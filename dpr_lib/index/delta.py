@@ -156,11 +156,13 @@ def _measured_delta(w: VersionWriter, prev: Manifest, lists: RecallLists, files:
     at = by_depth[k].get(nprobe)
     rule = None
     if at is None or at < target:
-        reaching = [p for p in lists.nprobes if nprobe < p <= limit and (by_depth[k][p] or 0) >= target]
+        reaching = [] if icfg.nprobe else \
+            [p for p in lists.nprobes if nprobe < p <= limit and (by_depth[k][p] or 0) >= target]
         if not reaching:
             raise DeltaRecallMiss(
                 f"recall@{k} of the delta version is {at} at nprobe {nprobe}, below index.recall_target {target}, "
-                f"and no nprobe up to {limit:g} (nightly.max_nprobe_growth x the base nprobe {base}) reaches it")
+                + (f"and index.nprobe={icfg.nprobe} is forced" if icfg.nprobe else
+                   f"and no nprobe up to {limit:g} (nightly.max_nprobe_growth x the base nprobe {base}) reaches it"))
         rule = f"recall@{k} {at} at nprobe {nprobe} < {target}: nprobe raised to {reaching[0]}"
         log.warning("delta: %s", rule)
         nprobe = reaching[0]
