@@ -16,9 +16,9 @@ import dataclasses
 import os
 
 import numpy as np
-from common import QUICK, REPO, WORK, log
+from common import QUICK, WORK, log
+from peer_bench import BEIR, msmarco_config
 
-BEIR = os.path.join(os.path.dirname(REPO), "shared", "data", "beir", "msmarco")
 OUT = os.path.join(WORK, "choice")
 SEEDS = 5 if QUICK else 20
 FRACTION = 0.2
@@ -38,14 +38,11 @@ def bench_choice(spark, results: dict, details: dict) -> None:
     if not os.path.isdir(BEIR):
         log(f"choice: {BEIR} not found; skipped")
         return
-    from dpr_lib.config import load_config
     from dpr_lib.evaluate import evaluation_runs, tune_on_split
     from dpr_lib.fusion import fusion_candidates
     from dpr_lib.metrics import split_questions
 
-    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
-        "encoder.backend=torch", "encoder.dtype=fp32", "corpus.words=200", f"paths.cache_dir={OUT}/cache"])
-    ev = evaluation_runs(spark, cfg, BEIR, "beir", os.path.join(OUT, "eval"), k_max=100)
+    ev = evaluation_runs(spark, msmarco_config(OUT), BEIR, "beir", os.path.join(OUT, "eval"), k_max=100)
     candidates = fusion_candidates(ev.runs["bm25"], ev.runs["dense_ivf"], ev.k)
     per_seed = []
     for seed in range(SEEDS):

@@ -59,6 +59,15 @@ def trec_top10(path: str) -> dict[str, list[str]]:
     return out
 
 
+def msmarco_config(out: str):
+    """conf/local.yaml with the bundled model in torch fp32 and whole documents (the longest subset
+    document has 185 words): the setup of every bench on the MS MARCO subset."""
+    from dpr_lib.config import load_config
+
+    return load_config(os.path.join(REPO, "conf", "local.yaml"), [
+        "encoder.backend=torch", "encoder.dtype=fp32", "corpus.words=200", f"paths.cache_dir={out}/cache"])
+
+
 def bench_peer(spark, results: dict, details: dict) -> None:
     if not os.path.isdir(BEIR):
         log(f"peer: {BEIR} not found; skipped")
@@ -66,12 +75,10 @@ def bench_peer(spark, results: dict, details: dict) -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    from dpr_lib.config import load_config
     from dpr_lib.encoder import default_model_dir
     from dpr_lib.evaluate import evaluate
 
-    cfg = load_config(os.path.join(REPO, "conf", "local.yaml"), [
-        "encoder.backend=torch", "encoder.dtype=fp32", "corpus.words=200", f"paths.cache_dir={OUT}/cache"])
+    cfg = msmarco_config(OUT)
     # sentence-transformers' evaluator judges by sets of relevant documents: both sides get the
     # subset's graded judgments (1-3) as binary ones, so the two nDCG@10 measure the same thing
     report = evaluate(spark, cfg, binary_copy(os.path.join(OUT, "msmarco-binary")), "beir", os.path.join(OUT, "eval"),

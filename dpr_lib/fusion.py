@@ -157,22 +157,19 @@ def choose_with_evidence(per_question: dict[str, dict[str, np.ndarray]], seed: i
     n = len(next(iter(per_question[safe].values())))
     rows = np.random.default_rng(seed).integers(0, n, size=(samples, n))
     alpha = (1.0 - confidence) / 2
-    intervals = {}
-    for name in per_question:
-        if name == safe:
-            continue
-        diffs = margin_differences(per_question, name, safe)
+
+    def interval(candidate: str, over: str) -> list[float]:
+        """[mean, low, high] of ``candidate``'s worst margin over ``over`` (the same resamples for all)."""
+        diffs = margin_differences(per_question, candidate, over)
         boot = diffs[:, rows].mean(axis=2).min(axis=0)  # [samples]: the worst margin of each resample
-        intervals[name] = [round(float(diffs.mean(axis=1).min()), 4),
-                           round(float(np.quantile(boot, alpha)), 4), round(float(np.quantile(boot, 1 - alpha)), 4)]
+        return [round(float(diffs.mean(axis=1).min()), 4),
+                round(float(np.quantile(boot, alpha)), 4), round(float(np.quantile(boot, 1 - alpha)), 4)]
+
+    intervals = {name: interval(name, safe) for name in per_question if name != safe}
     supported = [c for c, (_, low, _) in intervals.items() if low > 0]
     other = next((s for s in singles if s in per_question and s != safe), None)
-    singles_apart = None
-    if other is not None:  # is the safe choice itself told apart from the other single?
-        diffs = margin_differences(per_question, safe, other)
-        boot = diffs[:, rows].mean(axis=2).min(axis=0)
-        singles_apart = [round(float(diffs.mean(axis=1).min()), 4), round(float(np.quantile(boot, alpha)), 4),
-                         round(float(np.quantile(boot, 1 - alpha)), 4)]
+    # is the safe choice itself told apart from the other single?
+    singles_apart = interval(safe, other) if other is not None else None
     if plain == safe or plain in supported:
         name = plain
     elif supported:

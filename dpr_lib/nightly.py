@@ -443,6 +443,7 @@ class NightlyRun:
     def reuse(self):
         """(the previous version's quantizer offered for reuse or None, why a retrain)."""
         from dpr_lib.index import Reuse
+        from dpr_lib.index.recall import base_nprobe
         from dpr_lib.manifest import MANIFEST, read_latest, read_manifest, version_url
 
         if not self.baseline:
@@ -458,9 +459,8 @@ class NightlyRun:
             return None, (f"vector count grew from {prev.totals['vectors']} to {self.total}"
                           f" (> nightly.retrain_growth={ncfg.retrain_growth})")
         trained = storage.read_bytes(join_url(version_url(root, prev_version), "trained.faiss"), opts)
-        base = int((prev.recall or {}).get("base_nprobe") or prev.nprobe)  # not one a delta raised
         return Reuse(trained, prev, "same encoder, growth within nightly.retrain_growth",
-                     ncfg.max_nprobe_growth * base, "nightly.max_nprobe_growth"), None
+                     ncfg.max_nprobe_growth * base_nprobe(prev), "nightly.max_nprobe_growth"), None
 
     def publish(self) -> dict:
         reuse, reason = self.reuse()

@@ -15,7 +15,7 @@ from dpr_lib import accounting, storage
 from dpr_lib import index_ops as ops
 from dpr_lib.config import Config
 from dpr_lib.errors import InputError
-from dpr_lib.index.recall import RECALL_LISTS, RecallLists, merge_lists, probe_queries, recall_of_lists
+from dpr_lib.index.recall import RECALL_LISTS, RecallLists, base_nprobe, merge_lists, probe_queries, recall_of_lists
 from dpr_lib.index.shards import file_layout, plan_pieces
 from dpr_lib.index.writer import VersionWriter
 from dpr_lib.manifest import Manifest, relative_to
@@ -147,7 +147,7 @@ def _measured_delta(w: VersionWriter, prev: Manifest, lists: RecallLists, files:
         raise DeltaRecallMiss(f"index.recall_k={k} is deeper than the recall lists of version {prev.version} "
                               f"({depth} hits per query)")
     nprobe = prev.nprobe
-    base = int(prev.recall.get("base_nprobe") or prev.nprobe)
+    base = base_nprobe(prev)
     limit = w.cfg.nightly.max_nprobe_growth * base
     unsure = uncertain[(k, nprobe)] if (k, nprobe) in uncertain else q
     if unsure > (1 - LIST_CERTAIN_MIN) * q:

@@ -246,6 +246,12 @@ def choose_nprobe(shards, nprobes: list[int], k_factors: list | None, k: int, qu
                         {d: {p: r for (p, kf), r in bd.items() if kf == k_factor} for d, bd in by_depth.items()})
 
 
+def base_nprobe(manifest) -> int:
+    """The nprobe of the last full build behind a version (a delta may serve a raised one): what
+    ``nightly.max_nprobe_growth`` scales."""
+    return int((getattr(manifest, "recall", None) or {}).get("base_nprobe") or manifest.nprobe)
+
+
 def stale_quantizer(prev, max_nprobe: float, max_nprobe_key: str, choice: RecallChoice, k: int, icfg) -> str | None:
     """Why a quantizer reused from version ``prev`` no longer serves, or None. It must reach
     ``index.recall_target`` at all, and (unless nprobe is forced) at no more than ``max_nprobe``
@@ -258,8 +264,7 @@ def stale_quantizer(prev, max_nprobe: float, max_nprobe_key: str, choice: Recall
     if max_nprobe and not icfg.nprobe and choice.nprobe > max_nprobe:
         return (f"the reused quantizer of version {prev.version} needs nprobe {choice.nprobe} to reach "
                 f"index.recall_target {icfg.recall_target}, over the limit of {max_nprobe:g} "
-                f"({max_nprobe_key} x the nprobe {(getattr(prev, 'recall', None) or {}).get('base_nprobe') or prev.nprobe} of the "
-                "last full build)")
+                f"({max_nprobe_key} x the nprobe {base_nprobe(prev)} of the last full build)")
     return None
 
 
@@ -343,10 +348,9 @@ def merge_lists(old: tuple[np.ndarray, np.ndarray], dead: np.ndarray, new: tuple
     scores, ids = merge_topk([o_s, new[0]], [o_i, new[1]], depth)
 
     def floor(s, i):  # the last score of a full list; -inf where the list holds every candidate
-        return np.where(old[1][:, -1] >= 0, old[0][:, -1], -np.inf) if s is None else \
-            np.where(i[:, -1] >= 0, s[:, -1], -np.inf)
+        return np.where(i[:, -1] >= 0, s[:, -1], -np.inf)
 
-    bound = np.maximum(floor(None, None), floor(*new))
+    bound = np.maximum(floor(*old), floor(*new))
     certain = ((scores > bound[:, None]) & (ids >= 0)).sum(axis=1)
     certain = np.where(np.isneginf(bound), depth, certain)
     return scores, ids, certain
