@@ -15,14 +15,18 @@ scaled by :func:`bound_scale` (max(1, A_now / A_built)), which bounds how far an
 can move when a delta changes the average length. Nothing stored is recomputed when a delta lands,
 and no bound becomes unsafe. A file built with another k1 or b falls back to the tf/length bound.
 
-**The scorer** (:func:`topk_pruned`) goes term at a time, heaviest bound first, into per-shard
-accumulators. Once the bounds of the terms still to come cannot lift an untouched row to the k-th
-accumulator (MaxScore's split of essential and non-essential terms), only the touched rows they
-could still lift there stay candidates, and the remaining terms update those alone, decoding only
-the blocks holding one. **Exactness:** the rows near the k-th accumulator are rescored exactly as
-the exhaustive scorer scores (float32 ``w tf / (tf + norm)`` per term, summed in query-term order
-in float64, rounded to float32), ties broken by row (= pid order in a shard); every bound is
-inflated by :data:`SLACK`: the top k equal the exhaustive scorer's, ties included.
+**The scorer** (:func:`topk_pruned`) is block-max MaxScore over windows of :data:`WINDOW` rows (as
+Lucene's MaxScore bulk scorer goes, and PISA's block-max MaxScore). Per window, a term's bound is
+the largest of its blocks there; a window whose bounds sum below the k-th best score so far is
+passed without decoding a block. Otherwise the lightest terms whose bounds together stay below it
+are non-essential; the essential terms' postings in the window are accumulated into window-sized
+arrays (they stay in cache), and each row they touch is completed by looking the non-essential
+terms up (blocks passed by their last rows), dropped as soon as the terms left cannot lift it to
+the k-th best. **Exactness:** a completed row's score is summed as the exhaustive scorer sums it
+(float32 ``w tf / (tf + norm)`` per term, summed in query-term order in float64, rounded to
+float32) into a heap of the k best, ties broken by row (= pid order in a shard); every bound is
+inflated by :data:`SLACK` and rows are dropped only strictly below the k-th best: the top k equal
+the exhaustive scorer's, ties included.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import numpy as np
 from numba import njit
 
 BLOCK = 128
+WINDOW = 16384
+"""Rows per window of the pruned scorer: its accumulators (12 B per row, and 4 B per row and query
+term) stay in the L2 cache."""
 SLACK = 1.0 + 1e-5
 """Relative margin on every bound: float32 contributions and float64 sums in another order can
 exceed a float64 bound by ~1e-7 relative; a skipped document is below the k-th score by more."""
@@ -157,14 +164,20 @@ def bound_scale(built_avgdl: float, avgdl: float) -> float:
 
 
 @njit(cache=True, error_model="numpy")
-def _decode(j, first, packed, block_words, block_n, wrow, wtf, block_last, check, out_rows, out_tf):
-    """Block ``j`` (``first``: whether it is its term's first) into the buffers; False when its
-    checksum or its last row disagree with the block table (corruption)."""
-    n, wr, wt = np.int64(block_n[j]), np.int64(wrow[j]), np.int64(wtf[j])
-    w0, w1 = np.int64(block_words[j]), np.int64(block_words[j + 1])
-    if n < 1 or n > BLOCK or w1 < w0 or w1 + 1 > len(packed) or \
-            _checksum(packed, w0, w1, block_last[j], n) != np.uint64(check[j]):
-        return False
+def _decode(j, first, blocks, out_rows, out_tf, i, with_tf):
+    """Block ``j`` of ``blocks`` (the arrays of :data:`BLOCK_ARRAYS`, then the per-block ``checked``
+    bytes; ``first``: whether it is its term's first) into row ``i`` of the buffers: its rows, and
+    its tf values when ``with_tf`` (:func:`_tf_at` reads single ones). False when the block's
+    shape, its checksum or its last row disagree with the block table (corruption). The checksum
+    is computed once per block and loaded index (``checked``): the files are read-only maps."""
+    packed, block_last, checked = blocks[9], blocks[1], blocks[11]
+    n, wr, wt = np.int64(blocks[3][j]), np.int64(blocks[4][j]), np.int64(blocks[5][j])
+    w0, w1 = np.int64(blocks[2][j]), np.int64(blocks[2][j + 1])
+    if checked[j] == 0:
+        if n < 1 or n > BLOCK or w1 < w0 or w1 + 1 > len(packed) or n * (wr + wt) > (w1 - w0) * 32 or \
+                _checksum(packed, w0, w1, block_last[j], n) != np.uint64(blocks[8][j]):
+            return False
+        checked[j] = 1
     # one pass over the words: a 64-bit reader refilled 32 bits at a time
     acc, have, at = np.uint64(0), np.int64(0), w0
     mask_r = (np.uint64(1) << np.uint64(wr)) - np.uint64(1)
@@ -177,39 +190,47 @@ def _decode(j, first, packed, block_words, block_n, wrow, wtf, block_last, check
         row += np.int64(acc & mask_r) + 1
         acc >>= np.uint64(wr)
         have -= wr
-        out_rows[p] = row
+        out_rows[i, p] = row
+    if row != block_last[j]:
+        checked[j] = 0
+        return False
+    if not with_tf:
+        return True
     mask_t = (np.uint64(1) << np.uint64(wt)) - np.uint64(1)
     for p in range(n):
         if have < wt:
             acc |= np.uint64(packed[at]) << np.uint64(have)
             at += 1
             have += 32
-        out_tf[p] = np.int64(acc & mask_t) + 1
+        out_tf[i, p] = np.int64(acc & mask_t) + 1
         acc >>= np.uint64(wt)
         have -= wt
-    return row == block_last[j]
+    return True
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _read_block(j, first, blocks, out_rows, out_tf):
-    """:func:`_decode` of block ``j`` of ``blocks`` (the arrays of :data:`BLOCK_ARRAYS`)."""
-    return _decode(j, first, blocks[9], blocks[2], blocks[3], blocks[4], blocks[5], blocks[1], blocks[8], out_rows,
-                   out_tf)
+def _tf_at(packed, w0, n, wr, wt, p):
+    """The tf of posting ``p`` of a block (words from ``w0``, ``n`` postings, widths ``wr``/``wt``),
+    read alone from the (at most) two words holding it."""
+    bit = w0 * 32 + n * wr + p * wt
+    at = bit >> 5
+    v = (np.uint64(packed[at]) | (np.uint64(packed[at + 1]) << np.uint64(32))) >> np.uint64(bit & 31)
+    return np.int64(v & ((np.uint64(1) << np.uint64(wt)) - np.uint64(1))) + 1
 
 
 @njit(cache=True, error_model="numpy")
 def decode_terms(term_pos, blocks, rows, tfs):
     """Every posting of the given terms (positions in the term table; ``blocks``: the arrays of
     :data:`BLOCK_ARRAYS`), in order, into ``rows``/``tfs``; returns -1, or the corrupted block."""
-    buf_r, buf_t = np.empty(BLOCK, np.int64), np.empty(BLOCK, np.int64)
+    buf_r, buf_t = np.empty((1, BLOCK), np.int64), np.empty((1, BLOCK), np.int64)
     at = 0
     for t in term_pos:
         for j in range(blocks[0][t], blocks[0][t + 1]):
-            if not _read_block(j, j == blocks[0][t], blocks, buf_r, buf_t):
+            if not _decode(j, j == blocks[0][t], blocks, buf_r, buf_t, 0, True):
                 return np.int64(j)
             n = blocks[3][j]
-            rows[at:at + n] = buf_r[:n]
-            tfs[at:at + n] = buf_t[:n]
+            rows[at:at + n] = buf_r[0, :n]
+            tfs[at:at + n] = buf_t[0, :n]
             at += n
     return np.int64(-1)
 
@@ -241,189 +262,278 @@ def _block_bound(j, w, blocks, k1, omb, bavg, scale):
     return w * tfmax / (tfmax + k1 * (omb + bavg * dlmin))
 
 
-@njit(cache=True, error_model="numpy")
-def term_bounds(term_pos, weights, blocks, k1, omb, bavg, scale):
-    """Per query term: the largest block bound over its postings (float64, statistics of now)."""
-    out = np.zeros(len(term_pos), np.float64)
-    for i in range(len(term_pos)):
-        for j in range(blocks[0][term_pos[i]], blocks[0][term_pos[i] + 1]):
-            out[i] = max(out[i], _block_bound(j, np.float64(weights[i]), blocks, k1, omb, bavg, scale))
-    return out
+# ---------------------------------------------------------------- the pruned scorer
+# Per-term cursor state, one column per query term (``st``): ``CUR`` the first block not wholly
+# behind the scan, ``END`` one past the term's last block, ``FIRST`` its first block, ``DEC`` the
+# block held decoded in the term's row of the buffers (-1: none), ``POS`` the posting the scan
+# reached in it, ``TFS`` whether its tf values are decoded too (lookups read single ones). The kernels below take arrays by reference count (an atomic increment and
+# decrement per array per call), so the per-posting and per-row work stays inside a few calls
+# per window.
+CUR, END, FIRST, DEC, POS, TFS = 0, 1, 2, 3, 4, 5
+_DEBRUIJN = np.array([0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36, 53, 51, 43, 22, 45,
+                      39, 33, 30, 24, 18, 12, 5, 63, 47, 56, 27, 60, 41, 37, 16, 54, 35, 52, 21, 44, 32, 23, 11, 46,
+                      26, 40, 15, 34, 20, 31, 10, 25, 14, 19, 9, 13, 8, 7, 6], np.int64)
+"""The position of a 64-bit word's lowest set bit, by De Bruijn multiplication (0x03f79d71b4cb0a89)."""
 
 
 @njit(cache=True, error_model="numpy")
-def _or_term(t, w32, blocks, norm, acc, touched, n, bufr, buft):
-    """Every posting of term ``t`` added to the accumulators, new rows appended to ``touched``.
-    Returns (touched count, corrupted block or -1)."""
-    for j in range(blocks[0][t], blocks[0][t + 1]):
-        if not _read_block(j, j == blocks[0][t], blocks, bufr, buft):
-            return n, np.int64(j)
-        for p in range(np.int64(blocks[3][j])):
-            r = bufr[p]
-            if acc[r] == 0.0:  # every contribution is > 0: 0 means untouched
-                touched[n] = r
-                n += 1
-            acc[r] += np.float64(_contrib(w32, buft[p], norm[r]))
-    return n, np.int64(-1)
+def _hold(i, j, st, blocks, bufr, buft, with_tf):
+    """Block ``j`` decoded into term ``i``'s buffers, with its tf values or not (callers test
+    ``st[DEC, i]`` and ``st[TFS, i]`` first: a call costs a reference count per array); False:
+    corrupted."""
+    if not _decode(j, j == st[FIRST, i], blocks, bufr, buft, i, with_tf):
+        return False
+    st[DEC, i], st[POS, i], st[TFS, i] = j, 0, 1 if with_tf else 0
+    return True
+
+
+EXACT_BLOCKS = 4
+"""A term of at most this many blocks in a shard (the rare terms, which weigh most) is decoded
+whole to give each window its largest actual contribution there; longer ones give their blocks'
+stored bounds."""
 
 
 @njit(cache=True, error_model="numpy")
-def _and_term(t, w32, blocks, norm, acc, cand, bufr, buft):
-    """Term ``t``'s contributions to the candidate rows ``cand`` (ascending) only: blocks without a
-    candidate are passed by their last rows, never decoded. Returns the corrupted block or -1."""
-    j, jend, dec, p = np.int64(blocks[0][t]), np.int64(blocks[0][t + 1]), np.int64(-1), 0
-    for r in cand:
-        while j < jend and blocks[1][j] < r:
-            j += 1
-        if j == jend:
-            break
-        if dec != j:
-            if not _read_block(j, j == blocks[0][t], blocks, bufr, buft):
-                return j
-            dec, p = j, 0
-        while bufr[p] < r:
-            p += 1
-        if bufr[p] == r:
-            acc[r] += np.float64(_contrib(w32, buft[p], norm[r]))
+def _window_bounds(st, blocks, w64, w32, norm, k1, omb, bavg, scale, window, wb, bufr, buft):
+    """``wb[w, i]``: at least the largest contribution term ``i`` makes to a row of window ``w``
+    (rows [w window, (w + 1) window)); 0 where it holds none. Returns the corrupted block or -1."""
+    last, count = blocks[1], blocks[3]
+    for i in range(len(w64)):
+        j0, j1 = st[FIRST, i], st[END, i]
+        if j1 - j0 <= EXACT_BLOCKS:
+            for j in range(j0, j1):
+                if not _hold(i, j, st, blocks, bufr, buft, True):
+                    return j
+                for p in range(np.int64(count[j])):
+                    r = bufr[i, p]
+                    w = r // window
+                    wb[w, i] = max(wb[w, i], np.float64(_contrib(w32[i], buft[i, p], norm[r])))
+            continue
+        for j in range(j0, j1):
+            bound = _block_bound(j, w64[i], blocks, k1, omb, bavg, scale)
+            for w in range(0 if j == j0 else (np.int64(last[j - 1]) + 1) // window, np.int64(last[j]) // window + 1):
+                wb[w, i] = max(wb[w, i], bound)
     return np.int64(-1)
 
 
-@njit(cache=True, error_model="numpy")
-def _kth(vals, k):
-    """The k-th largest of ``vals`` (-inf when fewer than k): one pass keeping the k largest in a
-    min-heap (most values compare once with its root)."""
-    heap, size = np.full(k, -np.inf), 0
-    for v in vals:
-        if size == k and v <= heap[0]:
-            continue
-        if size < k:  # sift up
-            i = size
-            size += 1
-            while i > 0 and heap[(i - 1) // 2] > v:
-                heap[i] = heap[(i - 1) // 2]
-                i = (i - 1) // 2
-            heap[i] = v
-            continue
-        i = 0  # replace the root, sift down
-        while True:
-            c = 2 * i + 1
-            if c >= k:
-                break
-            if c + 1 < k and heap[c + 1] < heap[c]:
-                c += 1
-            if heap[c] >= v:
-                break
-            heap[i] = heap[c]
-            i = c
-        heap[i] = v
-    return heap[0] if size == k else -np.inf
-
-
-@njit(cache=True, error_model="numpy")
-def _gather(acc, rows, n, dead, reset):
-    """The live rows among ``rows[:n]`` and their accumulators, compactly (``reset``: zero the
-    accumulators on the way, saving a second pass over scattered memory)."""
-    out_r, out_v, m = np.empty(n, np.int64), np.empty(n, np.float64), 0
+@njit(cache=True, error_model="numpy", inline="always")
+def _split(lo, theta, st, blocks, wmax, order, essential):
+    """Window ``lo``: each term's current block moved to its first one not wholly below ``lo``
+    (binary search: windows come in any order). The terms ordered by their bound there (``wmax``),
+    ascending (``order``): the longest prefix whose bounds sum below ``theta`` is non-essential (a
+    row only they hold cannot reach the top k), the rest marked in ``essential``. Returns the
+    prefix's length and its bound."""
+    n, last = len(wmax), blocks[1]
+    for i in range(n):
+        a, b = st[FIRST, i], st[END, i]
+        while a < b:
+            mid = (a + b) >> 1
+            if last[mid] < lo:
+                a = mid + 1
+            else:
+                b = mid
+        st[CUR, i] = a
+        if st[DEC, i] >= a:
+            st[POS, i] = 0  # the held block may have been read past lo for a later window
+        y = i  # insertion sort: a question has a handful of terms
+        while y > 0 and wmax[order[y - 1]] > wmax[i]:
+            order[y] = order[y - 1]
+            y -= 1
+        order[y] = i
+    ne, rest = 0, 0.0
+    while ne < n and (rest + wmax[order[ne]]) * SLACK < theta:
+        rest += wmax[order[ne]]
+        ne += 1
     for x in range(n):
-        r = rows[x]
-        v = acc[r]
-        if reset:
-            acc[r] = 0.0
-        if len(dead) == 0 or dead[r] == 0:
-            out_r[m], out_v[m] = r, v
-            m += 1
-    return out_r[:m], out_v[:m]
+        essential[order[x]] = x >= ne
+    return ne, rest
 
 
-@njit(cache=True, error_model="numpy")
-def _exact(r, term_pos, weights, blocks, norm, bufr, buft):
-    """Row ``r``'s score exactly as the exhaustive scorer sums it (query-term order, float64, then
-    float32), each term's block found by binary search on the blocks' last rows. Returns (score,
-    corrupted block or -1)."""
-    total = 0.0
-    for i in range(len(term_pos)):
-        t = term_pos[i]
-        j0, j1 = np.int64(blocks[0][t]), np.int64(blocks[0][t + 1])
-        j = j0 + np.searchsorted(blocks[1][j0:j1], r)
-        if j == j1:
+@njit(cache=True, error_model="numpy", inline="always")
+def _accumulate(lo, hi, st, blocks, norm, w32, essential, acc, cm, bits, bufr, buft):
+    """Every posting of the essential terms in rows [lo, hi) into the window's accumulators
+    (``acc``, and ``cm[off, i]`` term i's own contributions), each row's first one marking its bit in
+    ``bits``. Returns the corrupted block, or -1."""
+    last, count = blocks[1], blocks[3]
+    for i in range(len(w32)):
+        if not essential[i]:
             continue
-        if not _read_block(j, j == j0, blocks, bufr, buft):
-            return np.float32(0), np.int64(j)
-        for p in range(np.int64(blocks[3][j])):
-            if bufr[p] == r:
-                total += np.float64(_contrib(weights[i], buft[p], norm[r]))
+        j = st[CUR, i]
+        while j < st[END, i] and (j == st[FIRST, i] or last[j - 1] + 1 < hi):
+            if (st[DEC, i] != j or st[TFS, i] == 0) and not _hold(i, j, st, blocks, bufr, buft, True):
+                return j
+            p, n = st[POS, i], np.int64(count[j])
+            while p < n and bufr[i, p] < lo:
+                p += 1
+            while p < n and bufr[i, p] < hi:
+                r = bufr[i, p]
+                off = r - lo
+                c = _contrib(w32[i], buft[i, p], norm[r])
+                if acc[off] == 0.0:  # every contribution is > 0: 0 means untouched
+                    bits[off >> 6] |= np.uint64(1) << np.uint64(off & 63)
+                acc[off] += np.float64(c)
+                cm[off, i] = c
+                p += 1
+            st[POS, i] = p
+            if p < n:
                 break
-    return np.float32(total), np.int64(-1)
+            j += 1
+        st[CUR, i] = j
+    return np.int64(-1)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _touched(bits, offs):
+    """The offsets whose bits are set, ascending, into ``offs`` (the bits cleared); their count."""
+    m = 0
+    magic = np.uint64(0x03F79D71B4CB0A89)
+    for x in range(len(bits)):
+        w = bits[x]
+        while w != 0:
+            low = w & (~w + np.uint64(1))
+            offs[m] = (x << 6) + _DEBRUIJN[(low * magic) >> np.uint64(58)]
+            m += 1
+            w ^= low
+        bits[x] = 0
+    return m
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _worse(s1, r1, s2, r2):
+    return s1 < s2 or (s1 == s2 and r1 > r2)
 
 
 @njit(cache=True, error_model="numpy")
-def _select(rows, vals, k, term_pos, weights, blocks, norm, bufr, buft):
-    """The k best of the candidate ``rows``: those within 1e-5 of the k-th accumulator (more than a
-    float32 step, so no row left out can tie) rescored exactly, sorted by score then row."""
-    theta = _kth(vals, k)
-    out_r, out_s, c = np.empty(len(rows), np.int64), np.empty(len(rows), np.float32), 0
-    for x in range(len(rows)):
-        if vals[x] >= theta * (1.0 - 1e-5):
-            score, bad = _exact(rows[x], term_pos, weights, blocks, norm, bufr, buft)
-            if bad >= 0:
-                return out_r[:0], out_s[:0], bad
-            out_r[c], out_s[c] = rows[x], score
+def _push(hs, hr, hn, s, r):
+    """(s, r) into the heap of the k best (root: the worst; ties go to the smaller row); returns the
+    heap's size."""
+    k = len(hs)
+    if hn < k:  # sift up
+        i = hn
+        while i > 0 and _worse(s, r, hs[(i - 1) // 2], hr[(i - 1) // 2]):
+            hs[i], hr[i] = hs[(i - 1) // 2], hr[(i - 1) // 2]
+            i = (i - 1) // 2
+        hs[i], hr[i] = s, r
+        return hn + 1
+    if not _worse(hs[0], hr[0], s, r):
+        return hn
+    i = 0  # replace the root, sift down
+    while True:
+        c = 2 * i + 1
+        if c >= k:
+            break
+        if c + 1 < k and _worse(hs[c + 1], hr[c + 1], hs[c], hr[c]):
             c += 1
-    idx = np.argsort(out_r[:c], kind="mergesort")  # rows ascending, then scores descending (stable)
-    idx = idx[np.argsort(-out_s[:c][idx], kind="mergesort")][:k]
-    return out_r[:c][idx], out_s[:c][idx], np.int64(-1)
+        if not _worse(hs[c], hr[c], s, r):
+            break
+        hs[i], hr[i] = hs[c], hr[c]
+        i = c
+    hs[i], hr[i] = s, r
+    return hn
 
 
-@njit(cache=True, error_model="numpy")
-def _still_possible(acc, touched, n, dead, k, remaining):
-    """At the switch to candidates only: the touched rows that the terms still to come could lift
-    to the k-th best score (sorted), or an empty array while an untouched row could still enter
-    the top k (the bounds of the terms to come reach it)."""
-    rows, vals = _gather(acc, touched, n, dead, False)
-    theta = _kth(vals, k)
-    if not remaining * SLACK < theta:
-        return np.empty(0, np.int64)
-    keep = (vals + remaining) * SLACK >= theta
-    return np.sort(rows[keep])
-
-
-@njit(cache=True, error_model="numpy")
-def topk_pruned(term_pos, weights, blocks, norm, dead, k, k1, omb, bavg, scale, acc, touched):
-    """The k best rows of one shard for one question, equal to the exhaustive scorer's.
-
-    Term at a time, heaviest bound first, into ``acc`` (float64 per row, all 0 on entry and on
-    return; ``touched``: int64 scratch of the same length). Once the bounds of the terms still to
-    come cannot lift an untouched row to the k-th accumulator, only the touched rows they could
-    still lift there stay candidates, and the rest of the terms update those alone, decoding only
-    the blocks that hold one (skipped by their last rows). The candidates near the k-th are
-    rescored exactly (:func:`_select`). ``term_pos``: the question's terms' positions in the shard's
-    term table in query-term order, ``weights`` their float32 weights; ``norm``: per row,
-    :func:`norms`; ``dead``: uint8 per row (1 = tombstoned) or empty; ``k1``/``omb``/``bavg``:
-    float32 k1, 1 - b and b / avgdl (for the bounds' fallback); ``scale``: see
-    :func:`_block_bound`. Returns (scores, rows, corrupted block or -1)."""
-    ms = term_bounds(term_pos, weights, blocks, np.float64(k1), np.float64(omb), np.float64(bavg), scale)
-    order = np.argsort(-ms, kind="mergesort")
-    bufr, buft = np.empty(BLOCK, np.int64), np.empty(BLOCK, np.int64)
-    remaining, n, bad = ms.sum(), np.int64(0), np.int64(-1)
-    cand = np.empty(0, np.int64)
-    for s in range(len(order)):
-        t, w = term_pos[order[s]], weights[order[s]]
-        if not len(cand) and n >= k and blocks[0][t + 1] - blocks[0][t] > 8:
-            cand = _still_possible(acc, touched, n, dead, k, remaining)
-        if len(cand):
-            bad = _and_term(t, w, blocks, norm, acc, cand, bufr, buft)
+@njit(cache=True, error_model="numpy", inline="always")
+def _complete(lo, offs, m, ne, rest, theta, theta0, order, essential, wmax, st, blocks, norm, w32, acc, cm, cn,
+              dead, bufr, buft, hs, hr, hn):
+    """The window's touched rows (``offs[:m]``, ascending offsets from ``lo``) that may reach
+    ``theta``, completed: the non-essential terms looked up heaviest first (blocks ending below the
+    row are passed by their last rows, never decoded), a row given up once the terms left cannot
+    lift it to ``theta``; a completed row is summed as the exhaustive scorer sums (float32
+    contributions in query-term order, in float64, rounded to float32) and offered to the heap
+    (``hs``/``hr``, ``hn`` entries). The window's accumulators are zeroed on the way. Returns (heap
+    size, theta, corrupted block or -1)."""
+    last, words, count, wrow, wtf, packed = blocks[1], blocks[2], blocks[3], blocks[4], blocks[5], blocks[9]
+    k, nq = len(hs), len(w32)
+    for x in range(m):
+        off = offs[x]
+        r, s, left = lo + off, acc[off], rest
+        acc[off] = 0.0
+        if (s + left) * SLACK < theta or (len(dead) > 0 and dead[r] != 0):
+            for i in range(nq):
+                cm[off, i] = 0.0
+            continue
+        for y in range(ne - 1, -1, -1):
+            i = order[y]
+            left -= wmax[i]
+            j, c = st[CUR, i], np.float32(0)
+            while j < st[END, i] and last[j] < r:
+                j += 1
+            st[CUR, i] = j
+            if j < st[END, i]:  # the block that would hold r: earlier ones end below it
+                if st[DEC, i] != j and not _hold(i, j, st, blocks, bufr, buft, False):
+                    return hn, theta, j
+                p = st[POS, i]
+                while bufr[i, p] < r:
+                    p += 1
+                st[POS, i] = p
+                if bufr[i, p] == r:
+                    tf = buft[i, p] if st[TFS, i] else _tf_at(packed, np.int64(words[j]), np.int64(count[j]),
+                                                             np.int64(wrow[j]), np.int64(wtf[j]), p)
+                    c = _contrib(w32[i], tf, norm[r])
+            cn[i] = c
+            s += np.float64(c)
+            if (s + left) * SLACK < theta:
+                break
         else:
-            n, bad = _or_term(t, w, blocks, norm, acc, touched, n, bufr, buft)
+            total = 0.0
+            for i in range(nq):
+                total += np.float64(cm[off, i] if essential[i] else cn[i])
+            hn = _push(hs, hr, hn, np.float64(np.float32(total)), r)
+            if hn == k:
+                theta = max(theta0, hs[0])
+        for i in range(nq):
+            cm[off, i] = 0.0
+    return hn, theta, np.int64(-1)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def topk_pruned(term_pos, weights, blocks, norm, dead, k, k1, omb, bavg, scale, theta0, window):
+    """The k best rows of one shard for one question, equal to the exhaustive scorer's: block-max
+    MaxScore over windows of ``window`` rows (a multiple of 64), as Lucene's MaxScore bulk scorer
+    goes.
+
+    Per window, each term's bound is the largest of its blocks there; a window whose bounds sum
+    below the k-th best score so far (``theta``) is passed undecoded. Otherwise the terms whose
+    bounds together stay below ``theta`` are non-essential (:func:`_plan`); the others' postings in
+    the window are accumulated into window-sized arrays that stay in cache (:func:`_accumulate`),
+    and each row they touch is completed by looking the non-essential terms up, given up as soon as
+    it cannot reach ``theta`` (:func:`_complete`). Completed rows carry their exact score into a
+    heap of the k best. ``theta0``: a score the k-th best is known to reach (other shards' results;
+    -inf: none): rows below it are not returned. ``term_pos``: the question's terms' positions in
+    the shard's term table in query-term order, ``weights`` their float32 weights; ``norm``: per
+    row, :func:`norms`; ``dead``: uint8 per row (1 = tombstoned) or empty; ``k1``/``omb``/``bavg``:
+    float32 k1, 1 - b and b / avgdl (the bounds' fallback); ``scale``: see :func:`_block_bound`.
+    Returns (scores, rows, corrupted block or -1), best first, ties by row."""
+    nq, nrows = len(term_pos), len(norm)
+    st = np.zeros((6, nq), np.int64)
+    for i in range(nq):
+        st[CUR, i] = st[FIRST, i] = blocks[0][term_pos[i]]
+        st[END, i], st[DEC, i] = blocks[0][term_pos[i] + 1], -1
+    w64, bufr, buft = weights.astype(np.float64), np.empty((nq, BLOCK), np.int64), np.empty((nq, BLOCK), np.int64)
+    acc, offs, cm = np.zeros(window), np.empty(window, np.int64), np.zeros((window, nq), np.float32)
+    bits = np.zeros(window // 64, np.uint64)
+    order, essential, cn = np.empty(nq, np.int64), np.zeros(nq, np.bool_), np.zeros(nq, np.float32)
+    hs, hr, hn, theta = np.empty(k, np.float64), np.empty(k, np.int64), 0, theta0
+    wb = np.zeros(((nrows + window - 1) // window, nq))
+    bad = _window_bounds(st, blocks, w64, weights, norm, np.float64(k1), np.float64(omb), np.float64(bavg), scale,
+                         window, wb, bufr, buft)
+    total = wb.sum(axis=1)
+    for w in range(len(total)):
         if bad >= 0:
             break
-        remaining -= ms[order[s]]
-    if len(cand):
-        rows, vals = _gather(acc, cand, len(cand), dead, False)
-        for x in range(n):
-            acc[touched[x]] = 0.0
-    else:
-        rows, vals = _gather(acc, touched, n, dead, True)
+        if total[w] == 0.0 or total[w] * SLACK < theta:
+            continue
+        lo = w * window
+        hi = min(lo + window, nrows)
+        wmax = wb[w]
+        ne, rest = _split(lo, theta, st, blocks, wmax, order, essential)
+        bad = _accumulate(lo, hi, st, blocks, norm, weights, essential, acc, cm, bits, bufr, buft)
+        if bad >= 0:
+            break
+        hn, theta, bad = _complete(lo, offs, _touched(bits, offs), ne, rest, theta, theta0, order, essential, wmax,
+                                   st, blocks, norm, weights, acc, cm, cn, dead, bufr, buft, hs, hr, hn)
     if bad >= 0:
         return np.empty(0, np.float32), np.empty(0, np.int64), bad
-    rows, scores, bad = _select(rows, vals, k, term_pos, weights, blocks, norm, bufr, buft)
-    return scores, rows, bad
+    idx = np.argsort(hr[:hn], kind="mergesort")  # rows ascending, then scores descending (stable)
+    idx = idx[np.argsort(-hs[:hn][idx], kind="mergesort")]
+    return hs[:hn][idx].astype(np.float32), hr[:hn][idx], np.int64(-1)

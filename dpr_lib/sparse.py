@@ -23,11 +23,13 @@ Files of a version (each a :class:`ArrayFile`, memory-mapped by the loader):
   Meta ``postings: "blocks-128"``. Files written before it hold the postings uncompressed
   (``offsets``, ``rows``, ``tf``): they are still read, and scored exhaustively.
 
-Search is pruned by default (:func:`dpr_lib.postings.topk_pruned`: term at a time with MaxScore's
-split, then candidates only, with block skipping; the top k equal the exhaustive scorer's, ties
-included). It keeps 12 B per passage of accumulators and 4 B of length norms per loaded shard, made
-on a shard's first question. ``search.sparse_exact`` scores every posting of every query term
-instead (the reference the tests compare with).
+Search is pruned by default (:func:`dpr_lib.postings.topk_pruned`: block-max MaxScore over windows
+of rows, as Lucene's MaxScore bulk scorer goes; the top k equal the exhaustive scorer's, ties
+included). Shards are searched one after another, each starting from the k-th best score of those
+before it. It keeps 4 B of length norms per passage of a loaded shard, made on a shard's first
+question, and per question a few window-sized arrays; it holds no lock, and releases the GIL, so
+a service's threads score questions in parallel. ``search.sparse_exact`` scores every posting of
+every query term instead (the reference the tests compare with).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from typing import Iterator
 
@@ -192,9 +193,10 @@ class SparseIndex:
 
     def __init__(self, vocab_path: str, shard_paths: list[str], n_docs: int, avg_doc_len: float,
                  k1: float = K1, b: float = B, mmap: bool = True, dead: list[np.ndarray] | None = None,
-                 exact: bool = False):
+                 exact: bool = False, window: int = postings.WINDOW):
         """``dead``: per shard, pids removed from it (tombstoned by a later segment), never returned.
-        ``exact``: score every posting (``search.sparse_exact``) instead of the pruned scorer."""
+        ``exact``: score every posting (``search.sparse_exact``) instead of the pruned scorer.
+        ``window``: rows per window of the pruned scorer (see :func:`dpr_lib.postings.topk_pruned`)."""
         self.vocab = ArrayFile(vocab_path, mmap)
         self.paths = list(shard_paths)
         self.shards = [ArrayFile(p, mmap) for p in self.paths]
@@ -206,8 +208,9 @@ class SparseIndex:
                           for f, d in zip(self.shards, dead or [None] * len(self.shards))]
         self._f32 = (np.float32(k1), np.float32(1.0 - b), np.float32(b / max(self.avgdl, 1e-9)))
         self.scales = [self._scale(f) for f in self.shards]
-        self._locks = [threading.Lock() for _ in self.shards]
-        self._scratches: list[tuple | None] = [None] * len(self.shards)
+        if window <= 0 or window % 64:
+            raise ValueError(f"the pruned scorer's window is {window} rows: it must be a positive multiple of 64")
+        self.window = int(window)
         self._norms: list[np.ndarray | None] = [None] * len(self.shards)
 
     def _norm(self, i: int) -> np.ndarray:
@@ -216,13 +219,6 @@ class SparseIndex:
         if self._norms[i] is None:
             self._norms[i] = postings.norms(self.shards[i]["doc_len"], *self._f32)
         return self._norms[i]
-
-    def _scratch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """The pruned scorer's accumulators of shard ``i`` (12 B per passage, made on first use)."""
-        if self._scratches[i] is None:
-            n = len(self.shards[i]["pids"])
-            self._scratches[i] = (np.zeros(n, np.float64), np.zeros(n, np.int32))
-        return self._scratches[i]
 
     def _scale(self, f: ArrayFile) -> float:
         """The factor of the file's stored block weights at this index's statistics; 0 (the bound
@@ -251,7 +247,7 @@ class SparseIndex:
             raise IndexIntegrityError(f"{path}: a sparse shard without {exc}") from None
         if not ok:
             raise IndexIntegrityError(f"{path}: the sparse shard's block tables are inconsistent (corrupted file)")
-        return blocks
+        return blocks + (np.zeros(nblocks, np.uint8),)  # per block: checksum verified (by the first decode)
 
     def query_terms(self, questions: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per question: (term hashes found in the vocabulary, their weight = count x idf)."""
@@ -274,17 +270,16 @@ class SparseIndex:
         for q, (terms, weights) in enumerate(self.query_terms(questions)):
             if not len(terms):
                 continue
-            per_s, per_p = [], []
             w32 = weights.astype(np.float32)
-            for i in range(len(self.shards)):
-                s, p = self._shard_topk(i, terms, w32, k)
-                per_s.append(s[None, :])
-                per_p.append(p[None, :])
-            ms, mp = merge_topk(per_s, per_p, k)
-            scores[q], pids[q] = ms[0], mp[0]
+            for i in range(len(self.shards)):  # each shard starts from the k-th best of those before
+                s, p = self._shard_topk(i, terms, w32, k, float(scores[q, -1]))
+                ms, mp = merge_topk([scores[q:q + 1], s[None, :]], [pids[q:q + 1], p[None, :]], k)
+                scores[q], pids[q] = ms[0], mp[0]
         return scores, pids
 
-    def _shard_topk(self, i: int, terms: np.ndarray, weights: np.ndarray, k: int):
+    def _shard_topk(self, i: int, terms: np.ndarray, weights: np.ndarray, k: int, theta: float = -np.inf):
+        """Shard ``i``'s k best (scores, pids); the pruned scorer returns only those scoring at least
+        ``theta`` (the k-th best score of the shards before it)."""
         shard = self.shards[i]
         st = shard["terms"]
         pos = np.searchsorted(st, terms)
@@ -301,11 +296,9 @@ class SparseIndex:
             order = np.lexsort((cand_pids, -vals))[:k]
             out_s[:len(order)], out_p[:len(order)] = vals[order], cand_pids[order]
             return out_s, out_p
-        with self._locks[i]:  # one question at a time per shard: the accumulators are shared
-            acc, touched = self._scratch(i)
-            vals, rows, bad = postings.topk_pruned(pos[found].astype(np.int64), weights[found], self.blocks[i],
-                                                   self._norm(i), self.dead_rows[i], k, *self._f32,
-                                                   self.scales[i], acc, touched)
+        vals, rows, bad = postings.topk_pruned(pos[found].astype(np.int64), weights[found], self.blocks[i],
+                                               self._norm(i), self.dead_rows[i], k, *self._f32, self.scales[i],
+                                               theta, self.window)
         if bad >= 0:
             raise self._corrupted(i, bad)
         out_s[:len(vals)], out_p[:len(vals)] = vals, np.asarray(shard["pids"])[rows]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dpr_lib.bm25 import tokens as bm25_tokens
+from dpr_lib.postings import WINDOW
 from dpr_lib.sparse import ArrayFile, SparseIndex, build_local
 
 CORPUS = [
@@ -111,25 +112,26 @@ def random_corpus(rng, n_docs: int, vocab: int, dup_every: int) -> list[str]:
     return texts
 
 
-def pair(tmp_path, pids, texts, num_shards, dead=None, vocab=None, stats=None):
+def pair(tmp_path, pids, texts, num_shards, dead=None, vocab=None, stats=None, window=WINDOW):
     built = build_local(str(tmp_path), pids, texts, lambda p: p % num_shards, num_shards)
     docs, avg = stats or (built["docs"], built["avg_doc_len"])
-    make = [SparseIndex(vocab or built["vocab"], built["shards"], docs, avg, dead=dead, exact=exact)
+    make = [SparseIndex(vocab or built["vocab"], built["shards"], docs, avg, dead=dead, exact=exact, window=window)
             for exact in (False, True)]
     return make
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), n_docs=st.integers(1, 900), vocab=st.integers(2, 20),
        shards=st.integers(1, 3), k=st.sampled_from([1, 3, 10, 100]), dup_every=st.sampled_from([0, 2, 7]),
-       dead_fraction=st.sampled_from([0.0, 0.1, 0.5]))
+       dead_fraction=st.sampled_from([0.0, 0.1, 0.5]), window=st.sampled_from([64, 128, WINDOW]))
 def test_pruned_top_k_equals_the_exhaustive_scorer(tmp_path_factory, seed, n_docs, vocab, shards, k, dup_every,
-                                                   dead_fraction):
+                                                   dead_fraction, window):
+    """Windows of 64 and 128 rows: many windows per shard, rows of one block in several windows."""
     rng = np.random.default_rng(seed)
     texts = random_corpus(rng, n_docs, vocab, dup_every)
     pids = rng.permutation(10 * n_docs)[:n_docs].astype(np.int64)
     dead_pids = pids[rng.random(n_docs) < dead_fraction]
-    pruned, exact = pair(tmp_path_factory.mktemp("c"), pids, texts, shards, dead=[dead_pids] * shards)
+    pruned, exact = pair(tmp_path_factory.mktemp("c"), pids, texts, shards, dead=[dead_pids] * shards, window=window)
     questions = [" ".join(rng.choice(WORDS[:vocab], size=int(rng.integers(1, 8)))) for _ in range(12)]
     ps, pp = pruned.search(questions, k)
     es, ep = exact.search(questions, k)
@@ -141,12 +143,13 @@ def test_pruned_top_k_equals_the_exhaustive_scorer(tmp_path_factory, seed, n_doc
 def test_pruned_equals_exhaustive_on_real_text_with_ties(tmp_path):
     texts = CORPUS * 40  # every passage 40 times: long lists, and every score tied 40 ways
     pids = np.arange(len(texts), dtype=np.int64)[::-1].copy()
-    pruned, exact = pair(tmp_path, pids, texts, 2)
-    for k in (1, 5, 39, 41, 100):
-        ps, pp = pruned.search(QUESTIONS, k)
-        es, ep = exact.search(QUESTIONS, k)
-        np.testing.assert_array_equal(pp, ep)
-        np.testing.assert_array_equal(ps, es)
+    for window in (64, WINDOW):
+        pruned, exact = pair(tmp_path / str(window), pids, texts, 2, window=window)
+        for k in (1, 5, 39, 41, 100):
+            ps, pp = pruned.search(QUESTIONS, k)
+            es, ep = exact.search(QUESTIONS, k)
+            np.testing.assert_array_equal(pp, ep)
+            np.testing.assert_array_equal(ps, es)
     # ties go to the smaller pid
     _, top = pruned.search(["eiffel"], 40)
     assert list(top[0][:3]) == sorted(top[0][:3])
