@@ -163,7 +163,7 @@ def bound_scale(built_avgdl: float, avgdl: float) -> float:
 # ---------------------------------------------------------------- decoding
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _decode(j, first, blocks, out_rows, out_tf, i, with_tf):
     """Block ``j`` of ``blocks`` (the arrays of :data:`BLOCK_ARRAYS`, then the per-block ``checked``
     bytes; ``first``: whether it is its term's first) into row ``i`` of the buffers: its rows, and
@@ -276,7 +276,7 @@ _DEBRUIJN = np.array([0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4,
 """The position of a 64-bit word's lowest set bit, by De Bruijn multiplication (0x03f79d71b4cb0a89)."""
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _hold(i, j, st, blocks, bufr, buft, with_tf):
     """Block ``j`` decoded into term ``i``'s buffers, with its tf values or not (callers test
     ``st[DEC, i]`` and ``st[TFS, i]`` first: a call costs a reference count per array); False:
@@ -294,7 +294,7 @@ stored bounds."""
 
 
 @njit(cache=True, error_model="numpy")
-def _window_bounds(st, blocks, w64, w32, norm, k1, omb, bavg, scale, window, wb, bufr, buft):
+def _window_bounds(st, blocks, w64, w32, dl, table, k1, omb, bavg, scale, window, wb, bufr, buft):
     """``wb[w, i]``: at least the largest contribution term ``i`` makes to a row of window ``w``
     (rows [w window, (w + 1) window)); 0 where it holds none. Returns the corrupted block or -1."""
     last, count = blocks[1], blocks[3]
@@ -307,7 +307,7 @@ def _window_bounds(st, blocks, w64, w32, norm, k1, omb, bavg, scale, window, wb,
                 for p in range(np.int64(count[j])):
                     r = bufr[i, p]
                     w = r // window
-                    wb[w, i] = max(wb[w, i], np.float64(_contrib(w32[i], buft[i, p], norm[r])))
+                    wb[w, i] = max(wb[w, i], np.float64(_contrib(w32[i], buft[i, p], table[dl[r]])))
             continue
         for j in range(j0, j1):
             bound = _block_bound(j, w64[i], blocks, k1, omb, bavg, scale)
@@ -350,7 +350,7 @@ def _split(lo, theta, st, blocks, wmax, order, essential):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _accumulate(lo, hi, st, blocks, norm, w32, essential, acc, cm, bits, bufr, buft):
+def _accumulate(lo, hi, st, blocks, dl, table, w32, essential, acc, cm, bits, bufr, buft):
     """Every posting of the essential terms in rows [lo, hi) into the window's accumulators
     (``acc``, and ``cm[off, i]`` term i's own contributions), each row's first one marking its bit in
     ``bits``. Returns the corrupted block, or -1."""
@@ -368,7 +368,7 @@ def _accumulate(lo, hi, st, blocks, norm, w32, essential, acc, cm, bits, bufr, b
             while p < n and bufr[i, p] < hi:
                 r = bufr[i, p]
                 off = r - lo
-                c = _contrib(w32[i], buft[i, p], norm[r])
+                c = _contrib(w32[i], buft[i, p], table[dl[r]])
                 if acc[off] == 0.0:  # every contribution is > 0: 0 means untouched
                     bits[off >> 6] |= np.uint64(1) << np.uint64(off & 63)
                 acc[off] += np.float64(c)
@@ -433,8 +433,8 @@ def _push(hs, hr, hn, s, r):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _complete(lo, offs, m, ne, rest, theta, theta0, order, essential, wmax, st, blocks, norm, w32, acc, cm, cn,
-              dead, bufr, buft, hs, hr, hn):
+def _complete(lo, offs, m, ne, rest, theta, theta0, order, essential, wmax, st, blocks, dl, table, w32, acc, cm,
+              cn, dead, bufr, buft, hs, hr, hn):
     """The window's touched rows (``offs[:m]``, ascending offsets from ``lo``) that may reach
     ``theta``, completed: the non-essential terms looked up heaviest first (blocks ending below the
     row are passed by their last rows, never decoded), a row given up once the terms left cannot
@@ -469,7 +469,7 @@ def _complete(lo, offs, m, ne, rest, theta, theta0, order, essential, wmax, st, 
                 if bufr[i, p] == r:
                     tf = buft[i, p] if st[TFS, i] else _tf_at(packed, np.int64(words[j]), np.int64(count[j]),
                                                              np.int64(wrow[j]), np.int64(wtf[j]), p)
-                    c = _contrib(w32[i], tf, norm[r])
+                    c = _contrib(w32[i], tf, table[dl[r]])
             cn[i] = c
             s += np.float64(c)
             if (s + left) * SLACK < theta:
@@ -487,35 +487,40 @@ def _complete(lo, offs, m, ne, rest, theta, theta0, order, essential, wmax, st, 
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def topk_pruned(term_pos, weights, blocks, norm, dead, k, k1, omb, bavg, scale, theta0, window):
+def topk_pruned(term_pos, weights, blocks, dl, table, dead, k, k1, omb, bavg, scale, theta0, acc, cmflat, bits):
     """The k best rows of one shard for one question, equal to the exhaustive scorer's: block-max
-    MaxScore over windows of ``window`` rows (a multiple of 64), as Lucene's MaxScore bulk scorer
-    goes.
+    MaxScore over windows of rows, as Lucene's MaxScore bulk scorer goes.
 
-    Per window, each term's bound is the largest of its blocks there; a window whose bounds sum
-    below the k-th best score so far (``theta``) is passed undecoded. Otherwise the terms whose
-    bounds together stay below ``theta`` are non-essential (:func:`_plan`); the others' postings in
-    the window are accumulated into window-sized arrays that stay in cache (:func:`_accumulate`),
-    and each row they touch is completed by looking the non-essential terms up, given up as soon as
-    it cannot reach ``theta`` (:func:`_complete`). Completed rows carry their exact score into a
-    heap of the k best. ``theta0``: a score the k-th best is known to reach (other shards' results;
-    -inf: none): rows below it are not returned. ``term_pos``: the question's terms' positions in
-    the shard's term table in query-term order, ``weights`` their float32 weights; ``norm``: per
-    row, :func:`norms`; ``dead``: uint8 per row (1 = tombstoned) or empty; ``k1``/``omb``/``bavg``:
+    Per window, each term's bound is the largest of its blocks there (of its postings, for a rare
+    term: :func:`_window_bounds`); a window whose bounds sum below the k-th best score so far
+    (``theta``) is passed undecoded. Otherwise the terms whose bounds together stay below
+    ``theta`` are non-essential (:func:`_split`); the others' postings in the window are
+    accumulated into window-sized arrays that stay in cache (:func:`_accumulate`), and each row
+    they touch is completed by looking the non-essential terms up, given up as soon as it cannot
+    reach ``theta`` (:func:`_complete`). Completed rows carry their exact score into a heap of the
+    k best. ``theta0``: a score the k-th best is known to reach (other shards' results; -inf:
+    none): rows below it are not returned. ``term_pos``: the question's terms' positions in the
+    shard's term table in query-term order, ``weights`` their float32 weights; ``dl``: per row, its
+    length; ``table``: per length, :func:`norms` (a row's length part of BM25: read through its
+    2-byte length, half the memory traffic of a float per row); ``dead``: uint8 per row (1 = tombstoned) or empty; ``k1``/``omb``/``bavg``:
     float32 k1, 1 - b and b / avgdl (the bounds' fallback); ``scale``: see :func:`_block_bound`.
-    Returns (scores, rows, corrupted block or -1), best first, ties by row."""
-    nq, nrows = len(term_pos), len(norm)
+    Scratch, all zeros on entry and on a clean return (the caller keeps it per thread, so no
+    question pays for zeroing it): ``acc`` float64 [window] (the window's length, a multiple of
+    64), ``cmflat`` float32 [>= window x terms], ``bits`` uint64 [window / 64]. Returns (scores,
+    rows, corrupted block or -1), best first, ties by row; after a corrupted block the scratch is
+    left dirty."""
+    nq, nrows = len(term_pos), len(dl)
     st = np.zeros((6, nq), np.int64)
     for i in range(nq):
         st[CUR, i] = st[FIRST, i] = blocks[0][term_pos[i]]
         st[END, i], st[DEC, i] = blocks[0][term_pos[i] + 1], -1
     w64, bufr, buft = weights.astype(np.float64), np.empty((nq, BLOCK), np.int64), np.empty((nq, BLOCK), np.int64)
-    acc, offs, cm = np.zeros(window), np.empty(window, np.int64), np.zeros((window, nq), np.float32)
-    bits = np.zeros(window // 64, np.uint64)
+    window = len(acc)
+    offs, cm = np.empty(window, np.int64), cmflat[:window * nq].reshape((window, nq))
     order, essential, cn = np.empty(nq, np.int64), np.zeros(nq, np.bool_), np.zeros(nq, np.float32)
     hs, hr, hn, theta = np.empty(k, np.float64), np.empty(k, np.int64), 0, theta0
     wb = np.zeros(((nrows + window - 1) // window, nq))
-    bad = _window_bounds(st, blocks, w64, weights, norm, np.float64(k1), np.float64(omb), np.float64(bavg), scale,
+    bad = _window_bounds(st, blocks, w64, weights, dl, table, np.float64(k1), np.float64(omb), np.float64(bavg), scale,
                          window, wb, bufr, buft)
     total = wb.sum(axis=1)
     for w in range(len(total)):
@@ -527,11 +532,11 @@ def topk_pruned(term_pos, weights, blocks, norm, dead, k, k1, omb, bavg, scale, 
         hi = min(lo + window, nrows)
         wmax = wb[w]
         ne, rest = _split(lo, theta, st, blocks, wmax, order, essential)
-        bad = _accumulate(lo, hi, st, blocks, norm, weights, essential, acc, cm, bits, bufr, buft)
+        bad = _accumulate(lo, hi, st, blocks, dl, table, weights, essential, acc, cm, bits, bufr, buft)
         if bad >= 0:
             break
         hn, theta, bad = _complete(lo, offs, _touched(bits, offs), ne, rest, theta, theta0, order, essential, wmax,
-                                   st, blocks, norm, weights, acc, cm, cn, dead, bufr, buft, hs, hr, hn)
+                                   st, blocks, dl, table, weights, acc, cm, cn, dead, bufr, buft, hs, hr, hn)
     if bad >= 0:
         return np.empty(0, np.float32), np.empty(0, np.int64), bad
     idx = np.argsort(hr[:hn], kind="mergesort")  # rows ascending, then scores descending (stable)

@@ -26,9 +26,9 @@ Files of a version (each a :class:`ArrayFile`, memory-mapped by the loader):
 Search is pruned by default (:func:`dpr_lib.postings.topk_pruned`: block-max MaxScore over windows
 of rows, as Lucene's MaxScore bulk scorer goes; the top k equal the exhaustive scorer's, ties
 included). Shards are searched one after another, each starting from the k-th best score of those
-before it. It keeps 4 B of length norms per passage of a loaded shard, made on a shard's first
-question, and per question a few window-sized arrays; it holds no lock, and releases the GIL, so
-a service's threads score questions in parallel. ``search.sparse_exact`` scores every posting of
+before it. It keeps one float per document length (the length part of BM25), and per thread
+about 1.2 MB of window-sized scratch; it holds no lock, and releases the
+GIL, so a service's threads score questions in parallel. ``search.sparse_exact`` scores every posting of
 every query term instead (the reference the tests compare with).
 """
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from typing import Iterator
 
@@ -211,14 +212,18 @@ class SparseIndex:
         if window <= 0 or window % 64:
             raise ValueError(f"the pruned scorer's window is {window} rows: it must be a positive multiple of 64")
         self.window = int(window)
-        self._norms: list[np.ndarray | None] = [None] * len(self.shards)
+        self._local = threading.local()  # per thread: the pruned scorer's scratch
+        self._norms: np.ndarray | None = None
+        self._row_norms: list[np.ndarray | None] = [None] * len(self.shards)
 
-    def _norm(self, i: int) -> np.ndarray:
-        """Per passage of shard ``i``, the length part of BM25 at this index's statistics (float32,
-        4 B per passage, made on first use)."""
-        if self._norms[i] is None:
-            self._norms[i] = postings.norms(self.shards[i]["doc_len"], *self._f32)
-        return self._norms[i]
+    def _table(self) -> np.ndarray:
+        """Per document length, the length part of BM25 at this index's statistics (float32, as
+        :func:`dpr_lib.postings.norms`; made on the first question: one float per length, where a
+        float per passage would cost 4 B each and twice the memory traffic of the 2-byte lengths)."""
+        if self._norms is None:
+            longest = max((int(np.asarray(f["doc_len"]).max(initial=0)) for f in self.shards), default=0)
+            self._norms = postings.norms(np.arange(longest + 1), *self._f32)
+        return self._norms
 
     def _scale(self, f: ArrayFile) -> float:
         """The factor of the file's stored block weights at this index's statistics; 0 (the bound
@@ -296,10 +301,17 @@ class SparseIndex:
             order = np.lexsort((cand_pids, -vals))[:k]
             out_s[:len(order)], out_p[:len(order)] = vals[order], cand_pids[order]
             return out_s, out_p
+        nq = int(found.sum())
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or len(scratch[1]) < self.window * nq:
+            scratch = (np.zeros(self.window), np.zeros(self.window * max(nq, 16), np.float32),
+                       np.zeros(self.window // 64, np.uint64))
+            self._local.scratch = scratch
         vals, rows, bad = postings.topk_pruned(pos[found].astype(np.int64), weights[found], self.blocks[i],
-                                               self._norm(i), self.dead_rows[i], k, *self._f32, self.scales[i],
-                                               theta, self.window)
+                                               np.asarray(shard["doc_len"]), self._table(), self.dead_rows[i], k,
+                                               *self._f32, self.scales[i], theta, *scratch)
         if bad >= 0:
+            self._local.scratch = None  # left dirty
             raise self._corrupted(i, bad)
         out_s[:len(vals)], out_p[:len(vals)] = vals, np.asarray(shard["pids"])[rows]
         return out_s, out_p
@@ -330,7 +342,9 @@ class SparseIndex:
         the reference the pruned scorer equals. Returns candidate rows and their float32 scores, the
         k best and everything tied with the k-th."""
         tf = tf.astype(np.float32)
-        contrib = w * tf / (tf + self._norm(i)[rows])
+        if self._row_norms[i] is None:  # per passage (4 B): the exhaustive scorer's one gather per posting
+            self._row_norms[i] = self._table()[np.asarray(self.shards[i]["doc_len"])]
+        contrib = w * tf / (tf + self._row_norms[i][rows])
         n = len(self.shards[i]["pids"])
         if len(rows) * 8 > n:  # accumulate densely
             acc = np.bincount(rows, contrib, minlength=n)
