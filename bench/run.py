@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -84,9 +85,13 @@ def write_report(results: dict, details: dict, mach: dict, seconds: float) -> No
         keep = {k: v for k, v in old.items() if "." in k and not owned_by(k, ONLY)}
         results = {**keep, **results}
         full_date = old.get("details", {}).get("full_run_date") or old.get("date")
-        details = {**old.get("details", {}), **details, "full_run_date": full_date,
-                   "partial_run": f"{ONLY}.* measured {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; "
-                                  f"other figures from the full run of {full_date}"}
+        # every part measured since the full run, with its date (older files: read off their note)
+        parts = old.get("details", {}).get("partial_runs") or dict(
+            re.findall(r"(\w+)\.\* measured (\S+?);", old.get("details", {}).get("partial_run", "")))
+        parts = {**parts, ONLY: time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+        details = {**old.get("details", {}), **details, "full_run_date": full_date, "partial_runs": parts,
+                   "partial_run": "; ".join(f"{p}.* measured {d}" for p, d in sorted(parts.items()))
+                                  + f"; other figures from the full run of {full_date}"}
     doc = {**results, "machine": mach, "details": details, "quick": QUICK, "seconds": round(seconds, 1),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     doc["by_cpu"] = by_cpu_kind(previous, measured, details, mach, doc["date"])
