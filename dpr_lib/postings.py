@@ -178,33 +178,30 @@ def _decode(j, first, blocks, out_rows, out_tf, i, with_tf):
                 _checksum(packed, w0, w1, block_last[j], n) != np.uint64(blocks[8][j]):
             return False
         checked[j] = 1
-    # one pass over the words: a 64-bit reader refilled 32 bits at a time
-    acc, have, at = np.uint64(0), np.int64(0), w0
-    mask_r = (np.uint64(1) << np.uint64(wr)) - np.uint64(1)
+    # each value read on its own from the two words holding it (unsigned indices: no negative-index
+    # handling per load); only the rows' running sum is sequential
+    bit = np.uint64(w0) * np.uint64(32)
+    ur = np.uint64(wr)
+    mask_r = (np.uint64(1) << ur) - np.uint64(1)
     row = np.int64(-1) if first else np.int64(block_last[j - 1])
     for p in range(n):
-        if have < wr:
-            acc |= np.uint64(packed[at]) << np.uint64(have)
-            at += 1
-            have += 32
-        row += np.int64(acc & mask_r) + 1
-        acc >>= np.uint64(wr)
-        have -= wr
+        at = bit >> np.uint64(5)
+        v = (np.uint64(packed[at]) | (np.uint64(packed[at + np.uint64(1)]) << np.uint64(32))) >> (bit & np.uint64(31))
+        row += np.int64(v & mask_r) + 1
         out_rows[i, p] = row
+        bit += ur
     if row != block_last[j]:
         checked[j] = 0
         return False
     if not with_tf:
         return True
-    mask_t = (np.uint64(1) << np.uint64(wt)) - np.uint64(1)
+    ut = np.uint64(wt)
+    mask_t = (np.uint64(1) << ut) - np.uint64(1)
     for p in range(n):
-        if have < wt:
-            acc |= np.uint64(packed[at]) << np.uint64(have)
-            at += 1
-            have += 32
-        out_tf[i, p] = np.int64(acc & mask_t) + 1
-        acc >>= np.uint64(wt)
-        have -= wt
+        at = bit >> np.uint64(5)
+        v = (np.uint64(packed[at]) | (np.uint64(packed[at + np.uint64(1)]) << np.uint64(32))) >> (bit & np.uint64(31))
+        out_tf[i, p] = np.int64(v & mask_t) + 1
+        bit += ut
     return True
 
 
