@@ -30,7 +30,8 @@ SPARSE_KEYS = frozenset({
     "sparse.topk_agreement", "sparse.p50_ms_1m", "sparse.p99_ms_1m", "sparse.p50_ms_1m_k100",
     "sparse.exhaustive_p50_ms_1m", "sparse.speedup_vs_exhaustive_1m", "sparse.speedup_vs_exhaustive_1m_k100",
     "sparse.p50_ms_small", "sparse.growth_4x", "sparse.bytes_per_passage_1m", "sparse.passages_1m",
-    "sparse.passages_small", "serve.hybrid_qps_ratio_1m", "serve.hybrid_p99_ratio_1m"})
+    "sparse.passages_small", "serve.hybrid_qps_ratio_1m", "serve.hybrid_p99_ratio_1m", "sparse.oracle_growth_4x",
+    "sparse.oracle_live_fraction_1m"})
 
 
 def percentile(ms, q: float) -> float:
@@ -139,6 +140,40 @@ def measure(files: dict, questions: list[str]) -> dict:
     return out
 
 
+def oracle_live_postings(files: dict, questions: list[str], cell: int = 64) -> tuple[float, float]:
+    """Per question, the postings an exact bound-based scorer could not skip even with an oracle:
+    each ``cell``-row range's largest actual contribution per term and the final k-th score
+    (k = 10) known up front; the postings in cells whose per-term maxima sum to that score or more.
+    Its growth between two sizes bounds how far exact dynamic pruning can bend the cost's growth.
+    Returns (those postings, all postings of the questions' terms), per question."""
+    from dpr_lib import postings
+    from dpr_lib.bm25 import K1, B
+    from dpr_lib.sparse import SparseIndex
+
+    index = SparseIndex(files["vocab"], files["shards"], files["docs"], files["avg_doc_len"], exact=True)
+    f32 = (np.float32(K1), np.float32(1.0 - B), np.float32(B / files["avg_doc_len"]))
+    live = total = 0
+    for q in questions:
+        scores, _ = index.search([q], 10)
+        theta = float(scores[0, -1])
+        terms, weights = index.query_terms([q])[0]
+        for shard, blocks in zip(index.shards, index.blocks):
+            st = shard["terms"]
+            pos = np.minimum(np.searchsorted(st, terms), len(st) - 1)
+            found = st[pos] == terms
+            counts = np.asarray(shard["df"])[pos[found]].astype(np.int64)
+            rows, tf = np.empty(counts.sum(), np.int64), np.empty(counts.sum(), np.int64)
+            postings.decode_terms(pos[found].astype(np.int64), blocks, rows, tf)
+            norm = postings.norms(np.asarray(shard["doc_len"])[rows], *f32)
+            t = tf.astype(np.float32)
+            contrib = np.repeat(weights[found].astype(np.float32), counts) * t / (t + norm)
+            cells = np.zeros(((len(shard["pids"]) + cell - 1) // cell, int(found.sum())))
+            np.maximum.at(cells, (rows // cell, np.repeat(np.arange(int(found.sum())), counts)), contrib)
+            live += int((cells.sum(axis=1) >= theta)[rows // cell].sum())
+            total += len(rows)
+    return live / len(questions), total / len(questions)
+
+
 def serve_modes(cfg, qfile: str) -> dict:
     """dpr-serve over the big version: 1 and 16 clients, dense then hybrid (questions: ``qfile``)."""
     import socket
@@ -179,6 +214,10 @@ def bench_sparse(spark, results: dict, details: dict) -> None:
     spark.catalog.clearCache()
     runs = {"big": measure(big, questions), "small": measure(small, questions)}
     b, s = runs["big"], runs["small"]
+    oq = questions[:50 if QUICK else 200]
+    oracle = {"big": oracle_live_postings(big, oq), "small": oracle_live_postings(small, oq)}
+    log(f"sparse: oracle: {oracle['big'][0]:.0f} of {oracle['big'][1]:.0f} postings per question left at 1.1M, "
+        f"{oracle['small'][0]:.0f} of {oracle['small'][1]:.0f} at the small size")
     results.update({
         "sparse.passages_1m": big["docs"], "sparse.passages_small": small["docs"],
         "sparse.topk_agreement": min(r[k]["agreement"] for r in runs.values() for k in (10, 100)),
@@ -188,7 +227,9 @@ def bench_sparse(spark, results: dict, details: dict) -> None:
         "sparse.speedup_vs_exhaustive_1m_k100": b[100]["speedup_p50"],
         "sparse.p50_ms_small": s[10]["pruned"]["p50_ms"],
         "sparse.growth_4x": round(b[10]["pruned"]["p50_ms"] / s[10]["pruned"]["p50_ms"], 3),
-        "sparse.bytes_per_passage_1m": big["bytes_per_passage"]})
+        "sparse.bytes_per_passage_1m": big["bytes_per_passage"],
+        "sparse.oracle_growth_4x": round(oracle["big"][0] / oracle["small"][0], 3),
+        "sparse.oracle_live_fraction_1m": round(oracle["big"][0] / oracle["big"][1], 3)})
     # the same postings uncompressed (the layout before blocks): 8 B term + 8 B offset per shard
     # term, 6 B per posting (row int32 + tf uint16), pid + doc_len per passage, and the vocabulary
     old = (16 * big["shard_terms"] + 6 * big["postings"] + 10 * big["docs"] + 12 * big["terms"]) / big["docs"]
