@@ -36,8 +36,10 @@ from numba import njit
 
 BLOCK = 128
 WINDOW = 16384
-"""Rows per window of the pruned scorer: its accumulators (12 B per row, and 4 B per row and query
-term) stay in the L2 cache."""
+"""Rows per window of the pruned scorer (measured best at 1.1M passages: 4,096 rows cost 10% more
+per question in per-window work, 2,048 rows 25%). Its float64 accumulators (128 KB) stay in the
+L2 cache; the per-term contributions (4 B per row and query term) are touched only at the rows
+the essential terms hold."""
 SLACK = 1.0 + 1e-5
 """Relative margin on every bound: float32 contributions and float64 sums in another order can
 exceed a float64 bound by ~1e-7 relative; a skipped document is below the k-th score by more."""

@@ -27,9 +27,9 @@ Search is pruned by default (:func:`dpr_lib.postings.topk_pruned`: block-max Max
 of rows, as Lucene's MaxScore bulk scorer goes; the top k equal the exhaustive scorer's, ties
 included). Shards are searched one after another, each starting from the k-th best score of those
 before it. It keeps one float per document length (the length part of BM25), and per thread
-about 1.2 MB of window-sized scratch; it holds no lock, and releases the
-GIL, so a service's threads score questions in parallel. ``search.sparse_exact`` scores every posting of
-every query term instead (the reference the tests compare with).
+about 1.2 MB of window-sized scratch; it holds no lock and releases the GIL, so a service's
+threads score questions in parallel. ``search.sparse_exact`` scores every posting of every query
+term instead (the reference the tests compare with).
 """
 
 from __future__ import annotations
