@@ -220,7 +220,8 @@ def _tf_at(packed, w0, n, wr, wt, p):
 @njit(cache=True, error_model="numpy")
 def decode_terms(term_pos, blocks, rows, tfs):
     """Every posting of the given terms (positions in the term table; ``blocks``: the arrays of
-    :data:`BLOCK_ARRAYS`), in order, into ``rows``/``tfs``; returns -1, or the corrupted block."""
+    :data:`BLOCK_ARRAYS`, then the per-block ``checked`` bytes, as :func:`_decode` takes them), in
+    order, into ``rows``/``tfs``; returns -1, or the corrupted block."""
     buf_r, buf_t = np.empty((1, BLOCK), np.int64), np.empty((1, BLOCK), np.int64)
     at = 0
     for t in term_pos:
@@ -265,9 +266,9 @@ def _block_bound(j, w, blocks, k1, omb, bavg, scale):
 # Per-term cursor state, one column per query term (``st``): ``CUR`` the first block not wholly
 # behind the scan, ``END`` one past the term's last block, ``FIRST`` its first block, ``DEC`` the
 # block held decoded in the term's row of the buffers (-1: none), ``POS`` the posting the scan
-# reached in it, ``TFS`` whether its tf values are decoded too (lookups read single ones). The kernels below take arrays by reference count (an atomic increment and
-# decrement per array per call), so the per-posting and per-row work stays inside a few calls
-# per window.
+# reached in it, ``TFS`` whether its tf values are decoded too (lookups read single ones). The
+# kernels below take arrays by reference count (an atomic increment and decrement per array per
+# call, inlined or not), so the per-posting and per-row work stays inside a few calls per window.
 CUR, END, FIRST, DEC, POS, TFS = 0, 1, 2, 3, 4, 5
 _DEBRUIJN = np.array([0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36, 53, 51, 43, 22, 45,
                       39, 33, 30, 24, 18, 12, 5, 63, 47, 56, 27, 60, 41, 37, 16, 54, 35, 52, 21, 44, 32, 23, 11, 46,
@@ -318,22 +319,16 @@ def _window_bounds(st, blocks, w64, w32, dl, table, k1, omb, bavg, scale, window
 @njit(cache=True, error_model="numpy", inline="always")
 def _split(lo, theta, st, blocks, wmax, order, essential):
     """Window ``lo``: each term's current block moved to its first one not wholly below ``lo``
-    (binary search: windows come in any order). The terms ordered by their bound there (``wmax``),
-    ascending (``order``): the longest prefix whose bounds sum below ``theta`` is non-essential (a
-    row only they hold cannot reach the top k), the rest marked in ``essential``. Returns the
-    prefix's length and its bound."""
+    (windows come in row order: cursors only move forward). The terms ordered by their bound there
+    (``wmax``), ascending (``order``): the longest prefix whose bounds sum below ``theta`` is
+    non-essential (a row only they hold cannot reach the top k), the rest marked in ``essential``.
+    Returns the prefix's length and its bound."""
     n, last = len(wmax), blocks[1]
     for i in range(n):
-        a, b = st[FIRST, i], st[END, i]
-        while a < b:
-            mid = (a + b) >> 1
-            if last[mid] < lo:
-                a = mid + 1
-            else:
-                b = mid
-        st[CUR, i] = a
-        if st[DEC, i] >= a:
-            st[POS, i] = 0  # the held block may have been read past lo for a later window
+        j = st[CUR, i]
+        while j < st[END, i] and last[j] < lo:
+            j += 1
+        st[CUR, i] = j
         y = i  # insertion sort: a question has a handful of terms
         while y > 0 and wmax[order[y - 1]] > wmax[i]:
             order[y] = order[y - 1]
@@ -501,8 +496,9 @@ def topk_pruned(term_pos, weights, blocks, dl, table, dead, k, k1, omb, bavg, sc
     none): rows below it are not returned. ``term_pos``: the question's terms' positions in the
     shard's term table in query-term order, ``weights`` their float32 weights; ``dl``: per row, its
     length; ``table``: per length, :func:`norms` (a row's length part of BM25: read through its
-    2-byte length, half the memory traffic of a float per row); ``dead``: uint8 per row (1 = tombstoned) or empty; ``k1``/``omb``/``bavg``:
-    float32 k1, 1 - b and b / avgdl (the bounds' fallback); ``scale``: see :func:`_block_bound`.
+    2-byte length, half the memory traffic of a float per row); ``dead``: uint8 per row (1 =
+    tombstoned) or empty; ``k1``/``omb``/``bavg``: float32 k1, 1 - b and b / avgdl (the bounds'
+    fallback); ``scale``: see :func:`_block_bound`.
     Scratch, all zeros on entry and on a clean return (the caller keeps it per thread, so no
     question pays for zeroing it): ``acc`` float64 [window] (the window's length, a multiple of
     64), ``cmflat`` float32 [>= window x terms], ``bits`` uint64 [window / 64]. Returns (scores,
