@@ -100,7 +100,8 @@ def allowed_bytes(root: str, keep: int) -> tuple[int, int]:
         m = read_manifest(join_url(version_url(root, v), MANIFEST))
         versions |= m.referenced_versions()
         referenced |= {(version, f.path) for version, f in m.files_by_version()}
-        referenced |= {(v, p) for p in [m.trained.path, MANIFEST] + ([m.recall["lists"]["path"]]
+        referenced.add((m.trained_holder(), m.trained.path))
+        referenced |= {(v, p) for p in [MANIFEST] + ([m.recall["lists"]["path"]]
                                                                      if m.recall.get("lists") else [])}
     total = unreferenced = 0
     for v in versions:

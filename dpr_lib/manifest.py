@@ -49,6 +49,7 @@ pids filtered, so it must refuse them. Versions without segments are still writt
 SEGMENTED_FORMAT = 3
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
+TRAINED = "trained.faiss"
 
 
 # ---------------------------------------------------------------- the manifest's sections
@@ -274,6 +275,8 @@ class Manifest:
     nprobe: int
     """Recommended nprobe: the smallest reaching recall.target."""
     trained: FileEntry
+    """The trained, empty IVF index (quantizer + codebooks) the shards were built from: what a
+    nightly run reuses. Search nodes never fetch it (every shard holds its own copy)."""
     shards: list[ShardEntry]
     docstore: list[DocstoreEntry] = field(default_factory=list)
     question_encoder: dict = field(default_factory=dict)
@@ -311,6 +314,10 @@ class Manifest:
     """Earlier segments this version references (oldest first); its own files are the newest segment."""
     segment_seq: int = 0
     """The seq of this version's own segment (0 for a full build)."""
+    trained_version: str = ""
+    """The version whose directory holds ``trained``, when not this one: a delta shares the file of
+    the full build its segments start from instead of copying it ("" = this version's own; absent
+    from the JSON then)."""
     tombstones: TombstonesSection | None = None
     """{path, bytes, sha256, count}: ``tombstones.npy`` of (pid, seq) rows, or None (nothing removed)."""
     compaction: CompactionSection = field(default_factory=dict)
@@ -346,6 +353,8 @@ class Manifest:
                 value = [seg.to_dict() for seg in value]
             elif f.name == "format_version":
                 value = SEGMENTED_FORMAT if self.segments or self.tombstones else 2
+            elif f.name == "trained_version" and not value:
+                continue
             out[f.name] = value
         for key, value in self.extra.items():
             out.setdefault(key, value)
@@ -369,6 +378,7 @@ class Manifest:
             kwargs["docstore"] = [DocstoreEntry.from_dict(e) for e in d.get("docstore") or []]
             kwargs["segments"] = [Segment.from_dict(e) for e in d.get("segments") or []]
             kwargs["segment_seq"] = int(d.get("segment_seq") or 0)
+            kwargs["trained_version"] = str(d.get("trained_version") or "")
             kwargs["dim"], kwargs["nlist"] = int(d["dim"]), int(d["nlist"])
             kwargs["nprobe"] = int(d.get("nprobe") or 1)
             manifest = cls(**kwargs, extra={k: v for k, v in d.items() if k not in names})
@@ -397,7 +407,11 @@ class Manifest:
 
     def referenced_versions(self) -> frozenset[str]:
         """Versions whose directories hold files this version needs (itself included)."""
-        return frozenset({self.version, *(seg.version for seg in self.segments)})
+        return frozenset({self.version, self.trained_holder(), *(seg.version for seg in self.segments)})
+
+    def trained_holder(self) -> str:
+        """The version whose directory holds ``trained.faiss`` (see ``trained_version``)."""
+        return self.trained_version or self.version
 
     def blobs(self) -> frozenset[str]:
         """sha256 of every file a search node fetches for this version (shards, re-rank stores,

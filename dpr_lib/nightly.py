@@ -458,7 +458,11 @@ class NightlyRun:
         if self.total > ncfg.retrain_growth * prev.totals["vectors"]:
             return None, (f"vector count grew from {prev.totals['vectors']} to {self.total}"
                           f" (> nightly.retrain_growth={ncfg.retrain_growth})")
-        trained = storage.read_bytes(join_url(version_url(root, prev_version), "trained.faiss"), opts)
+        url = join_url(version_url(root, prev.trained_holder()), prev.trained.path)
+        trained = storage.read_bytes(url, opts)
+        if storage.sha256_bytes(trained) != prev.trained.sha256:
+            log.warning("nightly: the quantizer %s fails its checksum: retraining (a full build)", url)
+            return None, f"the quantizer {url} failed its sha256 check"
         return Reuse(trained, prev, "same encoder, growth within nightly.retrain_growth",
                      ncfg.max_nprobe_growth * base_nprobe(prev), "nightly.max_nprobe_growth"), None
 

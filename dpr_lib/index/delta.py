@@ -40,7 +40,7 @@ def build_delta(spark, cfg: Config, prev: Manifest, prev_vurl: str, trained: byt
     files = storage.list_files(emb, ".parquet") if storage.exists(emb, opts) else []
     n = check_embeddings(files, prev.encoder)[1] if files else 0
     seq = max(seg.seq for seg in prev.all_segments()) + 1
-    with VersionWriter(spark, cfg, trained) as w:
+    with VersionWriter(spark, cfg, trained, shares_trained=prev) as w:
         lists = _read_lists(prev, prev_vurl, opts)
         if lists is None:
             shards, pieces, num_shards, docstore, recall = _delta_segment(w, prev, files if n else [], n)

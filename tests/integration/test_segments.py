@@ -68,9 +68,15 @@ def test_the_change_is_a_delta_segment_with_tombstones(chain):
     assert sum(s.vectors for s in m2.shards) == 3, "the delta holds only the new and changed passages"
     assert m2.totals["vectors"] == 199 == v2["passages"]
     assert m2.compaction["kind"] == "delta" and m2.quantizer["from_version"] == v1["version"]
+    v2dir = version_url(root, v2["version"])
+    assert not os.path.exists(os.path.join(v2dir, "trained.faiss")), "the delta shares v1's quantizer file"
+    assert m2.trained_version == v1["version"] and m2.trained == read_manifest(
+        os.path.join(version_url(root, v1["version"]), MANIFEST)).trained
     m3 = read_manifest(os.path.join(version_url(root, v3["version"]), MANIFEST))
     assert m3.compaction == {"kind": "full", "reason": "--compact"} and not m3.segments and not m3.tombstones
     assert m3.quantizer["reused"] is True, "compaction kept the quantizer: the same codes"
+    assert m3.trained_version == "" and os.path.exists(os.path.join(version_url(root, v3["version"]), "trained.faiss")), \
+        "a full build holds its own copy, so its base can be pruned"
     assert json.load(open(os.path.join(version_url(root, v3["version"]), MANIFEST)))["format_version"] == 2
     assert json.load(open(os.path.join(version_url(root, v2["version"]), MANIFEST)))["format_version"] == 3
 
@@ -377,3 +383,39 @@ def test_a_delta_below_the_recall_target_compacts_past_the_limit(spark, tmp_path
     assert v2["kind"] == "full", "nprobe may not grow past 1 x the base: the job compacted instead"
     assert v2["compaction_reason"].startswith("the delta missed the recall target: recall@10"), v2["compaction_reason"]
     assert v2["recall_at_nprobe"] >= 1.0
+
+
+def test_deltas_share_the_base_quantizer_file_and_a_corrupted_one_is_retrained(spark, tmp_path, tiny_bert_dir):
+    """Two deltas in a row both name v1's ``trained.faiss`` (no copy, no chain through v2); once
+    that file fails its checksum the next run does not reuse it: a full build with a new quantizer."""
+    docs = synthetic_docs(100, words_per_doc=150, seed=23)
+    snapshot = write_jsonl(tmp_path / "snapshot.jsonl", docs)
+    cfg = cfg_for(tmp_path, tiny_bert_dir, snapshot, "publish.keep_versions=5")
+    root = cfg.path("index_root")
+    runs = [run_nightly(spark, cfg)]
+    for i in (3, 4):
+        docs[i]["text"] = NEW_TEXT + f" marker{i}word"
+        write_jsonl(snapshot, docs)
+        runs.append(run_nightly(spark, cfg))
+    v1, v2, v3 = (r["version"] for r in runs)
+    assert [r["kind"] for r in runs] == ["full", "delta", "delta"]
+    m1, m3 = (read_manifest(os.path.join(version_url(root, v), MANIFEST)) for v in (v1, v3))
+    assert m3.trained_version == v1 and m3.trained == m1.trained and m3.quantizer["from_version"] == v2
+    assert sorted(f for v in (v1, v2, v3) for f in os.listdir(version_url(root, v)) if f == "trained.faiss") \
+        == ["trained.faiss"], "one quantizer file for the three versions"
+
+    path = os.path.join(version_url(root, v1), "trained.faiss")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    docs[5]["text"] = NEW_TEXT + " marker5word"
+    write_jsonl(snapshot, docs)
+    v4 = run_nightly(spark, cfg)
+    m4 = read_manifest(os.path.join(version_url(root, v4["version"]), MANIFEST))
+    assert v4["kind"] == "full" and m4.quantizer["reused"] is False
+    assert m4.quantizer["reason"] == f"the quantizer {path} failed its sha256 check", m4.quantizer
+    assert m4.trained_version == "" and m4.trained.sha256 != m1.trained.sha256
+    searcher = Searcher(os.path.join(version_url(root, v4["version"]), MANIFEST), cfg.encoder,
+                        str(tmp_path / "cache-search"), nprobe=4)
+    (top,) = searcher.ask(["marker5word"], k=1, mode="bm25")[0]
+    assert top.doc_id == docs[5]["id"] and "marker5word" in top.text, "the rebuilt version serves the new text"

@@ -41,6 +41,17 @@ def test_json_round_trip_keeps_every_field_and_the_caller_keys():
     assert back.shards[0].rerank["pids"].sha256 == "c" * 64 and back.docstore[0].max_pid == 9
 
 
+def test_a_shared_quantizer_file_names_its_holder_and_keeps_it_referenced():
+    m = _manifest()
+    assert "trained_version" not in json.loads(m.to_json()), "a version's own file: nothing new in the JSON"
+    assert m.trained_holder() == m.version and m.referenced_versions() == {m.version}
+    m.trained_version = "20261130T000000Z-000000"
+    back = Manifest.from_json(m.to_json())
+    assert back.trained_version == "20261130T000000Z-000000" and back == m
+    assert back.trained_holder() == "20261130T000000Z-000000"
+    assert back.referenced_versions() == {m.version, "20261130T000000Z-000000"}, "pruning keeps the holder"
+
+
 def test_blobs_name_every_file_a_node_fetches():
     assert _manifest().blobs() == frozenset(c * 64 for c in "bcdef")
 
