@@ -125,7 +125,11 @@ def write_report(results: dict, details: dict, mach: dict, seconds: float, opts)
         parts = old.get("details", {}).get("partial_runs") or dict(
             re.findall(r"(\w+)\.\* measured (\S+?);", old.get("details", {}).get("partial_run", "")))
         parts = {**parts, ONLY: time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+        # which CPU each part ran on (`machine` is the last run's only; recorded since 2026-12-05)
+        kind = (mach.get("cpu_kind") or {}).get("kind", "?")
+        cpus = {**old.get("details", {}).get("partial_run_cpus", {}), ONLY: f"{mach['cpu']}, {kind}"}
         details = {**old.get("details", {}), **details, "full_run_date": full_date, "partial_runs": parts,
+                   "partial_run_cpus": cpus, "last_part": ONLY,
                    "partial_run": "; ".join(f"{p}.* measured {d}" for p, d in sorted(parts.items()))
                                   + f"; other figures from the full run of {full_date}"}
     doc = {**results, "machine": mach, "details": details, "quick": QUICK, "seconds": round(seconds, 1),

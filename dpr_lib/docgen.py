@@ -238,6 +238,21 @@ def _detail_tables(details: dict) -> list[str]:
     return out
 
 
+def _last_part(results: dict) -> str:
+    part = (results.get("details") or {}).get("last_part")
+    return f" (`--only {part}`; the other parts ran on the machines listed below)" if part else ""
+
+
+def _partial_runs(details: dict) -> list[str]:
+    """A line naming each part rerun alone since the full run: when, and on which CPU where recorded."""
+    runs, cpus = details.get("partial_runs") or {}, details.get("partial_run_cpus") or {}
+    if not runs:
+        return []
+    each = [f"`{p}` {d}" + (f" ({cpus[p]})" if p in cpus else "") for p, d in sorted(runs.items())]
+    return ["", f"Parts rerun alone since the full run of {details.get('full_run_date', '?')}: " + "; ".join(each)
+            + ". A CPU is named where it was recorded; compare figures across parts with that in mind."]
+
+
 def results_page(results: dict) -> str:
     """The performance results page (Markdown) from a ``latest.json``."""
     mach = results.get("machine") or {}
@@ -247,9 +262,9 @@ def results_page(results: dict) -> str:
            f"From `bench/results/latest.json` of {results.get('date', '?')} "
            f"({'quick' if results.get('quick') else 'full'} run; parts rerun alone with `BENCH_ONLY` are merged "
            "into it). What each benchmark measures and how: [Performance](index.md).", "",
-           f"Machine of the last run: {mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, fp32 matmul "
-           f"{mach.get('fp32_gflops', '?')} GFLOP/s, bf16 {mach.get('bf16_gflops', '?')} GFLOP/s (native bf16: "
-           f"{mach.get('native_bf16', '?')}).", ""]
+           f"Machine of the last run{_last_part(results)}: {mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, "
+           f"fp32 matmul {mach.get('fp32_gflops', '?')} GFLOP/s, bf16 {mach.get('bf16_gflops', '?')} GFLOP/s (native "
+           f"bf16: {mach.get('native_bf16', '?')}).", *_partial_runs(results.get("details") or {}), ""]
     for group, intro in GROUPS.items():
         items = sorted((k, v) for k, v in results.items() if k.startswith(group + "."))
         if not items:

@@ -81,6 +81,18 @@ def test_the_results_page_follows_latest_json(tmp_path):
             assert f"| `{key}` |" in page, key
 
 
+def test_the_results_page_says_which_part_ran_where():
+    results = {"date": "d", "machine": {"cpu": "Xeon"}, "encode.x": 1.0,
+               "details": {"full_run_date": "d0", "last_part": "encode",
+                           "partial_runs": {"encode": "d2", "sparse": "d1"},
+                           "partial_run_cpus": {"encode": "Xeon, amx"}}}
+    page = docgen.results_page(results)
+    assert "Machine of the last run (`--only encode`;" in page
+    assert "since the full run of d0: `encode` d2 (Xeon, amx); `sparse` d1." in page
+    del results["details"]
+    assert "Parts rerun alone" not in docgen.results_page(results)
+
+
 def test_readme_is_short_and_its_links_lead_somewhere():
     readme = read("README.md")
     assert len(readme.splitlines()) <= 200
