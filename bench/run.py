@@ -10,6 +10,7 @@ serve_bench, scale, sparse_bench, peer_bench, choice_bench, soak_bench, cluster_
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -59,6 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- report
 
+@functools.cache
 def part_keys() -> dict[str, frozenset]:
     """Parts whose figures share another part's key prefix (``nightly.``, ``serve.``): the keys each one writes."""
     from choice_bench import CHOICE_KEYS
